@@ -1,0 +1,59 @@
+"""deltatune: attach, train, save, merge and combine small deltas on a frozen base model.
+
+Example:
+    >>> import deltatune as dt
+    >>> report = dt.attach(model, dt.LoRAConfig(r=8), name="sentiment")
+    >>> print(report)                       # what was adapted, trainable parameters
+    >>> ...                                 # train: only the delta's parameters require grad
+    >>> dt.save(model, "out/sentiment")     # delta.safetensors + delta.json
+    >>> dt.load(fresh_base, "out/sentiment")
+"""
+
+__version__ = "0.1.0"
+
+from .core.config import DeltaConfig
+from .core.inject import (
+    activate,
+    active_deltas,
+    attach,
+    base_only,
+    deactivate,
+    delete,
+    get_config,
+    list_deltas,
+    set_active,
+    using,
+)
+from .core.merge import fold, merge, unmerge
+from .core.params import base_parameters, count_parameters, delta_parameters, set_trainable
+from .core.registry import MethodSpec, config_from_dict, get_method, method_names, register_method
+from .core.report import AttachReport
+from .core.unit import DeltaUnit, Placement
+from .errors import (
+    ConfigError,
+    DeltaError,
+    DeltaFileError,
+    DeltaStateError,
+    FingerprintError,
+    MergeError,
+    NotApplicableError,
+    TargetError,
+)
+from .io.artifact import load, read_meta, save
+from .methods.adapter import AdapterConfig
+from .methods.bitfit import BitFitConfig
+from .methods.ia3 import IA3Config
+from .methods.lora import DoRAConfig, LoRAConfig
+from .methods.prefix import PrefixConfig
+from .methods.prompt import PromptConfig
+
+__all__ = [
+    "AdapterConfig", "AttachReport", "BitFitConfig", "ConfigError", "DeltaConfig", "DeltaError",
+    "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig", "FingerprintError", "IA3Config",
+    "LoRAConfig", "MergeError", "MethodSpec", "NotApplicableError", "Placement", "PrefixConfig",
+    "PromptConfig", "TargetError", "activate", "active_deltas", "attach", "base_only",
+    "base_parameters", "config_from_dict", "count_parameters", "deactivate", "delete",
+    "delta_parameters", "fold", "get_config", "get_method", "list_deltas", "load", "merge",
+    "method_names", "read_meta", "register_method", "save", "set_active", "set_trainable",
+    "unmerge", "using",
+]

@@ -1,0 +1,1 @@
+"""Method-independent machinery: configs, registry, targeting, slots, attach, merge."""

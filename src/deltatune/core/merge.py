@@ -1,0 +1,118 @@
+"""Folding deltas into the base weights and taking them out again, exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DeltaStateError, MergeError
+from .inject import remove_all
+from .registry import get_method
+from .slot import DeltaSlot, require_state, slot_sites
+
+
+def _own_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The module's parameters by relative name, deltatune's own excluded."""
+    from .params import base_parameters
+
+    return dict(base_parameters(module))
+
+
+def _plan(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, DeltaSlot, dict[str, torch.Tensor]]]:
+    """New parameter values for every module touched by ``names``; nothing is changed yet."""
+    state = require_state(model)
+    for name in names:
+        state.require(name)
+        spec = get_method(state.configs[name].method)
+        if not spec.mergeable:
+            raise MergeError(
+                f"delta {name!r} ({spec.name}) changes activations, not weights, so it cannot be merged; "
+                f"keep it unmerged (it still runs), or use a weight method such as lora, ia3 or bitfit"
+            )
+    plan = []
+    for path, module, slot in slot_sites(model):
+        units = [(n, slot[n]) for n in names if n in slot]
+        if not units:
+            continue
+        current = {k: p.detach() for k, p in _own_params(module).items()}
+        new: dict[str, torch.Tensor] = {}
+        for name, unit in sorted(units, key=lambda item: type(item[1]).merge_order):
+            with torch.no_grad():
+                changed = unit.merge_params(module, {**current, **new})
+            for key, value in changed.items():
+                if key not in current:
+                    raise MergeError(f"{type(unit).__name__} returned unknown parameter {key!r} for {path!r}")
+                if not torch.isfinite(value).all():
+                    raise MergeError(
+                        f"merging delta {name!r} into {path or '<model>'}.{key} gives NaN or inf; "
+                        f"the delta's tensors are probably diverged. Nothing was changed."
+                    )
+                new[key] = value.to(current[key].dtype)
+        plan.append((path, module, slot, new))
+    return plan
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> tuple[str, ...]:
+    """Fold deltas (default: the active ones) into the base weights, reversibly.
+
+    The forward pass then costs what the base costs. The original values are kept, so
+    :func:`unmerge` restores the base bit for bit.
+
+    Returns:
+        the merged delta names.
+
+    Raises:
+        MergeError: a delta cannot be merged, or merging would give NaN/inf (nothing changes).
+    """
+    state = require_state(model)
+    wanted = state.active if names is None else (names,) if isinstance(names, str) else tuple(names)
+    if state.merged:
+        raise DeltaStateError(f"deltas {list(state.merged)} are already merged; call unmerge(model) first")
+    if not wanted:
+        raise DeltaStateError("no delta to merge: none is active and none was named")
+    plan = _plan(model, wanted)
+    for _, module, slot, new in plan:
+        params = _own_params(module)
+        with torch.no_grad():
+            for key, value in new.items():
+                slot._originals[key] = params[key].detach().clone()
+                params[key].copy_(value)
+    state.merged = wanted
+    state.set_active(tuple(dict.fromkeys((*state.active, *wanted))))
+    return wanted
+
+
+def unmerge(model: nn.Module) -> tuple[str, ...]:
+    """Restore the exact base weights saved by :func:`merge`; returns the names unmerged."""
+    state = require_state(model)
+    for _, module, slot in slot_sites(model):
+        params = _own_params(module)
+        with torch.no_grad():
+            for key, original in slot._originals.items():
+                params[key].copy_(original)
+        slot._originals.clear()
+    unmerged, state.merged = state.merged, ()
+    state.changed()
+    return unmerged
+
+
+def fold(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Module:
+    """Merge deltas for good and strip deltatune from the model ("merge and drop").
+
+    Returns the same model object, now a plain base model with the deltas folded into its
+    weights: no slots, no hooks, no deltatune code left in it.
+    """
+    state = require_state(model)
+    if state.merged:
+        unmerge(model)
+    wanted = state.active if names is None else (names,) if isinstance(names, str) else tuple(names)
+    plan = _plan(model, wanted) if wanted else []
+    for _, module, _, new in plan:
+        params = _own_params(module)
+        with torch.no_grad():
+            for key, value in new.items():
+                params[key].copy_(value)
+    remove_all(model)
+    return model

@@ -1,0 +1,58 @@
+"""Extra modules that train fully and travel with a delta (peft's ``modules_to_save``)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .slot import SLOT_ATTR
+from .unit import DeltaUnit
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without deltatune's slot and hooks on it."""
+    from ..errors import TargetError
+    from .slot import DeltaSlot
+
+    for name, sub in module.named_modules():
+        if name and name.split(".")[0] != SLOT_ATTR and isinstance(sub, DeltaSlot):
+            raise TargetError(
+                f"cannot train a copy of {type(module).__name__}: deltas are attached inside it at {name!r}"
+            )
+    saved = {SLOT_ATTR: module._modules.pop(SLOT_ATTR, None)}
+    hooks = {attr: getattr(module, attr) for attr in _HOOK_DICTS}
+    try:
+        for attr in _HOOK_DICTS:
+            setattr(module, attr, type(hooks[attr])())
+        return copy.deepcopy(module)
+    finally:
+        for attr, value in hooks.items():
+            setattr(module, attr, value)
+        if saved[SLOT_ATTR] is not None:
+            module._modules[SLOT_ATTR] = saved[SLOT_ATTR]
+
+
+class SavedModule(DeltaUnit):
+    """A trainable copy of a module (a new classifier head) that replaces its output.
+
+    Each delta gets its own copy, so two deltas can carry two heads on one base.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.copy = plain_copy(module)
+        self.copy.requires_grad_(True)
+
+    def forward_post(self, module, args, kwargs, output):
+        return self.copy(*args, **kwargs)
+
+    def merge_params(self, module: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.copy.named_parameters()}
+
+    def fingerprint_module(self, module: nn.Module, model: nn.Module) -> None:
+        return None  # a new head is random at load time; it is not part of the base's identity

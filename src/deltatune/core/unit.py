@@ -1,0 +1,92 @@
+"""The protocol every method's per-site part implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MergeError
+
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+
+
+class DeltaUnit(nn.Module):
+    """One delta's part at one site (a module of the base model).
+
+    A unit never replaces its module: the site's :class:`DeltaSlot` calls the unit from
+    forward hooks, so the base module keeps its class, attributes and state-dict names.
+    Override only what the method needs:
+
+    - :meth:`forward_pre` changes the module's inputs (e.g. (IA)3 on a feed-forward input);
+    - :meth:`forward_post` changes its output (LoRA adds ``B A x``; adapters add a bottleneck);
+    - :meth:`merge_params` folds the unit into the module's weights (mergeable methods only).
+    """
+
+    #: 0 for units that transform the output, 1 for those that transform the input. Merging
+    #: applies output units first, so a merged stack computes what the hooks compute.
+    merge_order: ClassVar[int] = 0
+
+    def forward_pre(self, module: nn.Module, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs]:
+        return args, kwargs
+
+    def forward_post(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> Any:
+        return output
+
+    def merge_params(self, module: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """New values for the module's own parameters with this unit folded in.
+
+        Args:
+            module: the site module.
+            params: its current parameter values by relative name (``"weight"``, ``"bias"``).
+
+        Returns:
+            the changed entries (others are kept).
+        """
+        raise MergeError(f"{type(self).__name__} changes activations, not weights; it cannot be merged")
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a delta file stores for this unit, by name."""
+        return {name: p.detach() for name, p in self.named_parameters()}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors written by :meth:`saved_tensors` into this unit."""
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(value)
+
+    def fingerprint_module(self, module: nn.Module, model: nn.Module) -> nn.Module | None:
+        """The base module whose tensors identify the base this unit belongs to."""
+        return module
+
+    def attached(self, module: nn.Module, model: nn.Module) -> None:
+        """Called once after the unit is installed on ``module``."""
+
+    def detached(self, module: nn.Module, model: nn.Module) -> None:
+        """Called once after the unit is removed from ``module``."""
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        return getattr(cls, hook) is not getattr(DeltaUnit, hook)
+
+
+@dataclass
+class Placement:
+    """A unit to install at the module called ``path`` (``""`` is the model itself)."""
+
+    path: str
+    unit: DeltaUnit
+    #: the site module's type name, for the attach report
+    module_type: str = ""
+
+
+class Placements(list):
+    """What a method's ``build`` returns: placements, plus matched modules it skipped and why."""
+
+    def __init__(self, items=(), skipped=()) -> None:
+        super().__init__(items)
+        self.skipped: list[tuple[str, str]] = list(skipped)

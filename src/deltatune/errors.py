@@ -1,0 +1,36 @@
+"""Every error deltatune raises on bad input derives from :class:`DeltaError`.
+
+Messages name the thing, the value and the fix.
+"""
+
+
+class DeltaError(Exception):
+    """Base class of all deltatune errors."""
+
+
+class ConfigError(DeltaError, ValueError):
+    """A delta config has an invalid or unknown field."""
+
+
+class TargetError(DeltaError, ValueError):
+    """Target selection matched nothing, or matched modules the method cannot adapt."""
+
+
+class NotApplicableError(DeltaError, ValueError):
+    """A method cannot be attached to this kind of model at all."""
+
+
+class DeltaStateError(DeltaError, RuntimeError):
+    """An operation does not fit the model's current delta state (unknown name, merged, ...)."""
+
+
+class MergeError(DeltaError, RuntimeError):
+    """A merge would be wrong (non-finite result) or the method cannot merge."""
+
+
+class DeltaFileError(DeltaError, ValueError):
+    """A delta file is missing, corrupt, truncated, or does not match its description."""
+
+
+class FingerprintError(DeltaFileError):
+    """A delta was made for a different base model."""

@@ -1,0 +1,1 @@
+"""Delta files: fingerprints of the base, atomic writes, safetensors + JSON artifacts."""

@@ -1,0 +1,270 @@
+"""Saving a delta as ``delta.safetensors`` + ``delta.json`` and loading it onto a base.
+
+``delta.safetensors`` holds only the delta's tensors, named ``<module path>.<tensor>``.
+``delta.json`` holds the method config, schema and deltatune versions, the tensor list,
+the base fingerprint and the SHA-256 of the tensor file, so a truncated or mismatched pair
+is caught before anything is loaded. Both files are written atomically. No pickle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .. import __version__
+from ..core.config import SCHEMA_VERSION
+from ..core.inject import build_placements, check_name_free, install
+from ..core.params import tensor_key
+from ..core.registry import config_from_dict
+from ..core.report import AttachReport
+from ..core.slot import require_state, slot_sites
+from ..core.targeting import base_modules
+from ..errors import ConfigError, DeltaFileError, DeltaStateError, FingerprintError, TargetError
+from .atomic import atomic_path, write_text_atomic
+from .fingerprint import combine, module_fingerprint
+
+TENSORS_FILE = "delta.safetensors"
+META_FILE = "delta.json"
+FORMAT = "deltatune.delta"
+Check = Literal["strict", "warn", "off"]
+
+
+def _file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
+    """The fingerprint of the base modules delta ``name`` adapts, as stored in ``delta.json``."""
+    paths = {id(module): path for path, module in base_modules(model)}
+    per_module = {}
+    for path, module, slot in slot_sites(model):
+        if name in slot:
+            target = slot[name].fingerprint_module(module, model)
+            if target is not None:
+                per_module[paths[id(target)]] = module_fingerprint(target)
+    return _fingerprint_record(model, per_module)
+
+
+def _fingerprint_record(model: nn.Module, per_module: dict[str, str]) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return {
+        "sha256": combine(per_module),
+        "modules": {path: digest[:16] for path, digest in sorted(per_module.items())},
+        "model_class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+    }
+
+
+def _delta_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path, _, slot in slot_sites(model):
+        if name in slot:
+            for key, value in slot[name].saved_tensors().items():
+                tensors[tensor_key(path, key)] = value.detach().to("cpu").contiguous()
+    return tensors
+
+
+def _resolve_name(model: nn.Module, name: str | None) -> str:
+    state = require_state(model)
+    if name is not None:
+        state.require(name)
+        return name
+    if len(state.configs) == 1:
+        return next(iter(state.configs))
+    if len(state.active) == 1:
+        return state.active[0]
+    raise DeltaStateError(f"the model has deltas {list(state.configs)}; name the one to save")
+
+
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    *,
+    metrics: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write delta ``name`` (default: the only or the active one) to ``directory``.
+
+    Returns:
+        the directory.
+
+    Raises:
+        DeltaFileError: the delta holds NaN or inf (nothing is written).
+    """
+    state = require_state(model)
+    name = _resolve_name(model, name)
+    directory = Path(directory)
+    tensors = _delta_tensors(model, name)
+    for key, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise DeltaFileError(f"delta {name!r} tensor {key!r} holds NaN or inf; not saved (training diverged?)")
+    config = state.configs[name].for_saving()
+    tensor_file = directory / TENSORS_FILE
+    with atomic_path(tensor_file) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={"format": FORMAT, "method": config.method, "name": name})
+    meta = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "deltatune_version": __version__,
+        "name": name,
+        "method": config.method,
+        "config": config.to_dict(),
+        "sites": state.sites[name],
+        "modules_to_save": state.saved_modules[name],
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
+        "num_parameters": sum(v.numel() for v in tensors.values()),
+        "tensors_sha256": _file_sha256(tensor_file),
+        "base": base_fingerprint(model, name),
+        "metrics": metrics or {},
+        "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(), **(provenance or {})},
+    }
+    write_text_atomic(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``delta.json`` of a delta folder, checked for format and version."""
+    directory = Path(directory)
+    meta_file = directory / META_FILE
+    if not meta_file.is_file():
+        raise DeltaFileError(
+            f"{meta_file} not found; a delta folder holds {META_FILE} and {TENSORS_FILE} (written by deltatune.save)"
+        )
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DeltaFileError(f"{meta_file} is not valid JSON ({error}); the file is corrupt, save the delta again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DeltaFileError(f"{meta_file} is not a deltatune delta description (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("schema_version", 0) > SCHEMA_VERSION:
+        raise DeltaFileError(f"{meta_file} has schema version {meta['schema_version']}; upgrade deltatune to read it")
+    for field in ("name", "config", "sites", "tensors", "tensors_sha256", "base"):
+        if field not in meta:
+            raise DeltaFileError(f"{meta_file} lacks the field {field!r}; the file is incomplete, save the delta again")
+    return meta
+
+
+def read_tensors(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The delta's tensors, after checking the file against the checksum and list in ``meta``."""
+    tensor_file = Path(directory) / TENSORS_FILE
+    if not tensor_file.is_file():
+        raise DeltaFileError(f"{tensor_file} not found next to {META_FILE}")
+    if _file_sha256(tensor_file) != meta["tensors_sha256"]:
+        raise DeltaFileError(
+            f"{tensor_file} does not match the checksum in {META_FILE}: it is truncated, corrupt, or from another "
+            f"save; save the delta again"
+        )
+    try:
+        tensors = safetensors.torch.load_file(str(tensor_file))
+    except Exception as error:  # safetensors raises its own error types
+        raise DeltaFileError(f"{tensor_file} cannot be read as safetensors: {error}") from None
+    listed = meta["tensors"]
+    if set(listed) != set(tensors):
+        raise DeltaFileError(
+            f"{tensor_file} holds tensors {sorted(set(tensors) ^ set(listed))[:5]} that differ from the list in {META_FILE}"
+        )
+    for key, value in tensors.items():
+        if list(value.shape) != listed[key]["shape"]:
+            raise DeltaFileError(f"tensor {key!r} has shape {list(value.shape)} but {META_FILE} says {listed[key]['shape']}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise DeltaFileError(f"tensor {key!r} in {tensor_file} holds NaN or inf; the delta is unusable")
+    return tensors
+
+
+def _exact(paths: list[str]) -> tuple[str, ...]:
+    return tuple("re:" + re.escape(p) for p in paths)
+
+
+def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> None:
+    """Compare the recorded base fingerprint with ``model``'s; raise, warn or ignore."""
+    if check == "off":
+        return
+    if check not in ("strict", "warn"):
+        raise ConfigError(f"check must be 'strict', 'warn' or 'off', got {check!r}")
+    recorded = meta["base"]
+    modules = dict(base_modules(model))
+    missing = [p for p in recorded["modules"] if p not in modules]
+    if missing:
+        problem = f"this {type(model).__name__} has no module {missing[0]!r}"
+    else:
+        here = {p: module_fingerprint(modules[p]) for p in recorded["modules"]}
+        if combine(here) == recorded["sha256"]:
+            return
+        first = next(p for p in sorted(here) if here[p][:16] != recorded["modules"][p])
+        problem = f"module {first!r} holds different weights (fingerprint {here[first][:16]} vs {recorded['modules'][first]})"
+    message = (
+        f"delta {meta['name']!r} was made for another base ({recorded.get('model_class')}, fingerprint "
+        f"{recorded['sha256'][:16]}): {problem}. Load the base it was trained on, or pass check='warn' "
+        f"(or 'off') to load it anyway."
+    )
+    if check == "strict":
+        raise FingerprintError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def load(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    *,
+    check: Check = "strict",
+    activate: bool = True,
+) -> AttachReport:
+    """Rebuild a saved delta on ``model`` (a fresh base) and load its tensors.
+
+    Args:
+        model: the base model; it is changed only if everything checks out.
+        directory: a folder written by :func:`save`.
+        name: the name to give it on this model (default: its saved name).
+        check: ``"strict"`` refuses a base whose fingerprint differs, ``"warn"`` warns, ``"off"`` skips.
+        activate: make it the only active delta.
+
+    Raises:
+        FingerprintError: the delta was made for another base (``check="strict"``).
+        DeltaFileError: files missing, corrupt, truncated, or with missing/extra/misshapen/non-finite tensors.
+    """
+    meta = read_meta(directory)
+    name = name or meta["name"]
+    check_name_free(model, name)
+    tensors = read_tensors(directory, meta)
+    check_fingerprint(model, meta, check)
+    config = config_from_dict(meta["config"])
+    sites = [p for p in meta["sites"] if p]
+    exact = config.replace(
+        targets=_exact(sites) if sites else config.targets,
+        target_types=() if sites else config.target_types,
+        layers=None if sites else config.layers,
+        exclude=(),
+        modules_to_save=_exact(meta.get("modules_to_save", [])),
+    )
+    try:
+        placements = build_placements(model, exact)
+    except TargetError as error:
+        raise DeltaFileError(f"delta {meta['name']!r} does not fit this {type(model).__name__}: {error}") from None
+    expected = {tensor_key(p.path, k): (p.unit, k, v.shape) for p in placements for k, v in p.unit.saved_tensors().items()}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise DeltaFileError(f"delta tensors do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    by_unit: dict[int, dict[str, torch.Tensor]] = {}
+    for key, (unit, local, shape) in expected.items():
+        if tensors[key].shape != shape:
+            raise DeltaFileError(f"tensor {key!r} has shape {list(tensors[key].shape)}, the model needs {list(shape)}")
+        by_unit.setdefault(id(unit), {})[local] = tensors[key]
+    for placement in placements:
+        placement.unit.load_saved(by_unit.get(id(placement.unit), {}))
+    return install(model, name, config, placements, activate=activate)

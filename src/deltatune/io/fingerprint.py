@@ -1,0 +1,51 @@
+"""A fingerprint of the base tensors a delta was made for.
+
+It hashes each module's parameter and buffer names, shapes, dtypes and up to
+``SAMPLES`` values taken at evenly spaced positions, so it is cheap on large models and
+still tells two checkpoints of one architecture apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from ..core.targeting import base_modules
+
+SAMPLES = 64
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > SAMPLES:
+        index = torch.linspace(0, flat.numel() - 1, SAMPLES, device=flat.device).round().long()
+        flat = flat[index]
+    values = flat.to(torch.float64).cpu().numpy().tobytes()
+    header = f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode()
+    return hashlib.sha256(header + values).digest()
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """Hash of a base module's tensors (deltatune slots excluded; unmerged values while merged)."""
+    from ..core.slot import get_slot
+
+    hasher = hashlib.sha256()
+    for path, sub in base_modules(module):
+        slot = get_slot(sub)
+        kept = slot._originals if slot is not None else {}
+        tensors = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+        for name, tensor in tensors:
+            key = f"{path}.{name}" if path else name
+            value = kept.get(name, tensor)
+            hasher.update(tensor_digest(key, value))
+    return hasher.hexdigest()
+
+
+def combine(per_module: dict[str, str]) -> str:
+    """One fingerprint over several modules' fingerprints, in path order."""
+    hasher = hashlib.sha256()
+    for path in sorted(per_module):
+        hasher.update(f"{path}={per_module[path]};".encode())
+    return hasher.hexdigest()

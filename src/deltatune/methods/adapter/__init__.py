@@ -1,0 +1,97 @@
+"""Bottleneck adapters: down-projection, non-linearity, up-projection, residual.
+
+Houlsby et al., 2019 (arXiv:1902.00751): after the attention block and after the
+feed-forward block. Pfeiffer et al., 2020 (arXiv:2005.00247): after the feed-forward block
+only. He et al., 2021 (arXiv:2110.04366): in parallel to the feed-forward block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ...core.build import first_input, linear_shape, per_module
+from ...core.config import DeltaConfig, check
+from ...core.registry import MethodSpec, register_method
+from ...core.unit import DeltaUnit, Placements
+from ...models.families import default_targets
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
+PLACEMENT_ROLES = {"houlsby": ["o", "ffn_down"], "pfeiffer": ["ffn_down"], "parallel": ["ffn_block|ffn_down"]}
+
+
+@dataclass(frozen=True)
+class AdapterConfig(DeltaConfig):
+    """Bottleneck adapter.
+
+    Args:
+        bottleneck: width of the bottleneck.
+        placement: ``"houlsby"``, ``"pfeiffer"`` (serial, on the targets' outputs) or
+            ``"parallel"`` (reads the target's input, adds to its output).
+        non_linearity: one of ``relu gelu tanh silu swish``.
+        scaling: factor on the adapter's output.
+    """
+
+    method = "adapter"
+
+    bottleneck: int = 64
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = "houlsby"
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+
+    def validate(self) -> None:
+        check(isinstance(self.bottleneck, int) and self.bottleneck > 0,
+              f"adapter bottleneck must be a positive integer, got {self.bottleneck!r}")
+        check(self.placement in PLACEMENT_ROLES,
+              f"adapter placement must be one of {sorted(PLACEMENT_ROLES)}, got {self.placement!r}")
+        check(self.non_linearity in ACTIVATIONS,
+              f"adapter non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
+
+
+class BottleneckAdapter(DeltaUnit):
+    """``y + s * up(act(down(h)))`` with ``h = y`` (serial) or the module input (parallel)."""
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+        super().__init__()
+        self.parallel = config.placement == "parallel"
+        self.scaling = config.scaling
+        self.down = nn.Linear(in_features, config.bottleneck)
+        self.act = ACTIVATIONS[config.non_linearity]()
+        self.up = nn.Linear(config.bottleneck, out_features)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward_post(self, module, args, kwargs, output):
+        h = first_input(args, kwargs) if self.parallel else output
+        return output + (self.up(self.act(self.down(h.to(self.down.weight.dtype)))) * self.scaling).to(output.dtype)
+
+
+def io_features(module: nn.Module) -> tuple[int, int] | None:
+    """Input and output width of a linear layer, or of a block of them (first in, last out)."""
+    shape = linear_shape(module)
+    if shape is not None:
+        return shape[0], shape[1]
+    linears = [linear_shape(m) for m in module.modules() if m is not module]
+    linears = [s for s in linears if s is not None]
+    return (linears[0][0], linears[-1][1]) if linears else None
+
+
+def build(model: nn.Module, config: AdapterConfig) -> Placements:
+    def make(path: str, module: nn.Module):
+        dims = io_features(module)
+        if dims is None:
+            return f"{type(module).__name__} has no linear layer to read its width from"
+        fan_in, fan_out = dims
+        return BottleneckAdapter(fan_in if config.placement == "parallel" else fan_out, fan_out, config)
+
+    roles = PLACEMENT_ROLES[config.placement]
+    return per_module(model, config, lambda: default_targets(model, roles, config.method), make)
+
+
+register_method(MethodSpec("adapter", AdapterConfig, build, mergeable=False, identity_at_init=True,
+                           summary="bottleneck adapters (Houlsby, Pfeiffer or parallel)"))

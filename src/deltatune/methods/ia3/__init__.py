@@ -1,0 +1,108 @@
+"""(IA)3: learned vectors that rescale keys, values and feed-forward activations.
+
+Liu et al., 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+In-Context Learning" (arXiv:2205.05638).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...core.build import first_input, linear_shape, per_module, replace_first_input
+from ...core.config import DeltaConfig
+from ...core.registry import MethodSpec, register_method
+from ...core.targeting import pattern_matches
+from ...core.unit import DeltaUnit, Placements
+from ...errors import TargetError
+from ...models.families import default_targets
+
+DEFAULT_ROLES = ["k|qkv", "v", "ffn_down"]
+FEEDFORWARD_ROLES = ["ffn_down"]
+
+
+@dataclass(frozen=True)
+class IA3Config(DeltaConfig):
+    """(IA)3 on linear layers.
+
+    Args:
+        feedforward: patterns (among the targets) whose *input* is scaled, as for the
+            feed-forward inner activation; every other target has its *output* scaled.
+            ``None`` uses the family default when targets are defaulted, else none.
+    """
+
+    method = "ia3"
+
+    feedforward: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.feedforward is not None:
+            object.__setattr__(self, "feedforward", tuple([self.feedforward] if isinstance(self.feedforward, str) else self.feedforward))
+        super().__post_init__()
+
+
+class IA3Output(DeltaUnit):
+    """``y = l * (W x + b)`` with ``l`` starting at one."""
+
+    def __init__(self, out_features: int, fan_in_fan_out: bool):
+        super().__init__()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.ia3_l = nn.Parameter(torch.ones(out_features))
+
+    def forward_post(self, module, args, kwargs, output):
+        return output * self.ia3_l.to(output.dtype)
+
+    def merge_params(self, module, params):
+        scale = self.ia3_l.to(params["weight"].dtype)
+        weight = params["weight"] * (scale if self.fan_in_fan_out else scale.unsqueeze(1))
+        out = {"weight": weight}
+        if params.get("bias") is not None:
+            out["bias"] = params["bias"] * scale
+        return out
+
+
+class IA3Input(DeltaUnit):
+    """``y = W (l * x) + b`` with ``l`` starting at one."""
+
+    merge_order = 1
+
+    def __init__(self, in_features: int, fan_in_fan_out: bool):
+        super().__init__()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.ia3_l = nn.Parameter(torch.ones(in_features))
+
+    def forward_pre(self, module, args, kwargs):
+        x = first_input(args, kwargs)
+        return replace_first_input(args, kwargs, x * self.ia3_l.to(x.dtype))
+
+    def merge_params(self, module, params):
+        scale = self.ia3_l.to(params["weight"].dtype)
+        return {"weight": params["weight"] * (scale.unsqueeze(1) if self.fan_in_fan_out else scale)}
+
+
+def build(model: nn.Module, config: IA3Config) -> Placements:
+    feedforward = config.feedforward
+    if feedforward is None and config.targets is None and not config.target_types:
+        feedforward = default_targets(model, FEEDFORWARD_ROLES, config.method)
+    feedforward = feedforward or ()
+
+    def make(path: str, module: nn.Module):
+        shape = linear_shape(module)
+        if shape is None:
+            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+        fan_in, fan_out, transposed = shape
+        if any(pattern_matches(p, path) for p in feedforward):
+            return IA3Input(fan_in, transposed)
+        return IA3Output(fan_out, transposed)
+
+    placements = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    for pattern in feedforward:
+        if not any(pattern_matches(pattern, p.path) for p in placements):
+            raise TargetError(f"ia3 feedforward pattern {pattern!r} matches none of the targets {[p.path for p in placements][:4]}...")
+    return placements
+
+
+register_method(MethodSpec("ia3", IA3Config, build, mergeable=True, identity_at_init=True,
+                           summary="learned scaling of keys, values and feed-forward activations"))

@@ -1,0 +1,43 @@
+"""LoRA and DoRA: one registration each, sharing one builder."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...core.build import linear_shape, per_module
+from ...core.registry import MethodSpec, register_method
+from ...core.unit import Placements
+from ...models.families import default_targets
+from .config import DoRAConfig, LoRAConfig
+from .layer import DoRALinear, LoRAEmbedding, LoRALinear
+
+__all__ = ["LoRAConfig", "DoRAConfig", "LoRALinear", "DoRALinear", "LoRAEmbedding"]
+
+DEFAULT_ROLES = ["q|qkv", "v"]
+
+
+def _make_unit(config: LoRAConfig):
+    def make(path: str, module: nn.Module):
+        shape = linear_shape(module)
+        if shape is not None:
+            fan_in, fan_out, transposed = shape
+            if config.use_dora:
+                return DoRALinear(module, fan_in, fan_out, config, transposed)
+            return LoRALinear(fan_in, fan_out, config, transposed)
+        if isinstance(module, nn.Embedding):
+            if config.use_dora:
+                return "DoRA supports Linear and Conv1D layers, not Embedding"
+            return LoRAEmbedding(module, config)
+        return f"{type(module).__name__} is not a Linear, Conv1D or Embedding layer"
+
+    return make
+
+
+def build(model: nn.Module, config: LoRAConfig) -> Placements:
+    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), _make_unit(config))
+
+
+register_method(MethodSpec("lora", LoRAConfig, build, mergeable=True, identity_at_init=True,
+                           summary="low-rank update B A added to linear and embedding weights"))
+register_method(MethodSpec("dora", DoRAConfig, build, mergeable=True, identity_at_init=True,
+                           summary="LoRA direction with a learned per-output magnitude"))

@@ -1,0 +1,58 @@
+"""LoRA's configuration (Hu et al., 2021, arXiv:2106.09685), with rsLoRA and DoRA options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from ...core.config import DeltaConfig, check
+
+
+@dataclass(frozen=True)
+class LoRAConfig(DeltaConfig):
+    """Low-rank adaptation: ``W x + (alpha / r) * B A x`` with ``B`` zero at start.
+
+    Args:
+        r: rank of the update.
+        alpha: scale numerator; the update is multiplied by ``alpha / r``
+            (``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout on the LoRA branch's input during training.
+        use_rslora: rank-stabilised scaling (Kalajdzievski, 2023, arXiv:2312.03732).
+        use_dora: weight-decomposed LoRA (Liu et al., 2024, arXiv:2402.09353).
+        init: ``"kaiming"`` (A uniform as in ``nn.Linear``, B zero) or ``"gaussian"``
+            (A normal with std ``1/r``, B zero).
+    """
+
+    method = "lora"
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    def validate(self) -> None:
+        check(isinstance(self.r, int) and self.r > 0, f"LoRA rank r must be a positive integer, got {self.r!r}")
+        check(self.alpha > 0, f"LoRA alpha must be positive, got {self.alpha!r}")
+        check(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        check(self.init in ("kaiming", "gaussian"), f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True)
+class DoRAConfig(LoRAConfig):
+    """LoRA with weight decomposition (DoRA): a learned magnitude per output times the
+    normalised direction ``W + s B A``. Registered as its own method name, ``dora``."""
+
+    method = "dora"
+
+    use_dora: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.use_dora, "DoRAConfig always uses DoRA; use LoRAConfig for plain LoRA")

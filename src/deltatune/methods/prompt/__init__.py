@@ -1,0 +1,129 @@
+"""Prompt tuning: trainable soft-prompt vectors prepended to the input embeddings.
+
+Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"
+(arXiv:2104.08691).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core.config import DeltaConfig, check
+from ...core.registry import MethodSpec, register_method
+from ...core.unit import DeltaUnit, Placement, Placements
+from ...errors import DeltaError, NotApplicableError
+
+
+@dataclass(frozen=True)
+class PromptConfig(DeltaConfig):
+    """Prompt tuning.
+
+    Args:
+        num_virtual_tokens: length of the soft prompt.
+        init_token_ids: start the prompt from these tokens' embeddings (repeated or cut to
+            length); ``None`` starts from randomly chosen vocabulary embeddings.
+        init_text: the text ``init_token_ids`` came from, kept for the record.
+        seed: seed for choosing random vocabulary rows.
+    """
+
+    method = "prompt"
+
+    num_virtual_tokens: int = 20
+    init_token_ids: tuple[int, ...] | None = None
+    init_text: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init_token_ids is not None:
+            object.__setattr__(self, "init_token_ids", tuple(int(i) for i in self.init_token_ids))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        check(self.num_virtual_tokens > 0, f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        check(self.init_token_ids is None or len(self.init_token_ids) > 0, "init_token_ids is empty; pass None or some ids")
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer: Any, **fields: Any) -> "PromptConfig":
+        """A config whose prompt starts from the embeddings of ``text``'s tokens."""
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DeltaError(f"prompt init text {text!r} tokenises to nothing")
+        return cls(init_token_ids=tuple(ids), init_text=text, **fields)
+
+
+class SoftPrompt(DeltaUnit):
+    """Prepends ``num_virtual_tokens`` learned vectors to the model's input embeddings and
+    extends ``attention_mask``, ``token_type_ids`` and token-level ``labels`` to match."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.prompt = nn.Parameter(init.detach().clone().float())
+
+    @property
+    def length(self) -> int:
+        return self.prompt.shape[0]
+
+    def forward_pre(self, module, args, kwargs):
+        if len(args) > 1:
+            raise DeltaError("with prompt tuning, pass model inputs by keyword (input_ids=..., attention_mask=...)")
+        kwargs = dict(kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+            return (), kwargs  # generation step after the first: the prompt is in the cache already
+        embeds = kwargs.pop("inputs_embeds", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            if input_ids is None:
+                raise DeltaError("prompt tuning needs input_ids or inputs_embeds")
+            embeds = module.get_input_embeddings()(input_ids)
+        batch, seq = embeds.shape[:2]
+        n = self.length
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        types = kwargs.get("token_type_ids")
+        if types is not None:
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
+        labels = kwargs.get("labels")
+        if labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        kwargs.pop("position_ids", None)
+        return (), kwargs
+
+    def fingerprint_module(self, module, model):
+        return model.get_input_embeddings()
+
+
+def build(model: nn.Module, config: PromptConfig) -> Placements:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if not isinstance(embeddings, nn.Embedding):
+        raise NotApplicableError(
+            f"prompt tuning needs a model with get_input_embeddings() returning nn.Embedding "
+            f"(a transformers model); {type(model).__name__} has none"
+        )
+    if config.targets is not None or config.target_types:
+        raise NotApplicableError("prompt tuning acts on the input embeddings; it takes no targets")
+    with torch.no_grad():
+        if config.init_token_ids is not None:
+            ids = torch.tensor(config.init_token_ids, device=embeddings.weight.device)
+            if int(ids.max()) >= embeddings.num_embeddings:
+                raise DeltaError(f"init_token_ids contain id {int(ids.max())} >= vocabulary size {embeddings.num_embeddings}")
+            ids = ids.repeat((config.num_virtual_tokens + len(ids) - 1) // len(ids))[: config.num_virtual_tokens]
+        else:
+            generator = torch.Generator().manual_seed(config.seed)
+            ids = torch.randint(0, embeddings.num_embeddings, (config.num_virtual_tokens,), generator=generator)
+        init = embeddings.weight[ids.to(embeddings.weight.device)]
+    return Placements([Placement("", SoftPrompt(init), type(model).__name__)])
+
+
+register_method(MethodSpec("prompt", PromptConfig, build, mergeable=False, identity_at_init=False,
+                           summary="trainable soft prompt prepended to the input embeddings"))

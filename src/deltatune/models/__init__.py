@@ -1,0 +1,1 @@
+"""Model-family knowledge, kept small: where the attention and feed-forward parts live."""
