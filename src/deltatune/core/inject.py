@@ -49,7 +49,7 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default", *, acti
     """
     check_name_free(model, name)
     placements = build_placements(model, config)
-    return install(model, name, config, placements, activate=activate)
+    return install(model, name, getattr(placements, "resolved", None) or config, placements, activate=activate)
 
 
 def check_name_free(model: nn.Module, name: str) -> None:

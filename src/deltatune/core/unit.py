@@ -85,8 +85,13 @@ class Placement:
 
 
 class Placements(list):
-    """What a method's ``build`` returns: placements, plus matched modules it skipped and why."""
+    """What a method's ``build`` returns: placements, plus matched modules it skipped and why.
 
-    def __init__(self, items=(), skipped=()) -> None:
+    ``resolved`` is the config with any defaults the build filled in made explicit (what a
+    saved delta must record to be rebuilt the same way); ``None`` when nothing was filled in.
+    """
+
+    def __init__(self, items=(), skipped=(), resolved=None) -> None:
         super().__init__(items)
         self.skipped: list[tuple[str, str]] = list(skipped)
+        self.resolved = resolved

@@ -1,3 +1,3 @@
 """Built-in delta methods. Importing a method's package registers it."""
 
-from . import adapter, bitfit, ia3, lora, prefix, prompt  # noqa: F401
+from . import lora, adapter, prefix, prompt, ia3, bitfit  # noqa: F401  (registration order = listing order)

@@ -15,7 +15,7 @@ from ...core.config import DeltaConfig
 from ...core.registry import MethodSpec, register_method
 from ...core.targeting import base_modules
 from ...core.unit import DeltaUnit, Placements
-from ...errors import TargetError
+from ...errors import NotApplicableError
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
@@ -53,7 +53,7 @@ def build(model: nn.Module, config: BitFitConfig) -> Placements:
     def defaults() -> tuple[str, ...]:
         names = tuple(path for path, module in base_modules(model) if path and _has_bias(module))
         if not names:
-            raise TargetError(f"no module of {type(model).__name__} has a bias, so BitFit has nothing to train")
+            raise NotApplicableError(f"no module of {type(model).__name__} has a bias, so BitFit has nothing to train")
         return names
 
     def make(path: str, module: nn.Module):

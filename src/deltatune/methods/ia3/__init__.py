@@ -101,6 +101,7 @@ def build(model: nn.Module, config: IA3Config) -> Placements:
     for pattern in feedforward:
         if not any(pattern_matches(pattern, p.path) for p in placements):
             raise TargetError(f"ia3 feedforward pattern {pattern!r} matches none of the targets {[p.path for p in placements][:4]}...")
+    placements.resolved = config.replace(feedforward=tuple(feedforward))
     return placements
 
 

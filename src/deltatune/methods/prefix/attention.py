@@ -66,6 +66,10 @@ def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwa
         key = torch.cat([prefix_keys, key], dim=2)
         value = torch.cat([*(v for _, v in pairs), value], dim=2)
         kwargs["is_causal"] = False
+        bias = kwargs.get("position_bias")
+        if isinstance(bias, torch.Tensor):  # T5's relative position bias: none for prefix positions
+            pad = bias.new_zeros((*bias.shape[:-1], prefix_keys.shape[2]))
+            kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
     return inner(module, query, key, value, attention_mask, **kwargs)
 
 
