@@ -16,9 +16,10 @@ from .saved_module import SavedModule
 from .slot import (
     DeltaState,
     check_delta_name,
+    drop_state,
     ensure_slot,
-    get_slot,
     get_state,
+    new_state,
     remove_slot,
     require_state,
     slot_sites,
@@ -75,9 +76,8 @@ def install(
     check_name_free(model, name)
     state = get_state(model)
     if state is None:
-        state = DeltaState()
+        state = new_state(model)
         state.originally_trainable = {n for n, p in base_parameters(model) if p.requires_grad}
-        ensure_slot(model, state)
     for _, param in base_parameters(model):
         param.requires_grad_(False)
     sites = []
@@ -144,9 +144,9 @@ def delete(model: nn.Module, name: str) -> None:
 
 
 def prune_slots(model: nn.Module) -> None:
-    """Drop slots that hold no unit (the model's own slot stays while it holds the state)."""
+    """Drop slots that hold no unit."""
     for path, module, slot in slot_sites(model):
-        if path and len(slot) == 0:
+        if len(slot) == 0:
             remove_slot(module)
 
 
@@ -154,12 +154,15 @@ def remove_all(model: nn.Module) -> None:
     """Strip every slot and hook and restore the base's original trainable flags."""
     state = get_state(model)
     for _, module, slot in slot_sites(model):
-        for unit_name, unit in list(slot.items()):
+        for unit_name in list(slot.keys()):
+            unit = slot[unit_name]
+            del slot[unit_name]
             unit.detached(module, model)
         remove_slot(module)
     if state is not None:
         for key, param in base_parameters(model):
             param.requires_grad_(key in state.originally_trainable)
+    drop_state(model)
 
 
 def list_deltas(model: nn.Module) -> list[str]:
@@ -224,6 +227,6 @@ def using(model: nn.Module, names: str | Sequence[str] | None) -> Iterator[None]
 
 def base_only(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Run the frozen base alone: ``with base_only(model): model(x)``."""
-    if get_state(model) is None or get_slot(model) is None:
+    if get_state(model) is None:
         return contextlib.nullcontext()
     return using(model, ())

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .config import DeltaConfig
 
 SLOT_ATTR = "deltas"
+STATE_ATTR = "_deltatune_state"
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 
 
@@ -118,8 +119,10 @@ class DeltaSlot(nn.ModuleDict):
             output = unit.forward_post(module, args, kwargs, output)
         return output
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - never called
-        raise RuntimeError("a DeltaSlot is driven by its module's hooks and is not called directly")
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The identity. A slot is driven by its module's hooks; this only matters for
+        containers such as ``nn.Sequential`` that call every child in turn."""
+        return args[0] if args else None
 
 
 def get_slot(module: nn.Module) -> DeltaSlot | None:
@@ -129,9 +132,22 @@ def get_slot(module: nn.Module) -> DeltaSlot | None:
 
 
 def get_state(model: nn.Module) -> DeltaState | None:
-    """The delta state of a model that has had a delta attached, else ``None``."""
-    slot = get_slot(model)
-    return slot.state if slot is not None else None
+    """The delta state of a model that has deltas attached, else ``None``.
+
+    It is a plain attribute of the model, not a child module, so that containers such as
+    ``nn.Sequential`` keep their children unchanged.
+    """
+    return model.__dict__.get(STATE_ATTR)
+
+
+def new_state(model: nn.Module) -> DeltaState:
+    state = DeltaState()
+    model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def drop_state(model: nn.Module) -> None:
+    model.__dict__.pop(STATE_ATTR, None)
 
 
 def require_state(model: nn.Module) -> DeltaState:
