@@ -140,6 +140,7 @@ def test_fold_leaves_a_plain_model(method, model_name):
 def test_trainable_count_matches_closed_form(method, model_name):
     case, model, report = _attached(method, model_name)
     config = dt.get_config(model, "task")
-    assert report.trainable == expected_parameters(method, model, config, report.modules)
+    saved = sum(p.numel() for s in report.sites if s.role == "saved" for _, p in dt.base_parameters(model.get_submodule(s.path)))
+    assert report.trainable == expected_parameters(method, model, config, report.modules) + saved
     assert report.trainable == dt.count_parameters(model, trainable_only=True)
     assert report.total == dt.count_parameters(case.build()) + report.trainable

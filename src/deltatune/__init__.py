@@ -42,6 +42,7 @@ from .errors import (
 from .io.artifact import load, read_meta, save
 from .methods.adapter import AdapterConfig
 from .methods.bitfit import BitFitConfig
+from .methods.head import HeadConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import DoRAConfig, LoRAConfig
 from .methods.prefix import PrefixConfig
@@ -49,7 +50,7 @@ from .methods.prompt import PromptConfig
 
 __all__ = [
     "AdapterConfig", "AttachReport", "BitFitConfig", "ConfigError", "DeltaConfig", "DeltaError",
-    "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig", "FingerprintError", "IA3Config",
+    "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig", "FingerprintError", "HeadConfig", "IA3Config",
     "LoRAConfig", "MergeError", "MethodSpec", "NotApplicableError", "Placement", "PrefixConfig",
     "PromptConfig", "TargetError", "activate", "active_deltas", "attach", "base_only",
     "base_parameters", "config_from_dict", "count_parameters", "deactivate", "delete",

@@ -63,7 +63,7 @@ def check_name_free(model: nn.Module, name: str) -> None:
 def build_placements(model: nn.Module, config: DeltaConfig) -> list[Placement]:
     """The units a config asks for, built but not installed: the model is not changed."""
     placements = get_method(config.method).build(model, config)
-    placements += _saved_module_placements(model, config)
+    placements += _saved_module_placements(model, getattr(placements, "resolved", None) or config)
     if not placements:
         raise TargetError(f"{config.method} found nothing to adapt in {type(model).__name__}")
     return placements

@@ -30,7 +30,7 @@ from ..core.slot import require_state, slot_sites
 from ..core.targeting import base_modules
 from ..errors import ConfigError, DeltaFileError, DeltaStateError, FingerprintError, TargetError
 from .atomic import atomic_path, write_text_atomic
-from .fingerprint import combine, module_fingerprint
+from .fingerprint import WHOLE_BASE, combine, module_fingerprint, whole_base_fingerprint
 
 TENSORS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
@@ -55,6 +55,8 @@ def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
             target = slot[name].fingerprint_module(module, model)
             if target is not None:
                 per_module[paths[id(target)]] = module_fingerprint(target)
+    if not per_module:
+        per_module[WHOLE_BASE] = whole_base_fingerprint(model, require_state(model).saved_modules[name])
     return _fingerprint_record(model, per_module)
 
 
@@ -197,11 +199,14 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> N
         raise ConfigError(f"check must be 'strict', 'warn' or 'off', got {check!r}")
     recorded = meta["base"]
     modules = dict(base_modules(model))
-    missing = [p for p in recorded["modules"] if p not in modules]
+    missing = [p for p in recorded["modules"] if p not in modules and p != WHOLE_BASE]
     if missing:
         problem = f"this {type(model).__name__} has no module {missing[0]!r}"
     else:
-        here = {p: module_fingerprint(modules[p]) for p in recorded["modules"]}
+        here = {
+            p: whole_base_fingerprint(model, meta.get("modules_to_save", [])) if p == WHOLE_BASE else module_fingerprint(modules[p])
+            for p in recorded["modules"]
+        }
         if combine(here) == recorded["sha256"]:
             return
         first = next(p for p in sorted(here) if here[p][:16] != recorded["modules"][p])

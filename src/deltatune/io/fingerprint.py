@@ -49,3 +49,18 @@ def combine(per_module: dict[str, str]) -> str:
     for path in sorted(per_module):
         hasher.update(f"{path}={per_module[path]};".encode())
     return hasher.hexdigest()
+
+
+WHOLE_BASE = "*"
+
+
+def whole_base_fingerprint(model: nn.Module, exclude: list[str]) -> str:
+    """Hash of every base tensor outside the ``exclude`` module paths (for deltas, such as a
+    trained head, that adapt no base module but depend on all of them)."""
+    hasher = hashlib.sha256()
+    for path, sub in base_modules(model):
+        if any(path == e or path.startswith(e + ".") for e in exclude):
+            continue
+        for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+            hasher.update(tensor_digest(f"{path}.{name}" if path else name, tensor))
+    return hasher.hexdigest()

