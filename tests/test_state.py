@@ -171,3 +171,17 @@ def test_report_prints_a_table():
     assert "bert.encoder.layer.0.attention.self.query" in text
     assert f"trainable {report.trainable:,} of {report.total:,}" in text
     assert report.percent == pytest.approx(100 * report.trainable / report.total)
+
+
+def test_tied_weights_warn_at_attach_and_refuse_to_merge():
+    model = MODELS["gpt2"].build()  # lm_head.weight is transformer.wte.weight
+    with pytest.warns(UserWarning, match="transformer.wte.weight is shared with lm_head.weight"):
+        dt.attach(model, dt.LoRAConfig(r=2, targets=["wte"]))
+    _randomise(model, "default", 3)
+    before = {k: p.clone() for k, p in dt.base_parameters(model)}
+    with pytest.raises(dt.MergeError, match="tied to lm_head.weight"):
+        dt.merge(model)
+    with pytest.raises(dt.MergeError, match="tied"):
+        dt.fold(model)
+    for key, value in dt.base_parameters(model):
+        assert torch.equal(value, before[key])

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch import nn
 
 from ..errors import DeltaStateError, TargetError
 from .config import DeltaConfig
-from .params import base_parameters, count_parameters
+from .params import base_parameters, count_parameters, tied_elsewhere
 from .registry import get_method
 from .report import AttachReport, SiteReport
 from .saved_module import SavedModule
@@ -83,6 +84,13 @@ def install(
     sites = []
     for placement in placements:
         module = model.get_submodule(placement.path)
+        if placement.path and not isinstance(placement.unit, SavedModule):
+            for key, others in tied_elsewhere(model, placement.path).items():
+                warnings.warn(
+                    f"{placement.path}.{key} is shared with {', '.join(others)}: delta {name!r} acts only where "
+                    f"{placement.path!r} itself is called, and it cannot be merged",
+                    stacklevel=3,
+                )
         unit = placement.unit.to(device=_device_of(module))
         unit.requires_grad_(True)
         ensure_slot(module, state)[name] = unit

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import DeltaStateError, MergeError
 from .inject import remove_all
+from .params import tensor_key, tied_elsewhere
 from .registry import get_method
 from .slot import DeltaSlot, require_state, slot_sites
 
@@ -36,12 +37,19 @@ def _plan(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, 
         units = [(n, slot[n]) for n in names if n in slot]
         if not units:
             continue
+        tied = tied_elsewhere(model, path)
         current = {k: p.detach() for k, p in _own_params(module).items()}
         new: dict[str, torch.Tensor] = {}
         for name, unit in sorted(units, key=lambda item: type(item[1]).merge_order):
             with torch.no_grad():
                 changed = unit.merge_params(module, {**current, **new})
             for key, value in changed.items():
+                if key in tied:
+                    raise MergeError(
+                        f"{tensor_key(path, key)} is tied to {', '.join(tied[key])}: merging delta {name!r} would change "
+                        f"those too, which the unmerged delta leaves alone. Keep it unmerged, or untie the weights "
+                        f"(load the model with tie_word_embeddings=False) before attaching. Nothing was changed."
+                    )
                 if key not in current:
                     raise MergeError(f"{type(unit).__name__} returned unknown parameter {key!r} for {path!r}")
                 if not torch.isfinite(value).all():

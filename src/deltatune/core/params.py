@@ -58,3 +58,18 @@ def set_trainable(model: nn.Module, names: list[str] | tuple[str, ...] | str) ->
     for name in state.configs:
         for _, param in delta_parameters(model, name):
             param.requires_grad_(name in wanted)
+
+
+def tied_elsewhere(model: nn.Module, path: str) -> dict[str, list[str]]:
+    """Parameters of module ``path`` that other modules share (tied weights), by name."""
+    owners: dict[int, list[str]] = {}
+    for module_path, module in base_modules(model):
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(tensor_key(module_path, name))
+    module = model.get_submodule(path)
+    out = {}
+    for key, param in base_parameters(module):
+        others = [o for o in owners.get(id(param), []) if not (o == tensor_key(path, key) or (path and o.startswith(path + ".")) or (not path))]
+        if others:
+            out[key] = others
+    return out

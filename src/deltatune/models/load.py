@@ -48,6 +48,12 @@ def _package_folder(package: str) -> Path:
         raise ModelError(f"the model package {package!r} is not installed; run `make venv`") from None
 
 
+def check_model_name(name: str) -> None:
+    """Raise :class:`ModelError` for a name that is neither a packaged model nor a model folder."""
+    if name not in MODELS and not (Path(name) / "config.json").is_file():
+        raise ModelError(f"unknown model {name!r}; use one of {', '.join(MODELS)} or a folder with a config.json")
+
+
 def model_folder(name: str) -> Path:
     """The folder holding a transformers checkpoint for ``name``."""
     if name == "minilm":
@@ -75,10 +81,15 @@ def smollm2_folder() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    staging = target.with_name(target.name + ".partial")
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.replace(target) if not target.exists() else None
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -115,7 +115,7 @@ def train(
         bar.set_postfix(loss=f"{history.train[-1][1]:.4f}")
         if validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0:
             history.validation.append((step + 1, evaluate(model, validation, num_labels=num_labels)))
-            bar.set_postfix(loss=f"{history.train[-1][1]:.4f}", **{k: f"{v:.3f}" for k, v in history.validation[-1][1].items()})
+            bar.set_postfix(loss=f"{history.train[-1][1]:.4f}", **{f"val_{k}": f"{v:.3f}" for k, v in history.validation[-1][1].items()})
         if checkpoint_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0 and rank == 0:
             save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {
                 "seconds": elapsed + time.perf_counter() - began,

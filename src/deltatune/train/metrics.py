@@ -30,12 +30,16 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 64, num_labels: 
     try:
         if data.task == "classification":
             predictions: list[int] = []
+            total = 0.0
             for start in range(0, len(data), batch_size):
                 batch = data.collate(list(range(start, min(start + batch_size, len(data)))))
-                batch.pop("labels")
-                predictions += model(**batch).logits.argmax(-1).tolist()
+                labels = batch.pop("labels")
+                logits = model(**batch).logits
+                total += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                predictions += logits.argmax(-1).tolist()
             accuracy = sum(p == t for p, t in zip(predictions, data.labels)) / max(1, len(data))
-            return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, data.labels, num_labels)}
+            return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, data.labels, num_labels),
+                    "loss": total / max(1, len(data))}
         total, tokens = 0.0, 0
         for start in range(0, len(data), batch_size):
             batch = data.collate(list(range(start, min(start + batch_size, len(data)))))

@@ -1,0 +1,47 @@
+"""``deltatune methods`` and ``deltatune inspect DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from ..core.registry import get_method, method_names
+
+    for name in method_names():
+        spec = get_method(name)
+        print(f"{name:8s} {'mergeable' if spec.mergeable else 'not mergeable':14s} {spec.summary}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ..io.artifact import TENSORS_FILE, read_meta
+
+    meta = read_meta(args.directory)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    size = (Path(args.directory) / TENSORS_FILE).stat().st_size
+    config = {k: v for k, v in meta["config"].items() if v not in (None, [], ())}
+    print(f"delta     {meta['name']} ({meta['method']}), deltatune {meta['deltatune_version']}, schema {meta['schema_version']}")
+    print(f"config    {json.dumps(config)}")
+    print(f"tensors   {len(meta['tensors'])} tensors, {meta['num_parameters']:,} parameters, {size:,} bytes")
+    for key, info in list(meta["tensors"].items())[:8]:
+        print(f"          {key} {info['shape']} {info['dtype']}")
+    if len(meta["tensors"]) > 8:
+        print(f"          ... {len(meta['tensors']) - 8} more")
+    base = meta["base"]
+    print(f"base      {base['model_class']} ({base['model_type']}), fingerprint {base['sha256'][:16]} over {len(base['modules'])} modules")
+    if meta.get("metrics"):
+        print(f"metrics   {json.dumps(meta['metrics'])}")
+    return 0
+
+
+def add_parsers(commands) -> None:
+    commands.add_parser("methods", help="list the registered delta methods").set_defaults(run=_methods)
+    inspect = commands.add_parser("inspect", help="show a saved delta: method, config, tensors, size, base, metrics")
+    inspect.add_argument("directory")
+    inspect.add_argument("--json", action="store_true", help="print delta.json as it is")
+    inspect.set_defaults(run=_inspect)
