@@ -37,7 +37,7 @@ from .metrics import evaluate
 JOB_METHODS = (*method_names(), "full")
 #: learning rates that work for each method on MiniLM-sized models
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
-              "bitfit": 3e-3, "head": 3e-3, "full": 5e-5}
+              "bitfit": 3e-3, "head": 1e-2, "full": 5e-5}
 
 
 @dataclass
@@ -125,8 +125,20 @@ def prepare(job: TrainJob) -> tuple[Splits, Any]:
 
 
 def run_train(job: TrainJob, *, resume: bool = False) -> dict[str, Any]:
-    """Train, evaluate on the test split, and write the run folder; returns the metrics."""
-    distributed.init_from_environment()
+    """Train, evaluate on the test split, and write the run folder; returns the metrics.
+
+    Under ``torchrun`` / ``accelerate launch`` every rank trains on its share of each global
+    batch; rank 0 alone evaluates and writes files, and every rank returns rank 0's metrics.
+    """
+    joined = distributed.init_from_environment()
+    try:
+        return _run_train(job, resume)
+    finally:
+        if joined:
+            distributed.finish()
+
+
+def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
     out = Path(job.out)
     splits, loaded = prepare(job)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -144,6 +156,8 @@ def run_train(job: TrainJob, *, resume: bool = False) -> dict[str, Any]:
     num_labels = max(2, len(splits.labels))
     result = train(model, encoded["train"], job.settings(), validation=encoded["validation"], num_labels=num_labels,
                    checkpoint_dir=out / "checkpoint", resume=resume)
+    if not distributed.is_main():  # the ranks hold the same weights; rank 0 evaluates and writes
+        return distributed.from_main(None)
     test = evaluate(model, encoded["test"], num_labels=num_labels)
     metrics = {
         "model": job.model, "data": splits.describe(), "method": job.method, "task": splits.task,
@@ -153,14 +167,13 @@ def run_train(job: TrainJob, *, resume: bool = False) -> dict[str, Any]:
         "steps": result["steps"], "seed": job.seed, "train_seconds": round(result["seconds"], 2),
         "tokens_per_second": round(result["tokens_per_second"], 1), "peak_memory_mb": round(peak_memory_mb(), 1),
     }
-    if distributed.is_main():
-        metrics["delta_bytes"] = _write_result(model, job, out, metrics, config)
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        write_text_atomic(out / "history.json", json.dumps(asdict(result["history"])) + "\n")
-        from .plot import plot_losses
+    metrics["delta_bytes"] = _write_result(model, job, out, metrics, config)
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / "history.json", json.dumps(asdict(result["history"])) + "\n")
+    from .plot import plot_losses
 
-        plot_losses(result["history"], out / "loss.png", title=f"{job.method} on {job.model} / {job.data}")
-    return metrics
+    plot_losses(result["history"], out / "loss.png", title=f"{job.method} on {job.model} / {job.data}")
+    return distributed.from_main(metrics)
 
 
 def _write_result(model, job: TrainJob, out: Path, metrics: dict, config: DeltaConfig | None) -> int:
