@@ -9,14 +9,15 @@ from pathlib import Path
 COMPARED = ("head", "lora", "dora", "adapter", "prefix", "prompt", "ia3", "bitfit", "full")
 
 
-def run_compare(base, out: Path, results: Path, methods=COMPARED) -> int:
+def run_compare(base, out: Path, results: Path, methods=COMPARED, lora_targets=None) -> int:
     from ..io.atomic import write_text_atomic
     from ..train.job import run_train
 
     rows = []
     for i, method in enumerate(methods, 1):
         print(f"{i}/{len(methods)}  {method}")
-        metrics = run_train(dataclasses.replace(base, method=method, out=str(out / method)))
+        targets = lora_targets if method in ("lora", "dora") else None
+        metrics = run_train(dataclasses.replace(base, method=method, targets=targets, out=str(out / method)))
         rows.append(metrics)
     results.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results / "compare.json", json.dumps(rows, indent=2) + "\n")

@@ -7,6 +7,10 @@ import dataclasses
 from pathlib import Path
 
 
+#: LoRA on all four attention projections of each MiniLM layer: 0.65% of the parameters
+LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ..train.job import TrainJob, run_train
 
@@ -16,11 +20,11 @@ def _demo(args: argparse.Namespace) -> int:
     if args.compare:
         from .compare import run_compare
 
-        return run_compare(base, out, Path(args.results))
+        return run_compare(base, out, Path(args.results), lora_targets=args.targets or LORA_TARGETS)
     print(f"1/2  frozen MiniLM + trained head only ({args.steps} steps)")
     head = run_train(dataclasses.replace(base, method="head", out=str(out / "head")))
-    print(f"2/2  LoRA r=8 on the attention projections + head ({args.steps} steps)")
-    lora = run_train(dataclasses.replace(base, method="lora", targets=args.targets, out=str(out / "lora")))
+    print(f"2/2  LoRA r=8 on the attention projections (query, key, value, output) + head ({args.steps} steps)")
+    lora = run_train(dataclasses.replace(base, method="lora", targets=args.targets or LORA_TARGETS, out=str(out / "lora")))
     print()
     print(f"accuracy before (frozen base + trained head): {head['test']['accuracy']:.4f}")
     print(f"accuracy after  (LoRA delta + head):          {lora['test']['accuracy']:.4f}"

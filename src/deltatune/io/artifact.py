@@ -210,7 +210,8 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> N
         if combine(here) == recorded["sha256"]:
             return
         first = next(p for p in sorted(here) if here[p][:16] != recorded["modules"][p])
-        problem = f"module {first!r} holds different weights (fingerprint {here[first][:16]} vs {recorded['modules'][first]})"
+        where = "its base tensors differ" if first == WHOLE_BASE else f"module {first!r} holds different weights"
+        problem = f"{where} (fingerprint {here[first][:16]} vs {recorded['modules'][first]})"
     message = (
         f"delta {meta['name']!r} was made for another base ({recorded.get('model_class')}, fingerprint "
         f"{recorded['sha256'][:16]}): {problem}. Load the base it was trained on, or pass check='warn' "
