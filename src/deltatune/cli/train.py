@@ -71,6 +71,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         job = job_from_args(args)
     metrics = run_train(job, resume=bool(args.resume))
+    from ..train.distributed import is_main
+
+    if not is_main():  # under torchrun / accelerate launch only rank 0 reports
+        return 0
     print(json.dumps({k: metrics[k] for k in ("method", "test", "trainable_parameters", "percent_trainable",
                                               "train_seconds", "delta_bytes")}, indent=2))
     print(f"wrote {job.out}/")

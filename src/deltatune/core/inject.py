@@ -117,10 +117,12 @@ def install(
 def _saved_module_placements(model: nn.Module, config: DeltaConfig) -> list[Placement]:
     if not config.modules_to_save:
         return []
+    selected = select_modules(model, config.modules_to_save)
+    paths = [path for path, _ in selected]
     return [
         Placement(path, SavedModule(module), type(module).__name__)
-        for path, module in select_modules(model, config.modules_to_save)
-        if not any(path.startswith(other + ".") for other, _ in select_modules(model, config.modules_to_save))
+        for path, module in selected
+        if not any(path.startswith(other + ".") for other in paths)  # a saved module's children come with it
     ]
 
 

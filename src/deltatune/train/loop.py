@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DeltaError
 from . import distributed
-from .batches import BatchPlan, Encoded
+from .batches import IGNORE, BatchPlan, Encoded
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import evaluate
 
@@ -51,6 +51,14 @@ def total_steps(settings: Settings, examples: int) -> int:
     if settings.steps is not None:
         return settings.steps
     return max(1, math.ceil(math.ceil(examples / settings.batch_size) * settings.epochs))
+
+
+def loss_items(data: Encoded, rows: list[int]) -> int:
+    """How many terms a batch's loss averages over: its examples (classification) or its
+    predicted tokens (causal LM: labels after the one-token shift that are not ignored)."""
+    if data.task == "classification":
+        return len(rows)
+    return sum(sum(label != IGNORE for label in data.labels[i][1:]) for i in rows)
 
 
 def learning_rate(settings: Settings, step: int, total: int) -> float:
@@ -90,30 +98,42 @@ def train(
         history.validation = [tuple(x) for x in record["history"]["validation"]]
     runner = distributed.wrap(model)
     rank, world = distributed.rank_and_world()
+    if rank:  # every rank was seeded alike; give the others their own dropout masks
+        torch.manual_seed(settings.seed * 1_000_003 + rank * 10_007 + start)
     tokens = 0
     began = time.perf_counter()
     bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not settings.progress or rank != 0,
                dynamic_ncols=True)
     model.train()
     for step in bar:
-        rows = plan.rows(step)[rank::world]
-        batch = train_data.collate(rows)
+        everyone = plan.rows(step)
+        rows = everyone[rank::world]
+        # a rank left without rows (a last batch smaller than the world) still runs one row,
+        # weighted 0 below, so that DDP's gradient all-reduce sees every rank
+        batch = train_data.collate(rows or everyone[:1])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step, total)
         loss = runner(**batch).loss
-        if not torch.isfinite(loss):
+        if world > 1:
+            # DDP averages gradients over ranks; weighting each rank's mean loss by its share of
+            # the global batch's loss terms makes that average the global batch's mean, also when
+            # the batch does not split evenly (or a rank's tokens differ, for causal LM)
+            share = loss_items(train_data, rows) / max(1, loss_items(train_data, everyone))
+            loss = loss * (share * world)
+        logged = distributed.mean(loss.detach())  # the same on every rank, so all stop together
+        if not torch.isfinite(logged):
             bar.close()
             kept = f"the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir and (checkpoint_dir / "latest.json").exists() else "no checkpoint was written (use --save-every N)"
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; training stopped, {kept}. Lower --lr and resume or restart.")
+            raise TrainingDiverged(f"loss became {logged.item()} at step {step + 1}; training stopped, {kept}. Lower --lr and resume or restart.")
         loss.backward()
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
-        history.train.append((step + 1, distributed.mean(loss.detach()).item()))
+        tokens += int(batch["attention_mask"].sum()) if rows else 0
+        history.train.append((step + 1, logged.item()))
         bar.set_postfix(loss=f"{history.train[-1][1]:.4f}")
-        if validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0:
+        if validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0 and rank == 0:
             history.validation.append((step + 1, evaluate(model, validation, num_labels=num_labels)))
             bar.set_postfix(loss=f"{history.train[-1][1]:.4f}", **{f"val_{k}": f"{v:.3f}" for k, v in history.validation[-1][1].items()})
         if checkpoint_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0 and rank == 0:
@@ -124,4 +144,4 @@ def train(
     bar.close()
     seconds = elapsed + time.perf_counter() - began
     return {"history": history, "steps": total, "seconds": seconds,
-            "tokens_per_second": tokens * world / max(1e-9, time.perf_counter() - began)}
+            "tokens_per_second": distributed.total(tokens) / max(1e-9, time.perf_counter() - began)}
