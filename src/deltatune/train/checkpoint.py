@@ -67,7 +67,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         for name, param in params.items():
             param.copy_(tensors[f"param/{name}"])
     for name, param in params.items():
-        state = {key.split("/")[-1]: value for key, value in tensors.items() if key.startswith(f"optim/{name}/")}
+        state = {key.split("/")[-1]: value if key.endswith("/step") else value.to(param.device)
+                 for key, value in tensors.items() if key.startswith(f"optim/{name}/")}
         if state:
             optimizer.state[param] = state
     torch.set_rng_state(tensors["rng/torch"])

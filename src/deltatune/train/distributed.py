@@ -2,8 +2,8 @@
 ``accelerate launch``): every rank takes its share of each global batch; DDP averages
 the gradients. Without a launcher everything here is a no-op.
 
-Training runs on CPU (the loop never moves the model or batches to a GPU), so the process
-group always uses the gloo backend, also on machines that have GPUs.
+Each rank trains on ``device()``: its own GPU (``LOCAL_RANK``) where CUDA is available, with
+the nccl backend, else the CPU with gloo.
 """
 
 from __future__ import annotations
@@ -24,12 +24,21 @@ def init_from_environment() -> bool:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_rank() != 0:  # one progress bar (rank 0's), not one per process
         from transformers.utils import logging
 
         logging.disable_progress_bar()
     return True
+
+
+def device() -> torch.device:
+    """This process's device: ``cuda:<LOCAL_RANK>`` where CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def finish() -> None:
@@ -48,7 +57,8 @@ def wrap(model: nn.Module) -> nn.Module:
     """The model wrapped in DistributedDataParallel when running distributed, else itself."""
     if rank_and_world()[1] == 1:
         return model
-    return nn.parallel.DistributedDataParallel(model)
+    target = device()
+    return nn.parallel.DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None)
 
 
 def mean(value: torch.Tensor) -> torch.Tensor:
@@ -70,12 +80,18 @@ def total(value: float) -> float:
 
 
 def from_main(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (a picklable object); waits for rank 0 to get here."""
+    """Rank 0's JSON-serialisable ``value`` on every rank; waits for rank 0 to get here."""
     if rank_and_world()[1] == 1:
         return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    import json
+
+    data = torch.tensor(list(json.dumps(value).encode()) if is_main() else [], dtype=torch.uint8, device=device())
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device())
+    dist.broadcast(size, src=0)
+    if not is_main():
+        data = torch.empty(int(size), dtype=torch.uint8, device=device())
+    dist.broadcast(data, src=0)
+    return json.loads(bytes(data.cpu().tolist()).decode())
 
 
 def is_main() -> bool:

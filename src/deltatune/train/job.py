@@ -148,6 +148,7 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
         trainable = count_parameters(model)
     else:
         trainable = attach(model, config, name=job.method).trainable
+    model.to(distributed.device())
     encoded = {name: encode(getattr(splits, name), tokenizer, splits.task, job.max_length, splits.labels)
                for name in ("train", "validation", "test")}
     if distributed.is_main():

@@ -20,6 +20,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import evaluate
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 class TrainingDiverged(DeltaError, RuntimeError):
     """The loss became NaN or inf; training stopped."""
 
@@ -96,6 +100,7 @@ def train(
         start, elapsed = record["step"], record.get("seconds", 0.0)
         history.train = [tuple(x) for x in record["history"]["train"]]
         history.validation = [tuple(x) for x in record["history"]["validation"]]
+    device = next(model.parameters()).device
     runner = distributed.wrap(model)
     rank, world = distributed.rank_and_world()
     if rank:  # every rank was seeded alike; give the others their own dropout masks
@@ -110,7 +115,7 @@ def train(
         rows = everyone[rank::world]
         # a rank left without rows (a last batch smaller than the world) still runs one row,
         # weighted 0 below, so that DDP's gradient all-reduce sees every rank
-        batch = train_data.collate(rows or everyone[:1])
+        batch = to_device(train_data.collate(rows or everyone[:1]), device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step, total)
         loss = runner(**batch).loss

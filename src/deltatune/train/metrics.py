@@ -25,24 +25,27 @@ def macro_f1(predictions: list[int], targets: list[int], num_labels: int) -> flo
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, batch_size: int = 64, num_labels: int = 2) -> dict[str, float]:
     """Metrics of ``model`` on ``data`` in eval mode (restores the previous mode)."""
+    from .loop import to_device
+
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         if data.task == "classification":
             predictions: list[int] = []
             total = 0.0
             for start in range(0, len(data), batch_size):
-                batch = data.collate(list(range(start, min(start + batch_size, len(data)))))
+                batch = to_device(data.collate(list(range(start, min(start + batch_size, len(data))))), device)
                 labels = batch.pop("labels")
                 logits = model(**batch).logits
                 total += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-                predictions += logits.argmax(-1).tolist()
+                predictions += logits.argmax(-1).cpu().tolist()
             accuracy = sum(p == t for p, t in zip(predictions, data.labels)) / max(1, len(data))
             return {"accuracy": accuracy, "macro_f1": macro_f1(predictions, data.labels, num_labels),
                     "loss": total / max(1, len(data))}
         total, tokens = 0.0, 0
         for start in range(0, len(data), batch_size):
-            batch = data.collate(list(range(start, min(start + batch_size, len(data)))))
+            batch = to_device(data.collate(list(range(start, min(start + batch_size, len(data))))), device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits = logits[:, -batch["labels"].shape[1]:]  # prompt tuning prepends virtual positions
             shifted = batch["labels"][:, 1:]
