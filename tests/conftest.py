@@ -21,7 +21,7 @@ def _tokenizer(folder: Path):
 
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = BertTokenizerFast(vocab=str(vocab))
     tokenizer.save_pretrained(folder)
     return tokenizer
 

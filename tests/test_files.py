@@ -155,3 +155,10 @@ def test_inspect_command_prints_the_description(saved, capsys):
     assert '"method": "lora"' in capsys.readouterr().out
     assert main(["inspect", str(saved / "missing")]) == 2
     assert "delta.json not found" in capsys.readouterr().err
+
+
+def test_fingerprint_samples_stay_in_range_for_huge_tensors():
+    from deltatune.io.fingerprint import tensor_digest
+
+    big = torch.zeros(2**24 + 3)
+    assert tensor_digest("x", big) != tensor_digest("x", torch.ones(2**24 + 3))

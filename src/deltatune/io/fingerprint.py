@@ -20,8 +20,10 @@ SAMPLES = 64
 def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
     if flat.numel() > SAMPLES:
-        index = torch.linspace(0, flat.numel() - 1, SAMPLES, device=flat.device).round().long()
-        flat = flat[index]
+        # integer arithmetic: the same positions on every device and for any size (float32
+        # linspace rounds past the end above 2**24 elements)
+        index = torch.arange(SAMPLES, dtype=torch.int64) * (flat.numel() - 1) // (SAMPLES - 1)
+        flat = flat[index.to(flat.device)]
     values = flat.to(torch.float64).cpu().numpy().tobytes()
     header = f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode()
     return hashlib.sha256(header + values).digest()

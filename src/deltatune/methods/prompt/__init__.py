@@ -75,7 +75,7 @@ class SoftPrompt(DeltaUnit):
             kwargs["input_ids"] = args[0]
         past = kwargs.get("past_key_values")
         if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
-            return (), kwargs  # generation step after the first: the prompt is in the cache already
+            return (), self._cached_step(kwargs, past.get_seq_length())
         embeds = kwargs.pop("inputs_embeds", None)
         input_ids = kwargs.pop("input_ids", None)
         if embeds is None:
@@ -95,8 +95,21 @@ class SoftPrompt(DeltaUnit):
         labels = kwargs.get("labels")
         if labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
             kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
-        kwargs.pop("position_ids", None)
+        kwargs.pop("position_ids", None)  # the model numbers all positions, virtual ones included
+        kwargs.pop("cache_position", None)
         return (), kwargs
+
+    def _cached_step(self, kwargs: dict, cached: int) -> dict:
+        """A generation step after the first: the prompt is in the KV cache already, but the
+        caller's mask and positions do not count its virtual tokens."""
+        new = kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"].shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[1] < cached + new:
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], cached + new - mask.shape[1]), mask], dim=1)
+        kwargs.pop("position_ids", None)
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(cached, cached + new, device=kwargs["cache_position"].device)
+        return kwargs
 
     def fingerprint_module(self, module, model):
         return model.get_input_embeddings()
