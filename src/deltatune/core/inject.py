@@ -140,7 +140,7 @@ def delete(model: nn.Module, name: str) -> None:
     state.require(name)
     if name in state.merged:
         raise DeltaStateError(f"delta {name!r} is merged into the base weights; call unmerge(model) before deleting it")
-    for path, module, slot in slot_sites(model):
+    for _, module, slot in slot_sites(model):
         if name in slot:
             unit = slot[name]
             del slot[name]
@@ -155,7 +155,7 @@ def delete(model: nn.Module, name: str) -> None:
 
 def prune_slots(model: nn.Module) -> None:
     """Drop slots that hold no unit."""
-    for path, module, slot in slot_sites(model):
+    for _, module, slot in slot_sites(model):
         if len(slot) == 0:
             remove_slot(module)
 

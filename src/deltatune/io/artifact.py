@@ -50,7 +50,7 @@ def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
     """The fingerprint of the base modules delta ``name`` adapts, as stored in ``delta.json``."""
     paths = {id(module): path for path, module in base_modules(model)}
     per_module = {}
-    for path, module, slot in slot_sites(model):
+    for _, module, slot in slot_sites(model):
         if name in slot:
             target = slot[name].fingerprint_module(module, model)
             if target is not None:

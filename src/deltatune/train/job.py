@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,6 @@ from typing import Any
 import torch
 import yaml
 
-from .. import io as _io  # noqa: F401
 from ..core.config import DeltaConfig
 from ..core.inject import attach
 from ..core.params import count_parameters
