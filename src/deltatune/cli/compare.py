@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 COMPARED = ("head", "lora", "dora", "adapter", "prefix", "prompt", "ia3", "bitfit", "full")
 
 
 def run_compare(base, out: Path, results: Path, methods=COMPARED, lora_targets=None) -> int:
+    """Train each method in a fresh process (so peak memory is that method's own) and tabulate."""
+    from ..errors import DeltaError
     from ..io.atomic import write_text_atomic
-    from ..train.job import run_train
 
     rows = []
     for i, method in enumerate(methods, 1):
-        print(f"{i}/{len(methods)}  {method}")
+        print(f"{i}/{len(methods)}  {method}", flush=True)
         targets = lora_targets if method in ("lora", "dora") else None
-        metrics = run_train(dataclasses.replace(base, method=method, targets=targets, out=str(out / method)))
-        rows.append(metrics)
+        job = dataclasses.replace(base, method=method, targets=targets, out=str(out / method))
+        config = out / f"{method}.yaml"
+        write_text_atomic(config, yaml.safe_dump(dataclasses.asdict(job), sort_keys=False))
+        done = subprocess.run([sys.executable, "-m", "deltatune.cli", "train", "--config", str(config)])
+        if done.returncode != 0:
+            raise DeltaError(f"training {method} failed (exit code {done.returncode}); see the output above")
+        rows.append(json.loads((out / method / "metrics.json").read_text()))
     results.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results / "compare.json", json.dumps(rows, indent=2) + "\n")
     write_text_atomic(results / "compare.md", table(rows, base))
