@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean bench
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/deltatune demo
+
+# deltatune vs peft on MiniLM, each measurement in its own process -> bench/results.{json,md,png}
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import DeltaStateError, TargetError
 from .config import DeltaConfig
-from .params import base_parameters, count_parameters, tied_elsewhere
+from .params import base_parameters, count_parameters, parameter_owners, tied_elsewhere
 from .registry import get_method
 from .report import AttachReport, SiteReport
 from .saved_module import SavedModule
@@ -82,10 +82,11 @@ def install(
     for _, param in base_parameters(model):
         param.requires_grad_(False)
     sites = []
+    owners = parameter_owners(model)
     for placement in placements:
         module = model.get_submodule(placement.path)
         if placement.path and not isinstance(placement.unit, SavedModule):
-            for key, others in tied_elsewhere(model, placement.path).items():
+            for key, others in tied_elsewhere(model, placement.path, owners).items():
                 warnings.warn(
                     f"{placement.path}.{key} is shared with {', '.join(others)}: delta {name!r} acts only where "
                     f"{placement.path!r} itself is called, and it cannot be merged",

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import DeltaStateError, MergeError
 from .inject import remove_all
-from .params import tensor_key, tied_elsewhere
+from .params import parameter_owners, tensor_key, tied_elsewhere
 from .registry import get_method
 from .slot import DeltaSlot, require_state, slot_sites
 
@@ -33,11 +33,12 @@ def _plan(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, 
                 f"keep it unmerged (it still runs), or use a weight method such as lora, ia3 or bitfit"
             )
     plan = []
+    owners = parameter_owners(model)
     for path, module, slot in slot_sites(model):
         units = [(n, slot[n]) for n in names if n in slot]
         if not units:
             continue
-        tied = tied_elsewhere(model, path)
+        tied = tied_elsewhere(model, path, owners)
         current = {k: p.detach() for k, p in _own_params(module).items()}
         new: dict[str, torch.Tensor] = {}
         for name, unit in sorted(units, key=lambda item: type(item[1]).merge_order):

@@ -60,16 +60,25 @@ def set_trainable(model: nn.Module, names: list[str] | tuple[str, ...] | str) ->
             param.requires_grad_(name in wanted)
 
 
-def tied_elsewhere(model: nn.Module, path: str) -> dict[str, list[str]]:
-    """Parameters of module ``path`` that other modules share (tied weights), by name."""
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """For every base parameter (by ``id``), the names it is reachable under."""
     owners: dict[int, list[str]] = {}
     for module_path, module in base_modules(model):
         for name, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), []).append(tensor_key(module_path, name))
-    module = model.get_submodule(path)
+    return owners
+
+
+def tied_elsewhere(model: nn.Module, path: str, owners: dict[int, list[str]] | None = None) -> dict[str, list[str]]:
+    """Parameters of module ``path`` that modules outside it share (tied weights), by name.
+
+    Pass ``owners`` from :func:`parameter_owners` when asking about many modules.
+    """
+    owners = parameter_owners(model) if owners is None else owners
+    inside = path + "." if path else ""
     out = {}
-    for key, param in base_parameters(module):
-        others = [o for o in owners.get(id(param), []) if not (o == tensor_key(path, key) or (path and o.startswith(path + ".")) or (not path))]
+    for key, param in base_parameters(model.get_submodule(path)):
+        others = [o for o in owners.get(id(param), []) if path and not o.startswith(inside)]
         if others:
             out[key] = others
     return out
