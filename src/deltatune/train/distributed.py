@@ -41,9 +41,18 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def finish() -> None:
-    """Leave the process group (so ranks exit cleanly instead of warning or hanging)."""
+def finish(*, synchronise: bool = True) -> None:
+    """Leave the process group (so ranks exit cleanly instead of warning or hanging).
+
+    With ``synchronise`` (the normal end of a run) every rank first waits at a barrier, so no
+    rank tears down its gloo connections while a peer is still finishing the last collective;
+    without that barrier a rank exiting early aborted now and then ("terminate called without
+    an active exception"). After an error pass ``synchronise=False``: the peers may never
+    reach the barrier.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 

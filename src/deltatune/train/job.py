@@ -129,10 +129,14 @@ def run_train(job: TrainJob, *, resume: bool = False) -> dict[str, Any]:
     """
     joined = distributed.init_from_environment()
     try:
-        return _run_train(job, resume)
-    finally:
+        metrics = _run_train(job, resume)
+    except BaseException:
         if joined:
-            distributed.finish()
+            distributed.finish(synchronise=False)
+        raise
+    if joined:
+        distributed.finish()
+    return metrics
 
 
 def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
