@@ -29,9 +29,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/deltatune demo
 
-# deltatune vs peft on MiniLM, each measurement in its own process -> bench/results.{json,md,png}
+# deltatune vs peft on MiniLM and SmolLM2, each measurement in its own process -> bench/results.{json,md,png}
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/deltatune bench --out bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

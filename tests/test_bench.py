@@ -1,4 +1,5 @@
-"""The benchmark workers (bench/) on a tiny random BERT: they run and return the expected JSON.
+"""The benchmark workers (deltatune.bench) on tiny random BERT and Llama models: they run and
+return the expected JSON, and `deltatune bench --tiny` writes the results files.
 
 No timing thresholds here: only the shape of the results and the LoRA equivalence guard.
 """
@@ -6,15 +7,13 @@ No timing thresholds here: only the shape of the results and the LoRA equivalenc
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("peft")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import report, workers  # noqa: E402
+from deltatune.bench import report, workers
+from deltatune.cli import main
 
 TINY = {"model": "tiny", "batch": 4, "seq": 16, "repeats": 3, "warmup": 1}
 
@@ -51,3 +50,25 @@ def test_report_lists_missed_targets():
            "ratio": 1.1, "unit": "ms", "floor": 10.0, "floor_ratio": 1.1, "peft_floor_ratio": 1.0}
     met = {name: ok for name, ok, _ in report.targets([row])}
     assert met == {"LoRA train step deltatune/peft <= 1.00": False, "LoRA train step <= 1.05 x frozen floor": False}
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_causal_lm_train_step_same_trainable_count_in_both_libraries(method):
+    tiny_llama = {**TINY, "model": "tiny-llama", "repeats": 1, "warmup": 0}
+    ours = _roundtrip(workers.train_step({**tiny_llama, "lib": "deltatune", "method": method}))
+    theirs = _roundtrip(workers.train_step({**tiny_llama, "lib": "peft", "method": method}))
+    assert ours["trainable"] == theirs["trainable"] > 0
+
+
+def test_bench_command_writes_results(tmp_path):
+    # each measurement is a fresh process (~5 s to import torch, transformers and peft): keep this small
+    assert main(["bench", "--models", "tiny-llama", "--methods", "lora", "--repeats", "1", "--warmup", "0",
+                 "--only", "train", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert list(data["settings"]["models"]) == ["tiny-llama"]
+    train = [r for r in data["rows"] if r["metric"] == "train_step"]
+    assert [(r["model"], r["method"]) for r in train] == [("tiny-llama", m) for m in ("floor", "full", "lora")]
+    assert all(r["deltatune"] > 0 and r["floor"] > 0 for r in train)
+    assert all(r["peft"] > 0 for r in train if r["method"] not in ("floor", "full"))
+    assert "## tiny-llama" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 0

@@ -13,6 +13,17 @@ from ...core.unit import DeltaUnit
 from .config import LoRAConfig
 
 
+def add_lora(output: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``output + scaling * x A^T B^T`` as two matrix products, the second fused with the add.
+
+    One ``addmm`` instead of matmul, scale and add: one pass over the ``(tokens, out)``
+    activations rather than three, and no extra full-size tensor kept for backward.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    hidden = rows @ lora_A.T
+    return torch.addmm(output.reshape(-1, output.shape[-1]), hidden, lora_B.T, alpha=scaling).view(output.shape)
+
+
 class LoRALinear(DeltaUnit):
     """``y = W x + b + s * B A dropout(x)`` (Hu et al., 2021), ``A: (r, in)``, ``B: (out, r)``."""
 
@@ -37,7 +48,10 @@ class LoRALinear(DeltaUnit):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward_post(self, module, args, kwargs, output):
-        return output + self.lora_output(first_input(args, kwargs)).to(output.dtype)
+        x = first_input(args, kwargs)
+        if output.dtype != self.lora_A.dtype:
+            return output + self.lora_output(x).to(output.dtype)
+        return add_lora(output, self.dropout(x), self.lora_A, self.lora_B, self.scaling)
 
     def merge_params(self, module, params):
         delta = self.delta_weight().to(params["weight"].dtype)
@@ -57,16 +71,22 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(norm)
 
     def _magnitude_scale(self, module: nn.Module) -> torch.Tensor:
-        weight = weight_as_out_in(module, self.fan_in_fan_out).to(self.lora_A.dtype)
-        norm = (weight + self.delta_weight()).norm(dim=1)
-        return self.magnitude / norm.detach()
+        with torch.no_grad():  # detached: no (out, in) graph is kept for backward
+            weight = weight_as_out_in(module, self.fan_in_fan_out).to(self.lora_A.dtype)
+            norm = (weight + self.delta_weight()).norm(dim=1)
+        return self.magnitude / norm
 
     def forward_post(self, module, args, kwargs, output):
+        # m / ||W + sBA|| * (W x + s B A x) + b, with W x = output - b
         scale = self._magnitude_scale(module).to(output.dtype)
         bias = getattr(module, "bias", None)
         base = output - bias if bias is not None else output
-        lora = self.lora_output(first_input(args, kwargs)).to(output.dtype)
-        return output + base * (scale - 1) + lora * scale
+        x = first_input(args, kwargs)
+        if output.dtype == self.lora_A.dtype:
+            direction = add_lora(base, self.dropout(x), self.lora_A, self.lora_B, self.scaling)
+        else:
+            direction = base + self.lora_output(x).to(output.dtype)
+        return direction * scale + bias if bias is not None else direction * scale
 
     def merge_params(self, module, params):
         weight = params["weight"].T if self.fan_in_fan_out else params["weight"]

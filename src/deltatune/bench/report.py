@@ -53,37 +53,38 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     return out
 
 
-def markdown(data: dict) -> str:
-    rows, s, v = data["rows"], data["settings"], data["versions"]
-    loads = [x for r in data.get("raw", {}).get("train_step", []) for x in r.get("loadavg_1min", [])]
+def _header(data: dict) -> list[str]:
+    s, v = data["settings"], data["versions"]
+    models = "; ".join(f"`{name}` ({m['task']}, batch {m['batch']} x {m['seq']} random tokens)"
+                       for name, m in s["models"].items())
     lines = [
         "# deltatune vs peft benchmark", "",
-        f"Model `{s['model']}` ({s['task']}), batch {s['batch']} x {s['seq']} random tokens (fixed seed), "
-        f"{s['dtype']}, {data['threads']} threads, median of {s['repeats']} runs after {s['warmup']} warm-ups, "
-        f"each library and configuration in its own fresh process. LoRA {s['lora']}; "
+        f"Models: {models}; fixed seeds, {s['dtype']}, {data['threads']} threads, median of {s['repeats']} runs "
+        f"after {s['warmup']} warm-ups, each library and configuration in its own fresh process. LoRA {s['lora']}; "
         f"{s['virtual_tokens']} virtual tokens for prompt / prefix; {s['optimizer']}.", "",
         f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, deltatune {v['deltatune']}, "
         f"Python {v['python']}; {data['machine']['platform']}, {data['machine']['cpu_count']} CPUs. "
-        f"Run {data['started']}, {data['duration_s']:.0f} s.", "",
+        f"Run {data['started']}, {data['duration_s']:.0f} s. Regenerate with `make bench` (`deltatune bench`).", "",
     ]
+    loads = [x for model in data.get("raw", {}).values() for r in model.get("train_step", [])
+             for x in r.get("loadavg_1min", [])]
     if loads:
         lines += [f"1-minute load average around the train-step workers: {min(loads):.2f} to {max(loads):.2f} "
                   f"(on {data['machine']['cpu_count']} CPUs; above ~0.5 means other work shared the cores and "
                   "the times are noisier).", ""]
     if s["repeats"] < 20:
         lines += [f"**Short run: {s['repeats']} timed repeats (issue #4 asks for at least 20), "
-                  f"{s['warmup']} warm-up(s)**; `make bench` (`python -m bench.run`) defaults to 20.", ""]
-    eq_raw = data.get("raw", {}).get("equivalence")
-    if eq_raw and eq_raw["steps"] < 50:
-        lines += [f"**The equivalence guard ran {eq_raw['steps']} steps, not 50.**", ""]
-    lines += ["## Targets (issue #4)", "", "| target | met | measured |", "|---|---|---|"]
-    for name, ok, detail in targets(rows):
-        lines.append(f"| {name} | {'yes' if ok else 'NO'} | {detail} |")
+                  f"{s['warmup']} warm-up(s)**; `make bench` defaults to 20.", ""]
+    return lines
+
+
+def _model_section(name: str, rows: list[dict], raw: dict) -> list[str]:
+    lines = []
     train = [r for r in rows if r["metric"] == "train_step"]
     if train:
-        lines += ["", "## Train step (forward + backward + AdamW step)", "",
+        lines += ["", f"### {name}: train step (forward + backward + AdamW step)", "",
                   "`floor`: no delta, everything frozen, backward to `inputs_embeds` (no optimizer step). "
-                  "`full`: every parameter trains. The classifier head trains in every delta run, in both libraries.",
+                  "`full`: every parameter trains. A classifier's head trains in every delta run, in both libraries.",
                   "", "| method | deltatune ms | peft ms | deltatune/peft | deltatune/floor | peft/floor | "
                   "deltatune/full | trainable (dt / peft) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in train:
@@ -93,7 +94,7 @@ def markdown(data: dict) -> str:
                          f"{_ratio(r['full_ratio'])} | {trainable} |")
     mem = [r for r in rows if r["metric"] == "peak_rss"]
     if mem:
-        lines += ["", "## Peak memory (ru_maxrss of the fresh worker, model load included)", "",
+        lines += ["", f"### {name}: peak memory (ru_maxrss of the fresh worker, model load included)", "",
                   "| method | deltatune MiB | peft MiB | deltatune/peft | deltatune/floor |",
                   "|---|---:|---:|---:|---:|"]
         for r in mem:
@@ -101,16 +102,32 @@ def markdown(data: dict) -> str:
                          f"{_ratio(r['ratio'])} | {_ratio(r['floor_ratio'])} |")
     other = [r for r in rows if r["metric"] not in ("train_step", "peak_rss")]
     if other:
-        lines += ["", "## Equivalence guard and inference (LoRA r=8 on every encoder Linear)", "",
+        lines += ["", f"### {name}: equivalence guard and inference (LoRA r=8 on every Linear of the body)", "",
                   "| method | metric | deltatune | peft | deltatune/peft | unit |", "|---|---|---:|---:|---:|---|"]
         for r in other:
             digits = 3 if r["unit"] in ("x", "ms") and (r["deltatune"] or 0) < 10 else 1
             lines.append(f"| {r['method']} | {r['metric']} | {_num(r['deltatune'], digits)} | "
                          f"{_num(r['peft'], digits)} | {_ratio(r['ratio'])} | {r['unit']} |")
-        lines += ["", "`delta_load_time` excludes copying the base model; `delta_file_size` is the tensor file plus "
-                  "its JSON description (deltatune's JSON also carries the base fingerprint).",
-                  "The equivalence guard runs both libraries in one process (dropout off, same batches, "
-                  "deltatune's initial A/B copied into peft's parameters) because it compares values, not times."]
+    eq = raw.get("equivalence")
+    if eq and eq["steps"] < 50:
+        lines += ["", f"**The equivalence guard ran {eq['steps']} steps, not 50.**"]
+    return lines
+
+
+def markdown(data: dict) -> str:
+    rows = data["rows"]
+    models = list(data["settings"]["models"])
+    lines = _header(data)
+    lines += [f"## Targets (issue #4, on `{models[0]}`)", "", "| target | met | measured |", "|---|---|---|"]
+    for name, ok, detail in targets([r for r in rows if r["model"] == models[0]]):
+        lines.append(f"| {name} | {'yes' if ok else 'NO'} | {detail} |")
+    for model in models:
+        lines += ["", f"## {model}"]
+        lines += _model_section(model, [r for r in rows if r["model"] == model], data.get("raw", {}).get(model, {}))
+    lines += ["", "`delta_load_time` excludes copying the base model; `delta_file_size` is the tensor file plus "
+              "its JSON description (deltatune's JSON also carries the base fingerprint). "
+              "The equivalence guard runs both libraries in one process (dropout off, same batches, "
+              "deltatune's initial A/B copied into peft's parameters) because it compares values, not times."]
     return "\n".join(lines) + "\n"
 
 
@@ -120,24 +137,28 @@ def chart(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = data["rows"]
-    train = [r for r in rows if r["metric"] == "train_step"]
-    mem = [r for r in rows if r["metric"] == "peak_rss"]
-    inf = [r for r in rows if r["metric"].startswith("latency_")]
-    panels = [(t, title, unit) for t, title, unit in ((train, "train step", "ms"), (mem, "peak RSS", "MiB"),
-                                                      (inf, "inference latency (LoRA all Linear)", "ms")) if t]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.2), squeeze=False)
-    for ax, (items, title, unit) in zip(axes[0], panels):
-        labels = [r["method"] if r["metric"] in ("train_step", "peak_rss") else r["metric"].removeprefix("latency_")
-                  for r in items]
-        xs = range(len(items))
-        ax.bar([x - 0.2 for x in xs], [r["deltatune"] for r in items], 0.4, label="deltatune")
-        ax.bar([x + 0.2 for x in xs], [r["peft"] or 0 for r in items], 0.4, label="peft")
-        ax.set_xticks(list(xs), labels, rotation=30, ha="right")
-        ax.set_title(title)
-        ax.set_ylabel(unit)
-        ax.legend()
-    fig.suptitle(f"deltatune vs peft, {data['settings']['model']}, {data['threads']} threads, median")
+    models = list(data["settings"]["models"])
+    fig, axes = plt.subplots(len(models), 3, figsize=(16.5, 4.2 * len(models)), squeeze=False)
+    for row_axes, model in zip(axes, models):
+        rows = [r for r in data["rows"] if r["model"] == model]
+        panels = ((lambda r: r["metric"] == "train_step", "train step", "ms"),
+                  (lambda r: r["metric"] == "peak_rss", "peak RSS", "MiB"),
+                  (lambda r: r["metric"].startswith("latency_"), "inference latency (LoRA all Linear)", "ms"))
+        for ax, (keep, title, unit) in zip(row_axes, panels):
+            items = [r for r in rows if keep(r)]
+            if not items:
+                ax.axis("off")
+                continue
+            labels = [r["method"] if r["metric"] in ("train_step", "peak_rss") else r["metric"].removeprefix("latency_")
+                      for r in items]
+            xs = range(len(items))
+            ax.bar([x - 0.2 for x in xs], [r["deltatune"] for r in items], 0.4, label="deltatune")
+            ax.bar([x + 0.2 for x in xs], [r["peft"] or 0 for r in items], 0.4, label="peft")
+            ax.set_xticks(list(xs), labels, rotation=30, ha="right")
+            ax.set_title(f"{model}: {title}")
+            ax.set_ylabel(unit)
+            ax.legend()
+    fig.suptitle(f"deltatune vs peft, {data['threads']} threads, median")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,8 +1,9 @@
 """Run every measurement in its own Python process and write bench/results.{json,md,png}.
 
-    python -m bench.run                 # the real MiniLM, 20 timed repeats after 3 warm-ups
-    python -m bench.run --tiny          # a tiny random BERT, 3 repeats (smoke run)
-    python -m bench.run --only train    # train | memory | equivalence | inference (comma list)
+    deltatune bench                     # MiniLM and SmolLM2, 20 timed repeats after 3 warm-ups
+    deltatune bench --models minilm     # one model
+    deltatune bench --tiny              # tiny random BERT and Llama, 3 repeats (smoke run)
+    deltatune bench --only train        # train | memory | equivalence | inference (comma list)
 
 Each (library, method) runs in a fresh ``sys.executable`` with OMP_NUM_THREADS=2 and
 ``torch.set_num_threads(2)``, so its peak RSS is its own and no library warms the other's
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 
 from . import report
+from .workers import MODELS
 
-HERE = Path(__file__).resolve().parent
 METHODS = ["lora", "dora", "ia3", "prompt", "prefix"]
 THREADS = 2
 
@@ -30,17 +31,16 @@ THREADS = 2
 def run_worker(kind: str, args: dict, timeout: int = 900) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.workers", kind, json.dumps(args)], env=env,
-                          cwd=HERE.parent, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "deltatune.bench.workers", kind, json.dumps(args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kind} {args} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = round(time.perf_counter() - start, 1)
     result["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    print(f"  {kind} {args.get('lib', '')} {args.get('method', '')}: {result['wall_s']} s, "
+    print(f"  {args['model']} {kind} {args.get('lib', '')} {args.get('method', '')}: {result['wall_s']} s, "
           f"load {result['loadavg_1min']}", file=sys.stderr, flush=True)
     return result
 
@@ -60,21 +60,22 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int) -> tuple[list[dict], dict]:
+def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
+            methods: list[str] = METHODS) -> tuple[list[dict], dict]:
     """Run the workers; return (rows, raw worker outputs)."""
     rows: list[dict] = []
     raw: dict = {}
     common = {"model": model, "repeats": repeats, "warmup": warmup, "threads": THREADS}
     if parts & {"train", "memory"}:
         train = {}
-        for method in ["floor", "full"] + METHODS:
-            libs = ["deltatune", "peft"] if method in METHODS else ["none"]
+        for method in ["floor", "full"] + methods:
+            libs = ["deltatune", "peft"] if method in methods else ["none"]
             for lib in libs:
                 train[(lib, method)] = run_worker("train_step", {**common, "lib": lib, "method": method})
         raw["train_step"] = [v for v in train.values()]
         floor = train[("none", "floor")]["step_ms"]["median"]
         full = train[("none", "full")]["step_ms"]["median"]
-        for method in ["floor", "full"] + METHODS:
+        for method in ["floor", "full"] + methods:
             ours = train.get(("deltatune", method), train.get(("none", method)))
             theirs = train.get(("peft", method))
             dt_ms, pf_ms = ours["step_ms"]["median"], theirs["step_ms"]["median"] if theirs else None
@@ -99,15 +100,16 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int) 
     if "inference" in parts:
         inf = {lib: run_worker("inference", {**common, "lib": lib}) for lib in ("deltatune", "peft")}
         raw["inference"] = inf
+        big = MODELS[model].batch
         metrics = [("unmerged_b1", "latency_unmerged_b1", "ms"), ("merged_b1", "latency_merged_b1", "ms"),
-                   ("unmerged_b32", "latency_unmerged_b32", "ms"), ("merged_b32", "latency_merged_b32", "ms"),
+                   (f"unmerged_b{big}", f"latency_unmerged_b{big}", "ms"), (f"merged_b{big}", f"latency_merged_b{big}", "ms"),
                    ("merge", "merge_time", "ms"), ("unmerge", "unmerge_time", "ms"), ("save", "save_time", "ms"),
                    ("load", "delta_load_time", "ms")]
         for key, metric, unit in metrics:
             a, b = inf["deltatune"][key]["median"], inf["peft"][key]["median"]
             rows.append({"model": model, "method": "lora-all-linear", "metric": metric, "deltatune": a, "peft": b,
                          "ratio": ratio(a, b), "unit": unit})
-        for b in (1, 32):
+        for b in (1, big):
             a = ratio(inf["deltatune"][f"unmerged_b{b}"]["median"], inf["deltatune"][f"merged_b{b}"]["median"])
             p = ratio(inf["peft"][f"unmerged_b{b}"]["median"], inf["peft"][f"merged_b{b}"]["median"])
             rows.append({"model": model, "method": "lora-all-linear", "metric": f"unmerged_over_merged_b{b}",
@@ -119,27 +121,42 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int) 
     return rows, raw
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny random BERT, 3 repeats (smoke run)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=None, help="comma list of " + ", ".join(MODELS) + " (default minilm,smollm2)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of delta methods to time")
+    parser.add_argument("--tiny", action="store_true", help="tiny random BERT and Llama, 3 repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --tiny)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=50, help="equivalence-guard training steps")
+    parser.add_argument("--steps", type=int, default=50, help="equivalence-guard training steps (first model only)")
     parser.add_argument("--only", default="train,memory,equivalence,inference")
-    parser.add_argument("--out", type=Path, default=HERE)
-    opts = parser.parse_args(argv)
-    model = "tiny" if opts.tiny else "minilm"
+    parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
+
+
+def run(opts: argparse.Namespace) -> int:
+    models = (opts.models or ("tiny,tiny-llama" if opts.tiny else "minilm,smollm2")).split(",")
+    methods = opts.methods.split(",")
+    for given, known, what in ((models, MODELS, "model"), (methods, METHODS, "method")):
+        unknown = [m for m in given if m not in known]
+        if unknown:
+            raise SystemExit(f"unknown bench {what} {unknown[0]!r}; use {', '.join(known)}")
     repeats = opts.repeats or (3 if opts.tiny else 20)
     parts = set(opts.only.split(","))
     start = time.time()
-    print(f"bench: {model}, {repeats} repeats after {opts.warmup} warm-ups, {THREADS} threads", file=sys.stderr)
-    rows, raw = collect(model, repeats, opts.warmup, parts, opts.steps)
+    rows, raw, settings = [], {}, {}
+    for i, model in enumerate(models):
+        print(f"bench: {model}, {repeats} repeats after {opts.warmup} warm-ups, {THREADS} threads", file=sys.stderr)
+        # the equivalence guard compares values, not times: once, on the first model
+        model_rows, raw[model] = collect(model, repeats, opts.warmup, parts if i == 0 else parts - {"equivalence"},
+                                         opts.steps, methods)
+        rows += model_rows
+        spec = MODELS[model]
+        settings[model] = {"task": spec.task, "batch": spec.batch, "seq": spec.seq, "lora_targets": list(spec.lora)}
     meta = {"versions": versions(), "threads": THREADS,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count()},
-            "settings": {"model": model, "task": "sequence classification, 2 labels", "batch": 32, "seq": 64,
-                         "dtype": "float32", "repeats": repeats, "warmup": opts.warmup, "statistic": "median",
-                         "lora": "r=8, alpha=16, dropout 0", "virtual_tokens": 20, "optimizer": "AdamW lr=1e-3"},
+            "settings": {"models": settings, "dtype": "float32", "repeats": repeats, "warmup": opts.warmup,
+                         "statistic": "median", "lora": "r=8, alpha=16, dropout 0", "virtual_tokens": 20,
+                         "optimizer": "AdamW lr=1e-3"},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
             "duration_s": round(time.time() - start, 1)}
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     report.chart(data, opts.out / "results.png")
     print(f"wrote {opts.out}/results.json, results.md, results.png in {meta['duration_s']} s", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One measurement per call: ``python -m bench.workers <kind> '<json-args>'`` prints one JSON line.
+"""One measurement per call: ``python -m deltatune.bench.workers <kind> '<json-args>'`` prints one JSON line.
 
 Kinds: ``train_step`` (one library and method: median forward + backward + AdamW step, and
 the process's peak RSS), ``equivalence`` (LoRA losses of deltatune vs peft from identical
@@ -21,17 +21,44 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
-IA3_RE = r"(^|\.)layer\.\d+\.(attention\.self\.(key|value)|output\.dense)$"
-IA3_FFN_RE = r"(^|\.)layer\.\d+\.output\.dense$"
 R, ALPHA, TOKENS, LR = 8, 16, 20, 1e-3
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One benchmarked model: how to build it, its batch, and which modules each method adapts."""
+
+    task: str  # "classification" (2 labels, the head trains) or "causal_lm" (labels = inputs)
+    batch: int
+    seq: int
+    lora: tuple[str, ...]  # module-name suffixes for LoRA / DoRA in train steps (the attention projections)
+    ia3: str  # regex of IA3's modules (keys, values, feed-forward output)
+    ia3_feedforward: str  # the subset whose input IA3 scales
+    inference_exclude: tuple[str, ...]  # Linear modules the all-Linear inference LoRA leaves alone
+
+
+_BERT_LIKE = {"lora": ("query", "key", "value", "attention.output.dense"),
+              "ia3": r"(^|\.)layer\.\d+\.(attention\.self\.(key|value)|output\.dense)$",
+              "ia3_feedforward": r"(^|\.)layer\.\d+\.output\.dense$", "inference_exclude": ("classifier", "pooler.dense")}
+_LLAMA_LIKE = {"lora": ("q_proj", "k_proj", "v_proj", "o_proj"),
+               "ia3": r"(^|\.)layers\.\d+\.(self_attn\.(k|v)_proj|mlp\.down_proj)$",
+               "ia3_feedforward": r"(^|\.)layers\.\d+\.mlp\.down_proj$", "inference_exclude": ("lm_head",)}
+MODELS = {
+    "minilm": BenchModel("classification", 32, 64, **_BERT_LIKE),
+    "smollm2": BenchModel("causal_lm", 8, 128, **_LLAMA_LIKE),
+    "tiny": BenchModel("classification", 4, 16, **_BERT_LIKE),  # random BERT, for tests
+    "tiny-llama": BenchModel("causal_lm", 2, 16, **_LLAMA_LIKE),  # random Llama, for tests
+}
+# kept for the tests and the equivalence worker's messages
+LORA_TARGETS = list(MODELS["minilm"].lora)
 
 
 def setup(threads: int = 2) -> None:
@@ -43,68 +70,65 @@ def setup(threads: int = 2) -> None:
 
 
 def build_model(name: str, seed: int = 0):
-    """The base model (sequence classification, 2 labels) with a seeded classifier head."""
+    """The base model (a sequence classifier with a seeded 2-label head, or a causal LM)."""
     torch.manual_seed(seed)
-    if name == "tiny":
-        import transformers
+    import transformers
 
+    if name == "tiny":
         config = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                          intermediate_size=64, max_position_embeddings=128, num_labels=2)
         return transformers.BertForSequenceClassification(config)
+    if name == "tiny-llama":
+        config = transformers.LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
+        return transformers.LlamaForCausalLM(config)
     from deltatune.models.load import load_model
 
-    return load_model(name, "classification", 2).model
+    return load_model(name, MODELS[name].task, 2).model
 
 
-def make_batch(model, batch: int, seq: int, seed: int = 0) -> dict:
+def make_batch(model, batch: int, seq: int, seed: int = 0, task: str = "classification") -> dict:
     generator = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
-    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-            "labels": torch.randint(0, 2, (batch,), generator=generator)}
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels = torch.randint(0, 2, (batch,), generator=generator) if task == "classification" else ids.clone()
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": labels}
+
+
+def batch_for(args: dict, model, seed_offset: int = 0) -> dict:
+    spec = MODELS[args.get("model", "minilm")]
+    return make_batch(model, args.get("batch", spec.batch), args.get("seq", spec.seq), args.get("seed", 0) + seed_offset,
+                      spec.task)
 
 
 def module_names(model, pattern: str) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.search(pattern, n)]
 
 
-def attach(lib: str, method: str, model, inference: bool = False):
-    """The model with the method attached by ``lib``; the classifier head trains in both
+def _all_linear(model, spec: BenchModel) -> list[str]:
+    return [n for n in module_names(model, ".") if not any(n == e or n.endswith("." + e) for e in spec.inference_exclude)]
+
+
+def attach(lib: str, method: str, model, spec: BenchModel, inference: bool = False):
+    """The model with the method attached by ``lib``. For classifiers the head trains in both
     libraries (peft's SEQ_CLS task puts it in modules_to_save, deltatune is told the same)."""
     if method in ("floor", "full"):
         for p in model.parameters():
             p.requires_grad_(method == "full")
         return model
+    head = ["classifier"] if spec.task == "classification" and not inference else []
     if lib == "deltatune":
-        import deltatune as dt
-
-        head = [] if inference else ["classifier"]
-        if method in ("lora", "dora"):
-            cls = dt.DoRAConfig if method == "dora" else dt.LoRAConfig
-            config = cls(r=R, alpha=ALPHA, dropout=0.0, targets=LORA_TARGETS, modules_to_save=head)
-            if inference:
-                config = dt.LoRAConfig(r=R, alpha=ALPHA, target_types=["Linear"], exclude=["classifier", "pooler.dense"])
-        elif method == "ia3":
-            config = dt.IA3Config(targets=["re:" + IA3_RE.replace("(^|\\.)", ".*")],
-                                  feedforward=["re:" + IA3_FFN_RE.replace("(^|\\.)", ".*")], modules_to_save=head)
-        elif method == "prompt":
-            config = dt.PromptConfig(num_virtual_tokens=TOKENS, modules_to_save=head)
-        elif method == "prefix":
-            config = dt.PrefixConfig(num_virtual_tokens=TOKENS, modules_to_save=head)
-        else:
-            raise ValueError(method)
-        dt.attach(model, config, name="bench")
-        return model
+        return _attach_deltatune(method, model, spec, head, inference)
     import peft
 
-    task = {} if inference else {"task_type": "SEQ_CLS"}
+    task = {} if inference else {"task_type": "SEQ_CLS" if spec.task == "classification" else "CAUSAL_LM"}
     if method in ("lora", "dora"):
-        targets = module_names(model, r"encoder\.") if inference else LORA_TARGETS
+        targets = _all_linear(model, spec) if inference else list(spec.lora)
         config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets,
                                  use_dora=method == "dora", **task)
     elif method == "ia3":
-        config = peft.IA3Config(target_modules=module_names(model, IA3_RE),
-                                feedforward_modules=module_names(model, IA3_FFN_RE), **task)
+        config = peft.IA3Config(target_modules=module_names(model, spec.ia3),
+                                feedforward_modules=module_names(model, spec.ia3_feedforward), **task)
     elif method == "prompt":
         config = peft.PromptTuningConfig(num_virtual_tokens=TOKENS, **task)
     elif method == "prefix":
@@ -112,6 +136,29 @@ def attach(lib: str, method: str, model, inference: bool = False):
     else:
         raise ValueError(method)
     return peft.get_peft_model(model, config)
+
+
+def _attach_deltatune(method: str, model, spec: BenchModel, head: list[str], inference: bool):
+    import deltatune as dt
+
+    if method in ("lora", "dora"):
+        cls = dt.DoRAConfig if method == "dora" else dt.LoRAConfig
+        if inference:
+            config = cls(r=R, alpha=ALPHA, targets=["re:" + re.escape(n) for n in _all_linear(model, spec)])
+        else:
+            config = cls(r=R, alpha=ALPHA, dropout=0.0, targets=list(spec.lora), modules_to_save=head)
+    elif method == "ia3":
+        config = dt.IA3Config(targets=["re:" + re.escape(n) for n in module_names(model, spec.ia3)],
+                              feedforward=["re:" + re.escape(n) for n in module_names(model, spec.ia3_feedforward)],
+                              modules_to_save=head)
+    elif method == "prompt":
+        config = dt.PromptConfig(num_virtual_tokens=TOKENS, modules_to_save=head)
+    elif method == "prefix":
+        config = dt.PrefixConfig(num_virtual_tokens=TOKENS, modules_to_save=head)
+    else:
+        raise ValueError(method)
+    dt.attach(model, config, name="bench")
+    return model
 
 
 def peak_rss_mib() -> float:
@@ -127,10 +174,10 @@ def summary(times: list[float]) -> dict:
 def train_step(args: dict) -> dict:
     """Median train step of one library and method (``floor``: all frozen, backward to the
     input embeddings; ``full``: every parameter trains)."""
-    lib, method = args.get("lib", "deltatune"), args["method"]
-    model = attach(lib, method, build_model(args.get("model", "minilm"), args.get("seed", 0)))
+    lib, method, name = args.get("lib", "deltatune"), args["method"], args.get("model", "minilm")
+    model = attach(lib, method, build_model(name, args.get("seed", 0)), MODELS[name])
     model.train()
-    batch = make_batch(model, args.get("batch", 32), args.get("seq", 64), args.get("seed", 0))
+    batch = batch_for(args, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None
     if method == "floor":
@@ -181,10 +228,10 @@ def equivalence(args: dict) -> dict:
     import deltatune as dt
 
     name, steps, seed = args.get("model", "minilm"), args.get("steps", 50), args.get("seed", 0)
-    mine = attach("deltatune", "lora", build_model(name, seed))
-    batches = [make_batch(mine, args.get("batch", 32), args.get("seq", 64), seed + i) for i in range(5)]
+    mine = attach("deltatune", "lora", build_model(name, seed), MODELS[name])
+    batches = [batch_for(args, mine, i) for i in range(5)]
     initial = {n: p.detach().clone() for n, p in dt.delta_parameters(mine, "bench")}
-    theirs = attach("peft", "lora", build_model(name, seed))
+    theirs = attach("peft", "lora", build_model(name, seed), MODELS[name])
     copied = 0
     with torch.no_grad():
         for pname, param in theirs.named_parameters():
@@ -223,11 +270,12 @@ def _timed(fn, repeats: int) -> dict:
 
 
 def inference(args: dict) -> dict:
-    """LoRA r=8 on every encoder Linear: latency unmerged and merged, merge / unmerge, save, load."""
+    """LoRA r=8 on every Linear of the body (not the head): latency unmerged and merged at batch
+    1 and the model's batch, merge / unmerge, save, file size, load."""
     lib, name, seed = args.get("lib", "deltatune"), args.get("model", "minilm"), args.get("seed", 0)
-    repeats, warmup = args.get("repeats", 20), args.get("warmup", 3)
+    repeats, warmup, spec = args.get("repeats", 20), args.get("warmup", 3), MODELS[name]
     base = build_model(name, seed).eval()
-    model = attach(lib, "lora", copy.deepcopy(base), inference=True).eval()
+    model = attach(lib, "lora", copy.deepcopy(base), spec, inference=True).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # a non-zero B, as after training
         for pname, p in model.named_parameters():
@@ -235,7 +283,7 @@ def inference(args: dict) -> dict:
                 p.copy_(0.01 * torch.randn(p.shape, generator=generator))
     adapted = sum(1 for pname, _ in model.named_parameters() if "lora_A" in pname)
     out: dict = {"kind": "inference", "lib": lib, "adapted_modules": adapted}
-    batches = {b: make_batch(model, b, args.get("seq", 64), seed) for b in (1, 32)}
+    batches = {b: batch_for({**args, "batch": b}, model) for b in (1, args.get("batch", spec.batch))}
     if lib == "deltatune":
         import deltatune as dt
 
@@ -284,7 +332,7 @@ KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": infe
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in KINDS:
-        raise SystemExit(f"usage: python -m bench.workers {{{'|'.join(KINDS)}}} '<json-args>'")
+        raise SystemExit(f"usage: python -m deltatune.bench.workers {{{'|'.join(KINDS)}}} '<json-args>'")
     args = json.loads(argv[1])
     setup(args.get("threads", 2))
     print(json.dumps(KINDS[argv[0]](args)), flush=True)

@@ -1,1 +1,0 @@
-"""Benchmarks of deltatune side by side with peft (`make bench`, `python -m bench.run`)."""

@@ -1,0 +1,1 @@
+"""Benchmarks of deltatune side by side with peft (`make bench`, `deltatune bench`)."""
