@@ -25,6 +25,7 @@ from .core.inject import (
     using,
 )
 from .core.merge import fold, merge, unmerge
+from .core.mixing import Routing, get_routing, route
 from .core.params import base_parameters, count_parameters, delta_parameters, set_trainable
 from .core.registry import MethodSpec, config_from_dict, get_method, method_names, register_method
 from .core.report import AttachReport
@@ -52,9 +53,9 @@ __all__ = [
     "AdapterConfig", "AttachReport", "BitFitConfig", "ConfigError", "DeltaConfig", "DeltaError",
     "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig", "FingerprintError", "HeadConfig", "IA3Config",
     "LoRAConfig", "MergeError", "MethodSpec", "NotApplicableError", "Placement", "PrefixConfig",
-    "PromptConfig", "TargetError", "activate", "active_deltas", "attach", "base_only",
+    "PromptConfig", "Routing", "TargetError", "activate", "active_deltas", "attach", "base_only",
     "base_parameters", "config_from_dict", "count_parameters", "deactivate", "delete",
-    "delta_parameters", "fold", "get_config", "get_method", "list_deltas", "load", "merge",
-    "method_names", "read_meta", "register_method", "save", "set_active", "set_trainable",
+    "delta_parameters", "fold", "get_config", "get_method", "get_routing", "list_deltas", "load", "merge",
+    "method_names", "read_meta", "register_method", "route", "save", "set_active", "set_trainable",
     "unmerge", "using",
 ]

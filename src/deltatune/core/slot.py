@@ -13,6 +13,7 @@ from .unit import DeltaUnit
 
 if TYPE_CHECKING:
     from .config import DeltaConfig
+    from .mixing import Routing
 
 SLOT_ATTR = "deltas"
 STATE_ATTR = "_deltatune_state"
@@ -39,6 +40,11 @@ class DeltaState:
         self.sites: dict[str, list[str]] = {}
         self.saved_modules: dict[str, list[str]] = {}
         self.active: tuple[str, ...] = ()
+        #: per-row deltas of a mixed batch (overrides ``active`` while set); see core/mixing.py
+        self.routing: Routing | None = None
+        #: routings to restore after ``model(..., delta_ids=...)`` calls, innermost last
+        self.call_routing: list[Routing | None] = []
+        self.root_handles: list[Any] = []
         self.merged: tuple[str, ...] = ()
         self.version = 0
         #: names of base parameters that had requires_grad=True before the first attach
@@ -60,6 +66,9 @@ class DeltaState:
     def changed(self) -> None:
         self.version += 1
 
+    def set_routing(self, routing: Routing | None) -> None:
+        self.routing = routing
+
 
 class DeltaSlot(nn.ModuleDict):
     """The units of every delta at one module, run from that module's forward hooks.
@@ -72,6 +81,9 @@ class DeltaSlot(nn.ModuleDict):
         self._delta_state = state
         self._handles: list[Any] = []
         self._cache: tuple[int, list[DeltaUnit], list[DeltaUnit], list[DeltaUnit]] = (-1, [], [], [])
+        self._mixed: tuple[Any, list, list] = (None, [], [])
+        #: stacked per-delta weights of the last mixed batch (see mixing.gathered)
+        self.mixed_cache: dict[str, Any] = {}
         #: originals of the module's parameters while deltas are merged into them
         self._originals: dict[str, torch.Tensor] = {}
 
@@ -91,8 +103,26 @@ class DeltaSlot(nn.ModuleDict):
         self._handles = []
 
     def active_units(self) -> list[DeltaUnit]:
-        """Units of the active, unmerged deltas, in activation order."""
-        return self._refresh()[3]
+        """Units of the active, unmerged deltas, in activation order (for methods that act
+        from inside their module rather than from its hooks, such as prefix tuning).
+
+        In a batch routed to one delta, that delta's unit; a batch that mixes deltas per row
+        cannot be served this way, so it raises.
+        """
+        routing = self._delta_state.routing
+        if routing is None:
+            return self._refresh()[3]
+        if routing.single is not None:
+            return [self[routing.single]] if routing.single in self._modules else []
+        units = [self[n] for n in routing.names if n in self._modules]
+        if units:
+            from ..errors import NotApplicableError
+
+            raise NotApplicableError(
+                f"{type(units[0]).__name__} units cannot take part in a batch that mixes deltas per row; run those "
+                f"rows as their own batch (with using(model, name))"
+            )
+        return []
 
     def _refresh(self) -> tuple[int, list[DeltaUnit], list[DeltaUnit], list[DeltaUnit]]:
         state = self._delta_state
@@ -103,8 +133,26 @@ class DeltaSlot(nn.ModuleDict):
             self._cache = (state.version, pre, post, units)
         return self._cache
 
+    def _mixed_groups(self, routing: Routing) -> tuple[list, list]:
+        """For a mixed batch: (class, units aligned with ``routing.names``) per unit class,
+        for the pre and the post hook."""
+        key = (self._delta_state.version, routing.names)
+        if self._mixed[0] != key:
+            units = [self[n] if n in self._modules else None for n in routing.names]
+            classes = list(dict.fromkeys(type(u) for u in units if u is not None))
+            groups = [(cls, [u if type(u) is cls else None for u in units]) for cls in classes]
+            self._mixed = (key, [g for g in groups if g[0].overrides("forward_pre")],
+                           [g for g in groups if g[0].overrides("forward_post")])
+        return self._mixed[1], self._mixed[2]
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        pre = self._refresh()[1]
+        routing = self._delta_state.routing
+        if routing is not None and routing.single is None:
+            pre = self._mixed_groups(routing)[0]
+            for cls, units in pre:
+                args, kwargs = cls.mixed_pre(units, module, args, kwargs, routing)
+            return (args, kwargs) if pre else None
+        pre = self._single_route(routing, 1) if routing is not None else self._refresh()[1]
         if not pre:
             return None
         for unit in pre:
@@ -112,12 +160,26 @@ class DeltaSlot(nn.ModuleDict):
         return args, kwargs
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        post = self._refresh()[2]
+        routing = self._delta_state.routing
+        if routing is not None and routing.single is None:
+            post = self._mixed_groups(routing)[1]
+            for cls, units in post:
+                output = cls.mixed_post(units, module, args, kwargs, output, routing)
+            return output if post else None
+        post = self._single_route(routing, 2) if routing is not None else self._refresh()[2]
         if not post:
             return None
         for unit in post:
             output = unit.forward_post(module, args, kwargs, output)
         return output
+
+    def _single_route(self, routing: Routing, which: int) -> list[DeltaUnit]:
+        """Every row uses one delta: its units (pre: ``which=1``, post: 2), as if it were the active one."""
+        name = routing.single
+        if name not in self._modules:
+            return []
+        unit = self[name]
+        return [unit] if type(unit).overrides("forward_pre" if which == 1 else "forward_post") else []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The identity. A slot is driven by its module's hooks; this only matters for
@@ -141,13 +203,22 @@ def get_state(model: nn.Module) -> DeltaState | None:
 
 
 def new_state(model: nn.Module) -> DeltaState:
+    """A fresh state on ``model``, with the root hooks that take ``model(..., delta_ids=...)``."""
+    from .mixing import routing_post_hook, routing_pre_hook
+
     state = DeltaState()
     model.__dict__[STATE_ATTR] = state
+    state.root_handles = [
+        model.register_forward_pre_hook(routing_pre_hook, with_kwargs=True, prepend=True),
+        model.register_forward_hook(routing_post_hook, with_kwargs=True, always_call=True),
+    ]
     return state
 
 
 def drop_state(model: nn.Module) -> None:
-    model.__dict__.pop(STATE_ATTR, None)
+    state = model.__dict__.pop(STATE_ATTR, None)
+    for handle in getattr(state, "root_handles", []):
+        handle.remove()
 
 
 def require_state(model: nn.Module) -> DeltaState:
@@ -169,6 +240,12 @@ def ensure_slot(module: nn.Module, state: DeltaState) -> DeltaSlot:
     slot = DeltaSlot(state)
     module.add_module(SLOT_ATTR, slot)
     slot.install(module)
+    if module.__dict__.get(STATE_ATTR) is state and len(state.root_handles) == 2:
+        # the root's own slot: its post-hook must run before the one that ends a routed call
+        from .mixing import routing_post_hook
+
+        state.root_handles[1].remove()
+        state.root_handles[1] = module.register_forward_hook(routing_post_hook, with_kwargs=True, always_call=True)
     return slot
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import MergeError
+
+if TYPE_CHECKING:
+    from .mixing import Routing
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -47,6 +50,30 @@ class DeltaUnit(nn.Module):
             the changed entries (others are kept).
         """
         raise MergeError(f"{type(self).__name__} changes activations, not weights; it cannot be merged")
+
+    @classmethod
+    def mixed_post(cls, units: list[DeltaUnit | None], module: nn.Module, args: Args, kwargs: Kwargs, output: Any,
+                   routing: Routing) -> Any:
+        """:meth:`forward_post` for a mixed batch: row ``i`` gets ``units[routing.index[i]]``
+        (``None``, and the base index, leave the row unchanged).
+
+        The default runs each unit on its own rows; methods override it with one batched
+        computation over stacked weights.
+        """
+        from .mixing import per_delta_post
+
+        return per_delta_post(units, module, args, kwargs, output, routing)
+
+    @classmethod
+    def mixed_pre(cls, units: list[DeltaUnit | None], module: nn.Module, args: Args, kwargs: Kwargs,
+                  routing: Routing) -> tuple[Args, Kwargs]:
+        """:meth:`forward_pre` for a mixed batch; methods that change inputs override it."""
+        from ..errors import NotApplicableError
+
+        raise NotApplicableError(
+            f"{cls.__name__} units cannot take part in a batch that mixes deltas per row; run those rows as "
+            f"their own batch (with using(model, name))"
+        )
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a delta file stores for this unit, by name."""

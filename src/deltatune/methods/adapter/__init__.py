@@ -10,9 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from ...core.build import first_input, linear_shape, per_module
+from ...core.mixing import as_rows, gathered, per_delta_post
+from ...core.slot import get_slot
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, register_method
 from ...core.unit import DeltaUnit, Placements
@@ -68,6 +71,23 @@ class BottleneckAdapter(DeltaUnit):
     def forward_post(self, module, args, kwargs, output):
         h = first_input(args, kwargs) if self.parallel else output
         return output + (self.up(self.act(self.down(h.to(self.down.weight.dtype)))) * self.scaling).to(output.dtype)
+
+    @classmethod
+    def mixed_post(cls, units, module, args, kwargs, output, routing):
+        """Adapters of one form and non-linearity run as batched products over per-row gathered
+        weights (bottlenecks padded with zeros); a mix of forms runs each adapter on its rows."""
+        present = [u for u in units if u is not None]
+        if len({(u.parallel, type(u.act)) for u in present}) > 1:
+            return per_delta_post(units, module, args, kwargs, output, routing)
+        batch, cache = routing.index.numel(), get_slot(module).mixed_cache
+        down = gathered(units, routing.index, lambda u: u.down.weight, 0.0, cache, "down")  # (batch, k, in)
+        down_bias = gathered(units, routing.index, lambda u: u.down.bias, 0.0, cache, "down_bias")
+        up = gathered(units, routing.index, lambda u: u.up.weight * u.scaling, 0.0, cache, "up")  # (batch, out, k)
+        up_bias = gathered(units, routing.index, lambda u: u.up.bias * u.scaling, 0.0, cache, "up_bias")
+        h = as_rows(first_input(args, kwargs) if present[0].parallel else output, batch).to(down.dtype)
+        hidden = present[0].act(torch.baddbmm(down_bias.unsqueeze(1), h, down.transpose(1, 2)))
+        rows = as_rows(output, batch).to(down.dtype) + up_bias.unsqueeze(1)
+        return torch.baddbmm(rows, hidden, up.transpose(1, 2)).view(output.shape).to(output.dtype)
 
 
 def io_features(module: nn.Module) -> tuple[int, int] | None:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ...core.build import first_input, linear_shape, per_module, replace_first_input
+from ...core.mixing import as_rows, gathered
+from ...core.slot import get_slot
 from ...core.config import DeltaConfig
 from ...core.registry import MethodSpec, register_method
 from ...core.targeting import pattern_matches
@@ -43,6 +45,12 @@ class IA3Config(DeltaConfig):
         super().__post_init__()
 
 
+def _row_scales(units, module, routing):
+    """Each row's scaling vector as ``(batch, 1, features)``; ones for rows without one."""
+    cache = get_slot(module).mixed_cache
+    return gathered(units, routing.index, lambda u: u.ia3_l, 1.0, cache, "ia3_l").unsqueeze(1)
+
+
 class IA3Output(DeltaUnit):
     """``y = l * (W x + b)`` with ``l`` starting at one."""
 
@@ -53,6 +61,11 @@ class IA3Output(DeltaUnit):
 
     def forward_post(self, module, args, kwargs, output):
         return output * self.ia3_l.to(output.dtype)
+
+    @classmethod
+    def mixed_post(cls, units, module, args, kwargs, output, routing):
+        scale = _row_scales(units, module, routing)
+        return (as_rows(output, routing.index.numel()) * scale.to(output.dtype)).view(output.shape)
 
     def merge_params(self, module, params):
         scale = self.ia3_l.to(params["weight"].dtype)
@@ -76,6 +89,12 @@ class IA3Input(DeltaUnit):
     def forward_pre(self, module, args, kwargs):
         x = first_input(args, kwargs)
         return replace_first_input(args, kwargs, x * self.ia3_l.to(x.dtype))
+
+    @classmethod
+    def mixed_pre(cls, units, module, args, kwargs, routing):
+        x = first_input(args, kwargs)
+        scaled = as_rows(x, routing.index.numel()) * _row_scales(units, module, routing).to(x.dtype)
+        return replace_first_input(args, kwargs, scaled.view(x.shape))
 
     def merge_params(self, module, params):
         scale = self.ia3_l.to(params["weight"].dtype)

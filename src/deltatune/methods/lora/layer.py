@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.build import first_input, weight_as_out_in
+from ...core.mixing import as_rows, gathered
+from ...core.slot import get_slot
 from ...core.unit import DeltaUnit
 from .config import LoRAConfig
 
@@ -22,6 +24,24 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B
     rows = x.reshape(-1, x.shape[-1])
     hidden = rows @ lora_A.T
     return torch.addmm(output.reshape(-1, output.shape[-1]), hidden, lora_B.T, alpha=scaling).view(output.shape)
+
+
+def _mixed_lora(units, module, x, output, routing) -> torch.Tensor:
+    """``output + s_i B_i A_i x`` for each row ``i`` with its own delta's A, B and scaling,
+    as ``(batch, tokens, out)``: two batched products over the per-row gathered factors
+    (ranks padded with zeros to the largest; the base's rows get zero factors)."""
+    batch = routing.index.numel()
+    cache = get_slot(module).mixed_cache
+    lora_A = gathered(units, routing.index, lambda u: u.lora_A, 0.0, cache, "lora_A")  # (batch, r, in)
+    lora_B = gathered(units, routing.index, lambda u: u.lora_B * u.scaling, 0.0, cache, "lora_B")  # (batch, out, r)
+    x = as_rows(x, batch).to(lora_A.dtype)
+    present = [u for u in units if u is not None]
+    if present[0].training and any(isinstance(u.dropout, nn.Dropout) for u in present):
+        rates = torch.tensor([u.dropout.p if isinstance(u.dropout, nn.Dropout) else 0.0 for u in units] + [0.0])
+        rate = rates[routing.index].to(x.device, x.dtype).view(batch, 1, 1)
+        x = x * (torch.rand_like(x) >= rate) / (1 - rate)
+    hidden = torch.bmm(x, lora_A.transpose(1, 2))
+    return torch.baddbmm(as_rows(output, batch).to(lora_A.dtype), hidden, lora_B.transpose(1, 2))
 
 
 class LoRALinear(DeltaUnit):
@@ -52,6 +72,11 @@ class LoRALinear(DeltaUnit):
         if output.dtype != self.lora_A.dtype:
             return output + self.lora_output(x).to(output.dtype)
         return add_lora(output, self.dropout(x), self.lora_A, self.lora_B, self.scaling)
+
+    @classmethod
+    def mixed_post(cls, units, module, args, kwargs, output, routing):
+        direction = _mixed_lora(units, module, first_input(args, kwargs), output, routing)
+        return direction.view(output.shape).to(output.dtype)
 
     def merge_params(self, module, params):
         delta = self.delta_weight().to(params["weight"].dtype)
@@ -87,6 +112,16 @@ class DoRALinear(LoRALinear):
         else:
             direction = base + self.lora_output(x).to(output.dtype)
         return direction * scale + bias if bias is not None else direction * scale
+
+    @classmethod
+    def mixed_post(cls, units, module, args, kwargs, output, routing):
+        cache = get_slot(module).mixed_cache
+        scale = gathered(units, routing.index, lambda u: u._magnitude_scale(module), 1.0, cache, "dora_scale")
+        bias = getattr(module, "bias", None)
+        base = output - bias if bias is not None else output
+        direction = _mixed_lora(units, module, first_input(args, kwargs), base, routing) * scale.unsqueeze(1)
+        direction = direction.view(output.shape).to(output.dtype)
+        return direction + bias if bias is not None else direction
 
     def merge_params(self, module, params):
         weight = params["weight"].T if self.fan_in_fan_out else params["weight"]
