@@ -30,6 +30,7 @@ from ..core.slot import require_state, slot_sites
 from ..core.targeting import base_modules
 from ..errors import ConfigError, DeltaFileError, DeltaStateError, FingerprintError, TargetError
 from .atomic import atomic_path, write_text_atomic
+from .compressed import decode as decode_compressed
 from .fingerprint import WHOLE_BASE, combine, module_fingerprint, whole_base_fingerprint
 
 TENSORS_FILE = "delta.safetensors"
@@ -174,6 +175,8 @@ def read_tensors(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch
         tensors = safetensors.torch.load_file(str(tensor_file))
     except Exception as error:  # safetensors raises its own error types
         raise DeltaFileError(f"{tensor_file} cannot be read as safetensors: {error}") from None
+    if "compression" in meta:  # written by deltatune.algebra.compress
+        tensors = decode_compressed(tensors, meta)
     listed = meta["tensors"]
     if set(listed) != set(tensors):
         raise DeltaFileError(

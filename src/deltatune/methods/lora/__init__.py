@@ -16,8 +16,9 @@ __all__ = ["LoRAConfig", "DoRAConfig", "LoRALinear", "DoRALinear", "LoRAEmbeddin
 DEFAULT_ROLES = ["q|qkv", "v"]
 
 
-def _make_unit(config: LoRAConfig):
+def _make_unit(model_config: LoRAConfig):
     def make(path: str, module: nn.Module):
+        config = model_config.for_module(path)
         shape = linear_shape(module)
         if shape is not None:
             fan_in, fan_out, transposed = shape

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ...core.config import DeltaConfig, check
@@ -22,6 +23,9 @@ class LoRAConfig(DeltaConfig):
         use_dora: weight-decomposed LoRA (Liu et al., 2024, arXiv:2402.09353).
         init: ``"kaiming"`` (A uniform as in ``nn.Linear``, B zero) or ``"gaussian"``
             (A normal with std ``1/r``, B zero).
+        rank_pattern: rank per module path (the full dotted name), overriding ``r`` there;
+            such a module's scaling is ``alpha / its rank``, as in peft. Extracted LoRAs
+            (``deltatune.algebra.extract``) use it for per-layer ranks.
     """
 
     method = "lora"
@@ -32,9 +36,13 @@ class LoRAConfig(DeltaConfig):
     use_rslora: bool = False
     use_dora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    rank_pattern: dict[str, int] | None = field(default=None, hash=False)
 
     def validate(self) -> None:
         check(isinstance(self.r, int) and self.r > 0, f"LoRA rank r must be a positive integer, got {self.r!r}")
+        check(self.rank_pattern is None or (isinstance(self.rank_pattern, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and v > 0 for k, v in self.rank_pattern.items())),
+            f"LoRA rank_pattern must map module paths to positive integer ranks, got {self.rank_pattern!r}")
         check(self.alpha > 0, f"LoRA alpha must be positive, got {self.alpha!r}")
         check(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         check(self.init in ("kaiming", "gaussian"), f"LoRA init must be 'kaiming' or 'gaussian', got {self.init!r}")
@@ -42,6 +50,11 @@ class LoRAConfig(DeltaConfig):
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def for_module(self, path: str) -> LoRAConfig:
+        """The config of the unit at module ``path``: ``r`` replaced by its ``rank_pattern`` entry."""
+        rank = (self.rank_pattern or {}).get(path, self.r)
+        return self if rank == self.r else dataclasses.replace(self, r=rank)
 
 
 @dataclass(frozen=True)
