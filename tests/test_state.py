@@ -185,3 +185,14 @@ def test_tied_weights_warn_at_attach_and_refuse_to_merge():
         dt.fold(model)
     for key, value in dt.base_parameters(model):
         assert torch.equal(value, before[key])
+
+
+def test_a_delta_attached_to_a_model_in_eval_mode_is_in_eval_mode():
+    model = CASE.build()  # eval()
+    dt.attach(model, dt.LoRAConfig(r=2, dropout=0.5), name="a")
+    _randomise(model, "a", 1)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert CASE.output(model).equal(CASE.output(model))  # no dropout at inference
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -94,6 +94,7 @@ def install(
                 )
         unit = placement.unit.to(device=_device_of(module))
         unit.requires_grad_(True)
+        unit.train(model.training)  # an eval() model stays in eval mode: no dropout at inference
         ensure_slot(module, state)[name] = unit
         unit.attached(module, model)
         role = "saved" if isinstance(unit, SavedModule) else "adapted"

@@ -238,6 +238,7 @@ def ensure_slot(module: nn.Module, state: DeltaState) -> DeltaSlot:
             f"{type(module).__name__} already has an attribute {SLOT_ATTR!r}; deltatune cannot install its slot there"
         )
     slot = DeltaSlot(state)
+    slot.train(module.training)
     module.add_module(SLOT_ATTR, slot)
     slot.install(module)
     if module.__dict__.get(STATE_ATTR) is state and len(state.root_handles) == 2:
