@@ -72,3 +72,25 @@ def test_bench_command_writes_results(tmp_path):
     assert all(r["peft"] > 0 for r in train if r["method"] not in ("floor", "full"))
     assert "## tiny-llama" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("lib", ["base", "deltatune", "split", "peft"])
+def test_mixed_batch_worker_times_every_case(lib):
+    from deltatune.bench.mixed import mixed
+
+    result = _roundtrip(mixed({**TINY, "lib": lib, "cases": [[4, 1], [4, 4]], "repeats": 2}))
+    assert result["kind"] == "mixed" and list(result["cases"]) == ["4x1", "4x4"]
+    assert all(c["n"] == 2 and c["median"] > 0 for c in result["cases"].values())
+
+
+def test_mixed_batch_rows_and_targets():
+    from deltatune.bench.run import mixed_rows
+
+    raw = {lib: {"cases": {"32x16": {"median": ms}, "64x64": {"median": 2 * ms}}}
+           for lib, ms in (("base", 10.0), ("deltatune", 11.0), ("peft", 15.0), ("split", 40.0))}
+    rows = mixed_rows("tiny", raw)
+    assert rows[0]["base_ratio"] == pytest.approx(1.1) and rows[0]["ratio"] == pytest.approx(11 / 15)
+    assert rows[1]["split_ratio"] == pytest.approx(11 / 40)
+    met = {name: ok for name, ok, _ in report.targets(rows)}
+    assert met == {"mixed batch of 32 rows over 16 deltas within 1.20 x the base alone": True,
+                   "mixed batch of 64 rows over 64 deltas within 1.30 x the base alone": True}

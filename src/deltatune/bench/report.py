@@ -50,6 +50,14 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     if eq:
         out.append(("LoRA losses match peft within 1e-4 relative (guard)", eq["deltatune"] <= 1e-4,
                     f"max relative difference {eq['deltatune']:.2e}"))
+    for case, limit in (("32x16", 1.20), ("64x64", 1.30)):
+        mix = _find(rows, f"mixed_batch_{case}")
+        if mix:
+            x = mix["base_ratio"]
+            rows_, deltas = case.split("x")
+            out.append((f"mixed batch of {rows_} rows over {deltas} deltas within {limit:.2f} x the base alone",
+                        x <= limit, f"deltatune {x:.3f} x base, peft {mix['peft_base_ratio']:.3f} x"
+                        + ("" if x <= limit else f": missed by {100 * (x - limit):.1f} points")))
     return out
 
 
@@ -100,7 +108,18 @@ def _model_section(name: str, rows: list[dict], raw: dict) -> list[str]:
         for r in mem:
             lines.append(f"| {r['method']} | {_num(r['deltatune'], 0)} | {_num(r['peft'], 0)} | "
                          f"{_ratio(r['ratio'])} | {_ratio(r['floor_ratio'])} |")
-    other = [r for r in rows if r["metric"] not in ("train_step", "peak_rss")]
+    mixed = [r for r in rows if r["metric"].startswith("mixed_batch_")]
+    if mixed:
+        lines += ["", f"### {name}: mixed batches (forward, no grad; row i uses LoRA delta i mod deltas)", "",
+                  "`base`: the plain model on the same rows. `split`: deltatune running each delta's rows as "
+                  "their own batch. peft: `adapter_names`.", "",
+                  "| rows x deltas | deltatune ms | peft ms | base ms | split ms | deltatune/base | peft/base | "
+                  "deltatune/peft | deltatune/split |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in mixed:
+            lines.append(f"| {r['metric'].removeprefix('mixed_batch_')} | {_num(r['deltatune'])} | {_num(r['peft'])} | "
+                         f"{_num(r['base'])} | {_num(r['split'])} | {_ratio(r['base_ratio'])} | "
+                         f"{_ratio(r['peft_base_ratio'])} | {_ratio(r['ratio'])} | {_ratio(r['split_ratio'])} |")
+    other = [r for r in rows if r["metric"] not in ("train_step", "peak_rss") and not r["metric"].startswith("mixed_")]
     if other:
         lines += ["", f"### {name}: equivalence guard and inference (LoRA r=8 on every Linear of the body)", "",
                   "| method | metric | deltatune | peft | deltatune/peft | unit |", "|---|---|---:|---:|---:|---|"]

@@ -3,7 +3,7 @@
     deltatune bench                     # MiniLM and SmolLM2, 20 timed repeats after 3 warm-ups
     deltatune bench --models minilm     # one model
     deltatune bench --tiny              # tiny random BERT and Llama, 3 repeats (smoke run)
-    deltatune bench --only train        # train | memory | equivalence | inference (comma list)
+    deltatune bench --only train        # train | memory | equivalence | inference | mixed (comma list)
 
 Each (library, method) runs in a fresh ``sys.executable`` with OMP_NUM_THREADS=2 and
 ``torch.set_num_threads(2)``, so its peak RSS is its own and no library warms the other's
@@ -118,7 +118,23 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
             a, b = inf["deltatune"][key] / 1024, inf["peft"][key] / 1024
             rows.append({"model": model, "method": "lora-all-linear", "metric": metric, "deltatune": a, "peft": b,
                          "ratio": ratio(a, b), "unit": "KiB"})
+    if "mixed" in parts and MODELS[model].task == "classification":
+        raw["mixed"] = {lib: run_worker("mixed", {**common, "lib": lib}) for lib in ("base", "deltatune", "split", "peft")}
+        rows += mixed_rows(model, raw["mixed"])
     return rows, raw
+
+
+def mixed_rows(model: str, raw: dict) -> list[dict]:
+    """One row per (rows, deltas) case: deltatune's mixed batch against peft's, the base alone
+    on the same rows, and each delta's rows run as their own batch."""
+    out = []
+    for case in raw["deltatune"]["cases"]:
+        base, ours, theirs, split = (raw[lib]["cases"][case]["median"] for lib in ("base", "deltatune", "peft", "split"))
+        out.append({"model": model, "method": "lora-all-linear", "metric": f"mixed_batch_{case}", "deltatune": ours,
+                    "peft": theirs, "ratio": ratio(ours, theirs), "unit": "ms", "base": base,
+                    "base_ratio": ratio(ours, base), "peft_base_ratio": ratio(theirs, base), "split": split,
+                    "split_ratio": ratio(ours, split)})
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --tiny)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="equivalence-guard training steps (first model only)")
-    parser.add_argument("--only", default="train,memory,equivalence,inference")
+    parser.add_argument("--only", default="train,memory,equivalence,inference,mixed",
+                        help="comma list of parts (mixed batches run on classification models only)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 

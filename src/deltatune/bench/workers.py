@@ -2,7 +2,8 @@
 
 Kinds: ``train_step`` (one library and method: median forward + backward + AdamW step, and
 the process's peak RSS), ``equivalence`` (LoRA losses of deltatune vs peft from identical
-weights), ``inference`` (unmerged / merged latency, merge / unmerge, save, file size, load).
+weights), ``inference`` (unmerged / merged latency, merge / unmerge, save, file size, load),
+``mixed`` (a batch whose rows use different deltas; see mixed.py).
 
 Every worker builds its model from a fixed seed, so two workers with the same arguments
 start from the same weights and see the same batches. ``"model": "tiny"`` swaps the packaged
@@ -326,7 +327,13 @@ def inference(args: dict) -> dict:
     return out
 
 
-KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": inference}
+def _mixed(args: dict) -> dict:
+    from .mixed import mixed
+
+    return mixed(args)
+
+
+KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": inference, "mixed": _mixed}
 
 
 def main(argv: list[str] | None = None) -> None:
