@@ -60,6 +60,8 @@ def job_from_args(args: argparse.Namespace, base=None):
 def _train(args: argparse.Namespace) -> int:
     from ..train.job import TrainJob, run_train
 
+    if args.multi:
+        return _train_multi(args)
     if args.resume:
         config = Path(args.resume) / "config.yaml"
         if not config.is_file():
@@ -81,6 +83,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_multi(args: argparse.Namespace) -> int:
+    """``train --multi a.yaml b.yaml``: one delta per task config, trained in shared mixed batches."""
+    from ..errors import ConfigError
+    from ..train.job import TrainJob
+    from ..train.multi import run_multi
+
+    if args.resume or args.config or not args.out:
+        raise ConfigError("--multi takes task YAML files and --out DIR; it cannot be combined with --resume or --config")
+    jobs = {Path(path).stem: job_from_args(args, base=TrainJob.from_yaml(path)) for path in args.multi}
+    if len(jobs) != len(args.multi):
+        raise ConfigError(f"task names (the YAML files' names) repeat in {args.multi}; rename the files")
+    summary = run_multi(jobs, args.out)
+    print(json.dumps({name: {k: m[k] for k in ("method", "test", "trainable_parameters", "delta_bytes")}
+                      for name, m in summary["tasks"].items()}, indent=2))
+    print(f"wrote {args.out}/<task>/ for {', '.join(jobs)}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from ..io.artifact import read_meta
     from ..train.job import TrainJob, run_eval
@@ -96,6 +116,8 @@ def add_parsers(commands) -> None:
     train = commands.add_parser("train", help="train a delta on a dataset and write delta, metrics and plots")
     add_job_flags(train)
     train.add_argument("--resume", default=None, metavar="DIR", help="continue an interrupted run in DIR")
+    train.add_argument("--multi", nargs="+", default=None, metavar="TASK.yaml",
+                       help="train one delta per task config in shared mixed batches (writes OUT/<task>/)")
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("eval", help="evaluate a saved delta on a dataset's test split")
     evaluate.add_argument("--delta", required=True, help="a delta folder (a train --out folder)")
