@@ -42,6 +42,8 @@ class DeltaState:
         self.active: tuple[str, ...] = ()
         #: per-row deltas of a mixed batch (overrides ``active`` while set); see core/mixing.py
         self.routing: Routing | None = None
+        #: a composition of deltas (overrides ``active`` while set); see deltatune/compose
+        self.composition: Any = None
         #: routings to restore after ``model(..., delta_ids=...)`` calls, innermost last
         self.call_routing: list[Routing | None] = []
         self.root_handles: list[Any] = []
@@ -109,6 +111,8 @@ class DeltaSlot(nn.ModuleDict):
         In a batch routed to one delta, that delta's unit; a batch that mixes deltas per row
         cannot be served this way, so it raises.
         """
+        if self._delta_state.composition is not None:
+            return self._delta_state.composition.units(self)
         routing = self._delta_state.routing
         if routing is None:
             return self._refresh()[3]
@@ -146,6 +150,8 @@ class DeltaSlot(nn.ModuleDict):
         return self._mixed[1], self._mixed[2]
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if self._delta_state.composition is not None:
+            return self._delta_state.composition.pre(self, module, args, kwargs)
         routing = self._delta_state.routing
         if routing is not None and routing.single is None:
             pre = self._mixed_groups(routing)[0]
@@ -160,6 +166,8 @@ class DeltaSlot(nn.ModuleDict):
         return args, kwargs
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._delta_state.composition is not None:
+            return self._delta_state.composition.post(self, module, args, kwargs, output)
         routing = self._delta_state.routing
         if routing is not None and routing.single is None:
             post = self._mixed_groups(routing)[1]
