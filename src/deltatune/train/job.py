@@ -31,10 +31,12 @@ from .batches import encode
 from .loop import Settings, train
 from .metrics import evaluate
 
-JOB_METHODS = (*method_names(), "full")
-#: learning rates that work for each method on MiniLM-sized models
+#: learning rates that work for each method on MiniLM-sized models; these are the methods a
+#: training job builds from flags (``dense`` and ``fusion`` deltas come from the Python API:
+#: task-vector algebra and composition)
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
               "bitfit": 3e-3, "head": 1e-2, "full": 5e-5}
+JOB_METHODS = tuple(DEFAULT_LR)
 
 
 @dataclass
@@ -69,7 +71,8 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         if self.method not in JOB_METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; use one of {', '.join(JOB_METHODS)}")
+            built_elsewhere = " (it is built with the Python API, not trained from flags)" if self.method in method_names() else ""
+            raise ConfigError(f"unknown method {self.method!r}{built_elsewhere}; use one of {', '.join(JOB_METHODS)}")
 
     @property
     def learning_rate(self) -> float:
