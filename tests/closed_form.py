@@ -56,4 +56,7 @@ def expected_parameters(method: str, model: nn.Module, config, modules: list[str
         return config.num_virtual_tokens * layers * 2 * kv_heads * head_dim
     if method == "head":
         return 0  # the head's parameters are counted as a saved module, see below
+    if method == "dense":  # a full difference for each adapted weight (and bias, if asked)
+        return sum((get(p).weight.numel() if config.weight else 0)
+                   + (get(p).bias.numel() if config.bias and get(p).bias is not None else 0) for p in modules)
     raise AssertionError(f"no closed-form parameter count for method {method!r}: add one to tests/closed_form.py")

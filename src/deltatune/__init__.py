@@ -11,6 +11,19 @@ Example:
 
 __version__ = "0.1.0"
 
+from .algebra import TaskVector, merge_deltas
+from .compose import (
+    Average,
+    BatchSplit,
+    Block,
+    Fuse,
+    Parallel,
+    Stack,
+    block_from_dict,
+    compose,
+    get_composition,
+    set_composition,
+)
 from .core.config import DeltaConfig
 from .core.inject import (
     activate,
@@ -41,8 +54,11 @@ from .errors import (
     TargetError,
 )
 from .io.artifact import load, read_meta, save
+from .io.cache import CacheStats, DeltaCache, SwapResult, replace
 from .methods.adapter import AdapterConfig
 from .methods.bitfit import BitFitConfig
+from .methods.dense import DenseConfig
+from .methods.fusion import FusionConfig
 from .methods.head import HeadConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import DoRAConfig, LoRAConfig
@@ -50,12 +66,13 @@ from .methods.prefix import PrefixConfig
 from .methods.prompt import PromptConfig
 
 __all__ = [
-    "AdapterConfig", "AttachReport", "BitFitConfig", "ConfigError", "DeltaConfig", "DeltaError",
-    "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig", "FingerprintError", "HeadConfig", "IA3Config",
-    "LoRAConfig", "MergeError", "MethodSpec", "NotApplicableError", "Placement", "PrefixConfig",
-    "PromptConfig", "Routing", "TargetError", "activate", "active_deltas", "attach", "base_only",
-    "base_parameters", "config_from_dict", "count_parameters", "deactivate", "delete",
-    "delta_parameters", "fold", "get_config", "get_method", "get_routing", "list_deltas", "load", "merge",
-    "method_names", "read_meta", "register_method", "route", "save", "set_active", "set_trainable",
+    "AdapterConfig", "AttachReport", "Average", "BatchSplit", "BitFitConfig", "Block", "CacheStats", "ConfigError",
+    "DeltaCache", "DeltaConfig", "DenseConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig",
+    "FingerprintError", "Fuse", "FusionConfig", "HeadConfig", "IA3Config", "LoRAConfig", "MergeError", "MethodSpec",
+    "NotApplicableError", "Parallel", "Placement", "PrefixConfig", "PromptConfig", "Routing", "Stack", "SwapResult",
+    "TargetError", "TaskVector", "activate", "active_deltas", "attach", "base_only", "base_parameters", "block_from_dict",
+    "compose", "config_from_dict", "count_parameters", "deactivate", "delete", "delta_parameters", "fold",
+    "get_composition", "get_config", "get_method", "get_routing", "list_deltas", "load", "merge", "merge_deltas", "method_names",
+    "read_meta", "register_method", "replace", "route", "save", "set_active", "set_composition", "set_trainable",
     "unmerge", "using",
 ]

@@ -33,7 +33,7 @@ from .metrics import evaluate
 
 #: learning rates that work for each method on MiniLM-sized models; these are the methods a
 #: training job builds from flags (``dense`` and ``fusion`` deltas come from the Python API:
-#: task-vector algebra and composition)
+#: task-vector algebra, extraction and composition)
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
               "bitfit": 3e-3, "head": 1e-2, "full": 5e-5}
 JOB_METHODS = tuple(DEFAULT_LR)

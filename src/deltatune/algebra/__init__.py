@@ -1,0 +1,28 @@
+"""Delta algebra: task vectors, merging N deltas, low-rank compression.
+
+Example:
+    >>> from deltatune.algebra import TaskVector, merge_deltas
+    >>> a = TaskVector.from_folder(model, "runs/sentiment")
+    >>> (a - 0.5 * TaskVector.from_folder(model, "runs/spam")).to_delta(model, "edited")
+    >>> report = merge_deltas(model, ["runs/sentiment", "runs/spam"], method="ties", density=0.5)
+"""
+
+from .convert import attach_task_vector, task_vector_of
+from .lowrank import LowRank, low_rank
+from .merging import METHODS, LayerMerge, MergeReport, merge_deltas, merge_task_vectors
+from .task_vector import LowRankEntry, TaskVector, interpolate
+
+__all__ = [
+    "METHODS",
+    "LayerMerge",
+    "LowRank",
+    "LowRankEntry",
+    "MergeReport",
+    "TaskVector",
+    "attach_task_vector",
+    "interpolate",
+    "low_rank",
+    "merge_deltas",
+    "merge_task_vectors",
+    "task_vector_of",
+]

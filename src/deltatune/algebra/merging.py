@@ -1,0 +1,355 @@
+"""Merging N deltas into one: on task vectors, and on a model from delta folders or names.
+
+Example:
+    >>> report = merge_deltas(model, ["runs/sentiment", "runs/spam"], method="ties", density=0.5)
+    >>> print(report)                       # per-layer result: rank, kept energy, non-zeros
+    >>> deltatune.save(model, "runs/merged", report.name)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.inject import delete, get_config, list_deltas
+from ..core.report import AttachReport
+from ..core.saved_module import SavedModule
+from ..core.slot import get_slot, get_state
+from ..errors import ConfigError, DeltaStateError, MergeError
+from ..io.artifact import META_FILE, load, read_meta
+from . import combine
+from .task_vector import LowRankEntry, TaskVector, entry_dense
+
+#: method -> what it does, for listings and error messages
+METHODS = {
+    "linear": "weighted sum of the updates (exact; LoRAs stay factored)",
+    "cat": "LoRA ranks concatenated (exact; LoRA sources only)",
+    "svd": "weighted sum re-compressed to rank r by truncated SVD",
+    "ties": "trim to top density, elect sign, disjoint mean (Yadav et al., 2023)",
+    "dare_linear": "random drop with rescale, then weighted sum (Yu et al., 2023)",
+    "dare_ties": "random drop with rescale, then TIES sign election and disjoint mean",
+    "magnitude_prune": "each update trimmed to its top density by magnitude, then weighted sum",
+    "metrics": "weighted sum with weights exp(-penalty * metric) from each delta.json, normalised",
+}
+#: methods whose default weights are all 1 (stacking, or a disjoint mean that already averages)
+UNIT_WEIGHT_METHODS = ("cat", "ties", "dare_ties")
+
+
+@dataclass(frozen=True)
+class LayerMerge:
+    """One merged parameter: its form in the result and what the merge kept."""
+
+    key: str
+    form: str  # "low rank" or "dense"
+    rank: int | None
+    energy_kept: float | None
+    nonzero: float | None  # fraction of non-zero values (dense results)
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What :func:`merge_deltas` did; ``print(report)`` shows a table.
+
+    Attributes:
+        name: the merged delta's name on the model.
+        method: the merge method.
+        sources: the sources as given (folders or delta names).
+        weights: the weight used for each source.
+        result: ``"lora"`` or ``"dense"``, the method of the attached delta.
+        heads: the modules_to_save carried over and from which source, in words.
+        layers: one row per merged parameter.
+        attach: the attach report of the new delta.
+    """
+
+    name: str
+    method: str
+    sources: tuple[str, ...]
+    weights: tuple[float, ...]
+    result: str
+    heads: str
+    layers: tuple[LayerMerge, ...]
+    attach: AttachReport
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (for ``delta.json`` provenance)."""
+        return {"method": self.method, "sources": list(self.sources), "weights": list(self.weights),
+                "result": self.result, "heads": self.heads, **self.options}
+
+    def __str__(self) -> str:
+        options = ", ".join(f"{k} {v}" for k, v in self.options.items() if v is not None)
+        lines = [(f"merged {len(self.sources)} deltas with {self.method}{f' ({options})' if options else ''} into "
+                 f"{self.name!r} ({self.result}); weights {', '.join(f'{w:.4g}' for w in self.weights)}")]
+        rows = [(layer.key, layer.form, "-" if layer.rank is None else str(layer.rank),
+                 "-" if layer.energy_kept is None else f"{layer.energy_kept:.4f}",
+                 "-" if layer.nonzero is None else f"{layer.nonzero:.3f}") for layer in self.layers]
+        header = ("parameter", "form", "rank", "energy kept", "non-zero")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+        lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                  for r in [header, *rows]]
+        lines.append(f"heads: {self.heads}")
+        return "\n".join(lines)
+
+
+def check_options(method: str, density: float, rank: int | None) -> None:
+    """Raise :class:`ConfigError` for an unknown method, a density outside (0, 1] or a bad rank."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
+    combine.check_density(density)
+    if method == "svd" and rank is None:
+        raise ConfigError("the svd merge compresses to a rank: pass rank=r (e.g. 8)")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+
+
+def default_weights(method: str, count: int) -> list[float]:
+    """1 each for cat, ties and dare_ties; the mean (1/N each) for the others."""
+    return [1.0] * count if method in UNIT_WEIGHT_METHODS else [1.0 / count] * count
+
+
+def merge_task_vectors(
+    vectors: Sequence[TaskVector],
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    *,
+    density: float = 0.5,
+    rank: int | None = None,
+    seed: int = 0,
+) -> TaskVector:
+    """Merge task vectors of one base into one (``metrics`` weights come from :func:`merge_deltas`).
+
+    ``linear`` and ``cat`` keep low-rank entries factored (ranks concatenate); ``ties``,
+    ``dare_*`` and ``magnitude_prune`` work element-wise on each parameter's dense change;
+    ``svd`` (or any method with ``rank``) compresses the result to rank ``rank`` per entry.
+    A source without an entry for a parameter counts as zero there.
+
+    Raises:
+        ConfigError: unknown method, bad weights, density or rank, ``svd`` without ``rank``.
+        MergeError: ``cat`` with entries that are not low rank.
+    """
+    check_options(method, density, rank)
+    if not vectors:
+        raise ConfigError("nothing to merge: pass at least one task vector")
+    weights = combine.check_weights(default_weights(method, len(vectors)) if weights is None else weights, len(vectors))
+    if method == "cat":
+        dense = [key for vector in vectors for key, entry in vector.items() if not isinstance(entry, LowRankEntry)]
+        if dense:
+            raise MergeError(f"cat concatenates LoRA ranks, so every entry must be low rank; {dense[0]!r} is dense. "
+                             f"Use method='linear', which adds any weight changes exactly")
+    if method in ("linear", "cat", "svd", "metrics"):
+        merged = sum((w * v for w, v in zip(weights, vectors)), TaskVector({}))
+    else:
+        merged = TaskVector({key: _elementwise(method, key, vectors, weights, density, seed)
+                             for key in dict.fromkeys(k for v in vectors for k in v)})
+    return merged.low_rank(rank) if rank is not None else merged
+
+
+def _elementwise(method: str, key: str, vectors: Sequence[TaskVector], weights: list[float], density: float,
+                 seed: int) -> torch.Tensor:
+    present = {index: entry_dense(v[key]) for index, v in enumerate(vectors) if key in v}
+    like = next(iter(present.values()))
+    deltas = [present[index] if index in present else torch.zeros_like(like) for index in range(len(vectors))]
+    if method == "ties":
+        return combine.ties(deltas, weights, density)
+    if method == "magnitude_prune":
+        return combine.magnitude_prune(deltas, weights, density)
+    generator = combine.generator_for(seed, key)
+    if method == "dare_linear":
+        return combine.dare_linear(deltas, weights, density, generator)
+    return combine.dare_ties(deltas, weights, density, generator)
+
+
+@dataclass
+class _Source:
+    label: str
+    name: str  # the delta's name on the model
+    loaded: bool  # loaded by merge_deltas (deleted afterwards)
+    meta: dict | None
+
+
+def _resolve_sources(model: nn.Module, sources: Sequence[str | Path], check: str) -> list[_Source]:
+    resolved: list[_Source] = []
+    try:
+        for index, source in enumerate(sources):
+            existing = list_deltas(model)
+            if isinstance(source, str) and source in existing:
+                resolved.append(_Source(source, source, False, None))
+                continue
+            folder = Path(source)
+            if not (folder / META_FILE).is_file():
+                raise MergeError(f"source {str(source)!r} is neither a delta folder (no {META_FILE}) nor a delta on "
+                                 f"this model (deltas: {existing or 'none'})")
+            name = next(f"merge_source_{index}_{i}" for i in range(len(existing) + 1)
+                        if f"merge_source_{index}_{i}" not in existing)
+            meta = read_meta(folder)
+            load(model, folder, name, check=check, activate=False)
+            resolved.append(_Source(str(source), name, True, meta))
+    except BaseException:
+        _cleanup(model, resolved)
+        raise
+    return resolved
+
+
+def _cleanup(model: nn.Module, sources: list[_Source]) -> None:
+    for source in sources:
+        if source.loaded and source.name in list_deltas(model):
+            delete(model, source.name)
+
+
+def _metric_weights(sources: list[_Source], metric: str, penalty: float) -> list[float]:
+    values = []
+    for source in sources:
+        recorded: Any = (source.meta or {}).get("metrics", {})
+        for part in metric.split("."):
+            recorded = recorded.get(part) if isinstance(recorded, dict) else None
+        if not isinstance(recorded, (int, float)):
+            where = "it is a delta on the model, not a folder" if source.meta is None else \
+                f"its {META_FILE} metrics are {_numeric_keys(source.meta.get('metrics', {}))}"
+            raise MergeError(f"metrics-weighted merging needs the metric {metric!r} of every source; {source.label!r} "
+                             f"has none ({where}). Pass weights=[...] instead, or another metric")
+        values.append(float(recorded))
+    return combine.metrics_weights(values, penalty)
+
+
+def _numeric_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of the numeric leaves of a nested dict."""
+    if not isinstance(data, dict):
+        return [prefix] if isinstance(data, (int, float)) else []
+    keys = []
+    for key, value in data.items():
+        keys += _numeric_keys(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}")
+    return keys
+
+
+ModuleValues = dict[str, dict[str, torch.Tensor]]
+
+
+def _same(a: ModuleValues, b: ModuleValues) -> bool:
+    return a.keys() == b.keys() and all(
+        a[path].keys() == b[path].keys() and all(torch.equal(a[path][k], b[path][k]) for k in a[path]) for path in a)
+
+
+def _heads(model: nn.Module, sources: list[_Source], heads: str | int) -> tuple[ModuleValues, str]:
+    """The saved modules to carry over, by the policy ``heads``, and a description."""
+    state = get_state(model)
+    carried = []
+    for source in sources:
+        values = {}
+        for path in state.saved_modules[source.name]:
+            unit: SavedModule = get_slot(model.get_submodule(path))[source.name]
+            values[path] = {key: p.detach().clone() for key, p in unit.copy.named_parameters()}
+        carried.append(values)
+    if heads == "drop":
+        return {}, "dropped"
+    if isinstance(heads, int) and not isinstance(heads, bool):
+        if not 0 <= heads < len(sources):
+            raise ConfigError(f"heads={heads} names no source; use 0 to {len(sources) - 1}, 'identical' or 'drop'")
+        chosen = carried[heads]
+        return chosen, f"{', '.join(chosen) or 'none'} from source {heads} ({sources[heads].label})"
+    first = carried[0]
+    for index, other in enumerate(carried[1:], start=1):
+        if not _same(first, other):
+            raise MergeError(
+                f"sources {sources[0].label!r} and {sources[index].label!r} carry different trained modules "
+                f"({sorted(first) or 'none'} vs {sorted(other) or 'none'}, e.g. each task's classifier head) and a "
+                f"merged delta carries one set; pass heads=<index> to keep one source's (to evaluate on that task) "
+                f"or heads='drop'"
+            )
+    return first, f"{', '.join(first)} (identical in every source)" if first else "none"
+
+
+def merge_deltas(
+    model: nn.Module,
+    sources: Sequence[str | Path],
+    method: str = "linear",
+    weights: Sequence[float] | None = None,
+    *,
+    density: float = 0.5,
+    rank: int | None = None,
+    seed: int = 0,
+    penalty: float = 1.0,
+    metric: str = "test.loss",
+    heads: str | int = "identical",
+    name: str = "merged",
+    check: str = "strict",
+) -> MergeReport:
+    """Merge deltas into one new delta on ``model`` and report what was kept.
+
+    Args:
+        model: the base all sources were made for.
+        sources: delta folders (loaded with the fingerprint ``check``; removed again after the
+            merge) or names of deltas already on ``model``.
+        method: one of :data:`METHODS`.
+        weights: one per source; default 1 each for cat/ties/dare_ties, else 1/N each.
+        density: fraction of values kept by ties, dare_* and magnitude_prune.
+        rank: compress the result to this rank per layer (required for svd).
+        seed: seed of DARE's random drops (one generator per parameter from seed and name).
+        penalty, metric: for ``metrics``: ``w_i ∝ exp(-penalty * metric_i)``, the metric read
+            from each folder's ``delta.json`` metrics by dotted key.
+        heads: trained module copies (``modules_to_save``) to carry: ``"identical"`` keeps them
+            only if every source has the same ones, ``"drop"`` none, an index that source's.
+        name: the new delta's name; it becomes the only active delta.
+        check: fingerprint check for folder sources: ``"strict"``, ``"warn"`` or ``"off"``.
+
+    Returns:
+        A :class:`MergeReport`. The result is a LoRA when exact (low-rank sources with
+        linear/cat/metrics) or when ``rank`` is given, else a ``dense`` delta.
+
+    Raises:
+        FingerprintError: a folder's delta was made for another base.
+        MergeError: a source that cannot merge (prefix, prompt, adapter), cat of non-LoRA
+            deltas, heads that differ under ``"identical"``, or a missing metric.
+        ConfigError: unknown method, bad weights (count, NaN), density, rank or heads.
+    """
+    check_options(method, density, rank)
+    if not sources:
+        raise ConfigError("nothing to merge: pass at least one delta folder or name")
+    if weights is not None:
+        weights = combine.check_weights(weights, len(sources))
+    if heads not in ("identical", "drop") and (isinstance(heads, bool) or not isinstance(heads, int)):
+        raise ConfigError(f"heads must be 'identical', 'drop' or a source index, got {heads!r}")
+    state = get_state(model)
+    if state is not None and name in state.configs:
+        raise DeltaStateError(f"a delta named {name!r} already exists; pass another name=")
+    resolved = _resolve_sources(model, sources, check)
+    try:
+        if method == "cat":
+            for source in resolved:
+                kind = get_config(model, source.name).method
+                if kind != "lora":
+                    raise MergeError(f"cat concatenates LoRA ranks, so every source must be a LoRA delta; "
+                                     f"{source.label!r} is {kind}. Use method='linear' (exact for any weight deltas)")
+        saved, heads_text = _heads(model, resolved, heads)
+        if method == "metrics":
+            weights = _metric_weights(resolved, metric, penalty)
+        vectors = [TaskVector.from_delta(model, source.name) for source in resolved]
+        empty = [s.label for s, v in zip(resolved, vectors) if len(v) == 0]
+        if empty:
+            raise MergeError(f"{empty[0]!r} changes no base weight (only trained module copies such as a head); "
+                             f"there is nothing to merge")
+        weights = default_weights(method, len(vectors)) if weights is None else weights
+        merged = merge_task_vectors(vectors, method, weights, density=density, rank=rank, seed=seed)
+    finally:
+        _cleanup(model, resolved)
+    report = merged.to_delta(model, name, saved_modules=saved)
+    options = {"density": density if method in ("ties", "dare_linear", "dare_ties", "magnitude_prune") else None,
+               "rank": rank, "seed": seed if method.startswith("dare") else None,
+               "penalty": penalty if method == "metrics" else None, "metric": metric if method == "metrics" else None}
+    return MergeReport(name=name, method=method, sources=tuple(s.label for s in resolved), weights=tuple(weights),
+                       result=report.method, heads=heads_text, layers=tuple(_layer_rows(merged)), attach=report,
+                       options={k: v for k, v in options.items() if v is not None})
+
+
+def _layer_rows(vector: TaskVector) -> list[LayerMerge]:
+    rows = []
+    for key, entry in vector.items():
+        if isinstance(entry, LowRankEntry):
+            rows.append(LayerMerge(key, "low rank", entry.rank, entry.energy_kept, None))
+        else:
+            rows.append(LayerMerge(key, "dense", None, None, float((entry != 0).float().mean())))
+    return rows
