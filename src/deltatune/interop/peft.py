@@ -34,7 +34,7 @@ from ..core.saved_module import SavedModule
 from ..core.slot import SLOT_ATTR, require_state, slot_sites
 from ..core.unit import Placement
 from ..errors import ConfigError, DeltaError, DeltaFileError, DeltaStateError
-from ..io.artifact import Check, load, read_meta, save
+from ..io.artifact import Check, load, read_meta, resolve_delta_name, save
 from .peft_files import (
     METADATA_KEY,
     MODEL_PREFIX,
@@ -48,18 +48,6 @@ from .peft_files import (
     write_adapter,
 )
 from .peft_methods import PeftCodec, check_exportable, codec_for_peft_type, module_names
-
-
-def _delta_name(model: nn.Module, name: str | None) -> str:
-    state = require_state(model)
-    if name is not None:
-        state.require(name)
-        return name
-    if len(state.configs) == 1:
-        return next(iter(state.configs))
-    if len(state.active) == 1:
-        return state.active[0]
-    raise DeltaStateError(f"the model has deltas {list(state.configs)}; name the one to export")
 
 
 def save_peft(model: nn.Module, directory: str | Path, name: str | None = None, *,
@@ -82,7 +70,7 @@ def save_peft(model: nn.Module, directory: str | Path, name: str | None = None, 
     Example:
         >>> save_peft(model, "out/peft")  # then peft.PeftModel.from_pretrained(base, "out/peft")
     """
-    name = _delta_name(model, name)
+    name = resolve_delta_name(model, name, "export")
     config = require_state(model).configs[name].for_saving()
     codec = check_exportable(config)
     sites, saved = [], []

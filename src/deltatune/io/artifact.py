@@ -80,7 +80,8 @@ def _delta_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _resolve_name(model: nn.Module, name: str | None) -> str:
+def resolve_delta_name(model: nn.Module, name: str | None, purpose: str = "save") -> str:
+    """``name`` checked, or the model's only delta, or its only active one."""
     state = require_state(model)
     if name is not None:
         state.require(name)
@@ -89,7 +90,7 @@ def _resolve_name(model: nn.Module, name: str | None) -> str:
         return next(iter(state.configs))
     if len(state.active) == 1:
         return state.active[0]
-    raise DeltaStateError(f"the model has deltas {list(state.configs)}; name the one to save")
+    raise DeltaStateError(f"the model has deltas {list(state.configs)}; name the one to {purpose}")
 
 
 def save(
@@ -109,7 +110,7 @@ def save(
         DeltaFileError: the delta holds NaN or inf (nothing is written).
     """
     state = require_state(model)
-    name = _resolve_name(model, name)
+    name = resolve_delta_name(model, name)
     directory = Path(directory)
     tensors = _delta_tensors(model, name)
     for key, value in tensors.items():
