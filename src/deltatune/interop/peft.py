@@ -33,7 +33,7 @@ from ..core.report import AttachReport
 from ..core.saved_module import SavedModule
 from ..core.slot import SLOT_ATTR, require_state, slot_sites
 from ..core.unit import Placement
-from ..errors import ConfigError, DeltaError, DeltaFileError, DeltaStateError
+from ..errors import ConfigError, DeltaError, DeltaFileError
 from ..io.artifact import Check, load, read_meta, resolve_delta_name, save
 from .peft_files import (
     METADATA_KEY,
