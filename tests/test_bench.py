@@ -94,3 +94,14 @@ def test_mixed_batch_rows_and_targets():
     met = {name: ok for name, ok, _ in report.targets(rows)}
     assert met == {"mixed batch of 32 rows over 16 deltas within 1.20 x the base alone": True,
                    "mixed batch of 64 rows over 64 deltas within 1.30 x the base alone": True}
+
+
+def test_swap_worker_reports_each_switching_cost():
+    from deltatune.bench.run import swap_rows
+    from deltatune.bench.swap import swap_costs
+
+    raw = _roundtrip(swap_costs("tiny", repeats=2, threads=1))
+    rows = swap_rows("tiny", raw)
+    assert [r["metric"] for r in rows][:3] == ["switch_set_active", "switch_replace_in_place", "delta_load_from_disk"]
+    assert all(r["deltatune"] > 0 and r["unit"] == "ms" for r in rows)
+    assert raw["cache_stats"]["misses"] >= 2 and raw["cache_stats"]["hits"] >= 2

@@ -3,7 +3,7 @@
     deltatune bench                     # MiniLM and SmolLM2, 20 timed repeats after 3 warm-ups
     deltatune bench --models minilm     # one model
     deltatune bench --tiny              # tiny random BERT and Llama, 3 repeats (smoke run)
-    deltatune bench --only train        # train | memory | equivalence | inference | mixed (comma list)
+    deltatune bench --only train        # train|memory|equivalence|inference|mixed|swap (comma list)
 
 Each (library, method) runs in a fresh ``sys.executable`` with OMP_NUM_THREADS=2 and
 ``torch.set_num_threads(2)``, so its peak RSS is its own and no library warms the other's
@@ -121,7 +121,21 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
     if "mixed" in parts and MODELS[model].task == "classification":
         raw["mixed"] = {lib: run_worker("mixed", {**common, "lib": lib}) for lib in ("base", "deltatune", "split", "peft")}
         rows += mixed_rows(model, raw["mixed"])
+    if "swap" in parts and MODELS[model].task == "classification":
+        raw["swap"] = run_worker("swap", common)
+        rows += swap_rows(model, raw["swap"])
     return rows, raw
+
+
+SWAP_METRICS = (("set_active_ms", "switch_set_active"), ("replace_in_place_ms", "switch_replace_in_place"),
+                ("load_from_disk_ms", "delta_load_from_disk"), ("cache_hit_ms", "cache_hit"),
+                ("cache_miss_ms", "cache_miss_load_and_evict"), ("forward_1_row_ms", "forward_1_row_for_scale"))
+
+
+def swap_rows(model: str, raw: dict) -> list[dict]:
+    """Switching costs on a live model (no peft equivalent is timed)."""
+    return [{"model": model, "method": "lora-qkvo+head", "metric": metric, "deltatune": raw[key]["median"],
+             "peft": None, "ratio": None, "unit": "ms"} for key, metric in SWAP_METRICS]
 
 
 def mixed_rows(model: str, raw: dict) -> list[dict]:
@@ -144,8 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --tiny)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="equivalence-guard training steps (first model only)")
-    parser.add_argument("--only", default="train,memory,equivalence,inference,mixed",
-                        help="comma list of parts (mixed batches run on classification models only)")
+    parser.add_argument("--only", default="train,memory,equivalence,inference,mixed,swap",
+                        help="comma list of parts (mixed and swap run on classification models only)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 

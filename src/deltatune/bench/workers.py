@@ -3,7 +3,8 @@
 Kinds: ``train_step`` (one library and method: median forward + backward + AdamW step, and
 the process's peak RSS), ``equivalence`` (LoRA losses of deltatune vs peft from identical
 weights), ``inference`` (unmerged / merged latency, merge / unmerge, save, file size, load),
-``mixed`` (a batch whose rows use different deltas; see mixed.py).
+``mixed`` (a batch whose rows use different deltas; see mixed.py), ``swap`` (switching and
+loading deltas on a live model; see swap.py).
 
 Every worker builds its model from a fixed seed, so two workers with the same arguments
 start from the same weights and see the same batches. ``"model": "tiny"`` swaps the packaged
@@ -333,7 +334,14 @@ def _mixed(args: dict) -> dict:
     return mixed(args)
 
 
-KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": inference, "mixed": _mixed}
+def _swap(args: dict) -> dict:
+    from .swap import swap_costs
+
+    return swap_costs(args.get("model", "minilm"), args.get("repeats", 20), args.get("threads", 2))
+
+
+KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": inference, "mixed": _mixed,
+         "swap": _swap}
 
 
 def main(argv: list[str] | None = None) -> None:
