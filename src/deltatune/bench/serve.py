@@ -92,7 +92,7 @@ def make_deltas(model, directory: Path, count: int, seed: int = 1) -> list[str]:
     return names
 
 
-def serve_rows(model: str = "minilm", clients: int = 8, requests: int = 50, deltas: int = 8, threads: int = 2,
+def serve_rows(model: str = "minilm", clients: int = 8, requests: int = 50, deltas: int = 8, threads: int = 1,
                max_batch: int = 32, max_wait_ms: float = 5.0) -> list[dict]:
     """Benchmark rows of the server under load (see the module docstring)."""
     from ..serve import DeltaLibrary, Engine, Settings, create_app, load_base

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import algebra, bench, demo, generate, info, interop, merge, train
+from . import algebra, bench, demo, generate, info, interop, merge, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Delta tuning: train, save, merge and serve small deltas.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, demo, info, generate, bench, algebra, merge, interop):
+    for module in (train, demo, info, generate, bench, algebra, merge, interop, serve):
         module.add_parsers(commands)
     return parser
 

@@ -1,0 +1,258 @@
+"""The HTTP API: routes, admin authentication and JSON errors for every failure.
+
+``create_app(engine, settings)`` builds a FastAPI app serving one base and its deltas:
+``/v1/classify``, ``/v1/completions`` (OpenAI shape, SSE streaming), ``/v1/deltas`` (list,
+and admin load / unload with a bearer token), ``/healthz`` and ``/metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ConfigError
+from .batcher import CLASSIFY, COMPLETE, Batcher
+from .completions import Sampling
+from .engine import Engine, Work
+from .errors import ApiError, as_api_error
+from .library import BASE
+from .metrics import Metrics
+from .schemas import ClassifyRequest, CompletionRequest
+
+
+@dataclass
+class Settings:
+    """How the server batches, limits and protects requests.
+
+    Attributes:
+        admin_token: bearer token of the admin endpoints; ``None`` turns them off (404).
+        max_batch: most rows per model batch.
+        max_wait_ms: how long a batch waits for more requests.
+        queue_size: most waiting requests before 503.
+        timeout_s: most seconds per request before 504.
+        max_inputs: most texts or prompts in one request (413 beyond).
+        max_tokens: largest ``max_tokens`` a completion may ask for.
+    """
+
+    admin_token: str | None = None
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 256
+    timeout_s: float = 30.0
+    max_inputs: int = 64
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_wait_ms", "queue_size", "timeout_s", "max_inputs", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"serve setting {name} must be a positive number, got {value!r}")
+
+
+def _error_response(error: ApiError, request: Request) -> JSONResponse:
+    request.state.error_type = error.kind
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _field(location: tuple) -> str:
+    parts = [str(p) for p in location if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = error.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        first = next(p for p in problems if p.get("type") == "json_invalid")
+        message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))}); send JSON"
+        return _error_response(ApiError(422, "invalid_json", message), request)
+    described = "; ".join(f"field {_field(tuple(p.get('loc', ())))!r}: {p.get('msg')}" for p in problems[:5])
+    fields = [_field(tuple(p.get("loc", ()))) for p in problems]
+    return _error_response(ApiError(422, "invalid_request", described, fields=fields), request)
+
+
+def _rows(texts: list[str], what: str, limit: int) -> list[str]:
+    rows = list(texts)
+    if not rows:
+        raise ApiError(400, "empty_input", f"{what} is empty; send at least one text")
+    if len(rows) > limit:
+        raise ApiError(413, "too_many_inputs", f"{what} holds {len(rows)} texts; at most {limit} per request, "
+                       f"split it into several requests", limit=limit)
+    return rows
+
+
+def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``'s base and deltas with ``settings``."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    batcher = Batcher(engine, metrics, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                      queue_size=settings.queue_size, timeout_s=settings.timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="deltatune serve", lifespan=lifespan)
+    app.state.engine, app.state.batcher, app.state.metrics, app.state.settings = engine, batcher, metrics, settings
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        error = getattr(request.state, "error_type", None) if response.status_code >= 400 else None
+        metrics.request(endpoint, response.status_code, time.perf_counter() - started,
+                        error or (f"http_{response.status_code}" if response.status_code >= 400 else None))
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return _error_response(error, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _validation_error(request, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return _error_response(ApiError(error.status_code, kind, str(error.detail)), request)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        return _error_response(as_api_error(error), request)
+
+    def delta_of(name: str | None) -> str | None:
+        if name is None or name == BASE:
+            return None
+        engine.library.folder(name)  # 400 for a bad name, 404 for an unknown one
+        return name
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "model": engine.model_name, "task": engine.task,
+                "loaded_deltas": len(engine.loaded()), "queue_depth": batcher.depth()}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(len(engine.loaded()), batcher.depth()),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/deltas")
+    async def list_deltas() -> dict:
+        loaded = engine.loaded()
+        available = engine.library.available()
+        deltas = [{**engine.library.describe(name), "loaded": name in loaded} for name in available]
+        return {"base": engine.describe(), "loaded": loaded, "available": available, "deltas": deltas}
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest) -> dict:
+        texts = _rows(body.inputs, "inputs", settings.max_inputs)
+        delta = delta_of(body.delta)
+        results = await batcher.run(CLASSIFY, Work(delta, texts))
+        return {"object": "classification", "model": engine.model_name, "delta": delta, "results": results}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompts = _rows(body.prompt, "prompt", settings.max_inputs)
+        empty = [i for i, p in enumerate(prompts) if not p]
+        if empty:
+            raise ApiError(400, "empty_input", f"prompt {empty[0]} is an empty string; send some text")
+        if body.max_tokens > settings.max_tokens:
+            raise ApiError(400, "max_tokens_too_large", f"max_tokens {body.max_tokens} is more than this server allows "
+                           f"({settings.max_tokens}); ask for fewer", limit=settings.max_tokens)
+        work = Work(delta_of(body.model), prompts)
+        sampling = Sampling(body.max_tokens, body.temperature)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model}
+        if body.stream:
+            return await _stream(batcher, work, sampling, head, settings.timeout_s)
+        choices = await batcher.run(COMPLETE, work, sampling)
+        prompt_tokens = sum(c.prompt_tokens for c in choices)
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        return {**head, "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                                    for i, c in enumerate(choices)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    if settings.admin_token:
+        admin = Depends(_admin_check(settings.admin_token))
+
+        @app.post("/v1/deltas/{name:path}", dependencies=[admin])
+        async def load_delta(name: str) -> dict:
+            engine.library.folder(name)
+            return await batcher.call(lambda: engine.load(name))
+
+        @app.delete("/v1/deltas/{name:path}", dependencies=[admin])
+        async def unload_delta(name: str) -> dict:
+            return await batcher.call(lambda: engine.unload(name))
+
+    return app
+
+
+def _admin_check(token: str):
+    expected = token.encode()
+
+    async def check(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "unauthorized", "admin endpoint: send 'Authorization: Bearer <admin token>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            raise ApiError(403, "forbidden", "the admin token is wrong")
+
+    return check
+
+
+async def _stream(batcher: Batcher, work: Work, sampling: Sampling, head: dict, timeout: float) -> StreamingResponse:
+    """Server-sent events of the completion; errors before the first token answer with their status."""
+    events: asyncio.Queue = asyncio.Queue()
+    job = batcher.submit(COMPLETE, work, sampling, lambda choice, piece, end: events.put_nowait((choice, piece, end)))
+    job.future.add_done_callback(lambda _: events.put_nowait(None))  # after every piece: see Batcher._run
+    deadline = asyncio.get_running_loop().time() + timeout
+
+    async def next_event():
+        try:
+            return await asyncio.wait_for(events.get(), deadline - asyncio.get_running_loop().time())
+        except TimeoutError:
+            job.abandoned = True
+            raise ApiError(504, "timeout", f"no answer within {timeout:g} s (the server's --timeout)") from None
+
+    first = await next_event()
+    if first is None and job.future.exception() is not None:
+        raise job.future.exception()
+
+    def chunk(choice: int, piece: str, end: str | None) -> str:
+        data = {**head, "choices": [{"text": piece, "index": choice, "logprobs": None, "finish_reason": end}]}
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def body():
+        event = first
+        try:
+            while event is not None:
+                yield chunk(*event)
+                event = await next_event()
+            if job.future.exception() is not None:
+                raise job.future.exception()
+        except ApiError as error:
+            yield f"data: {json.dumps(error.body())}\n\n"
+        except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
+            yield f"data: {json.dumps(as_api_error(error).body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

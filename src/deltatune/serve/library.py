@@ -1,0 +1,111 @@
+"""The deltas folder a server offers: safe name lookup, listing, and each delta's description."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import DeltaFileError
+from ..io.artifact import META_FILE, TENSORS_FILE, read_meta
+from .errors import ApiError
+
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+#: the name that means "no delta" in requests
+BASE = "base"
+
+
+class DeltaLibrary:
+    """The delta folders under one directory, each ``<directory>/<name>/delta.json``.
+
+    Args:
+        directory: the deltas folder (``--deltas``).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).resolve()
+        if not self.directory.is_dir():
+            raise DeltaFileError(f"deltas folder {directory} does not exist; create it or pass another --deltas")
+        self._meta: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def folder(self, name: str) -> Path:
+        """The folder of delta ``name``.
+
+        Raises:
+            ApiError: 400 for a name that is not ``[A-Za-z][A-Za-z0-9_-]*`` or resolves outside
+                the deltas folder; 404 when no such delta exists.
+        """
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name == BASE:
+            raise ApiError(400, "invalid_delta_name",
+                           f"delta name {name!r} is not allowed; names start with a letter and hold only letters, "
+                           f"digits, '_' and '-' (at most 64), and {BASE!r} means the base model")
+        folder = (self.directory / name).resolve()
+        if not folder.is_relative_to(self.directory):
+            raise ApiError(400, "invalid_delta_name", f"delta {name!r} points outside the deltas folder; refused")
+        if not (folder / META_FILE).is_file():
+            known = self.available()
+            shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            raise ApiError(404, "unknown_delta", f"no delta {name!r} in the deltas folder; available: [{shown}]")
+        return folder
+
+    def available(self) -> list[str]:
+        """Names of the delta folders present now, sorted."""
+        names = []
+        for entry in self.directory.iterdir():
+            named = NAME_PATTERN.fullmatch(entry.name) and entry.name != BASE
+            if named and (entry / META_FILE).is_file() and entry.resolve().is_relative_to(self.directory):
+                names.append(entry.name)
+        return sorted(names)
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The delta's ``delta.json``, re-read when the file changes."""
+        path = self.folder(name) / META_FILE
+        stamp = path.stat().st_mtime_ns
+        with self._lock:
+            cached = self._meta.get(name)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+        meta = read_meta(path.parent)
+        with self._lock:
+            self._meta[name] = (stamp, meta)
+        return meta
+
+    def labels(self, name: str) -> list[str] | None:
+        """Label names of a classification delta: ``metrics.json``'s ``data.labels`` of its run
+        folder, else ``labels`` in ``delta.json``'s metrics or provenance; ``None`` if unknown."""
+        folder = self.folder(name)
+        run_metrics = folder / "metrics.json"
+        if run_metrics.is_file():
+            try:
+                labels = json.loads(run_metrics.read_text(encoding="utf-8")).get("data", {}).get("labels")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                labels = None
+            if labels:
+                return [str(label) for label in labels]
+        meta = self.meta(name)
+        for section in ("metrics", "provenance"):
+            labels = (meta.get(section) or {}).get("labels")
+            if labels:
+                return [str(label) for label in labels]
+        return None
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What ``GET /v1/deltas`` shows of one delta: method, size, fingerprint, metrics."""
+        try:
+            meta = self.meta(name)
+        except DeltaFileError as error:
+            return {"name": name, "error": str(error)}
+        tensors = self.folder(name) / TENSORS_FILE
+        return {
+            "name": name,
+            "method": meta.get("method"),
+            "size_bytes": tensors.stat().st_size if tensors.is_file() else None,
+            "num_parameters": meta.get("num_parameters"),
+            "fingerprint": meta["base"].get("sha256"),
+            "base_class": meta["base"].get("model_class"),
+            "metrics": meta.get("metrics") or {},
+            "provenance": meta.get("provenance") or {},
+        }
