@@ -124,8 +124,13 @@ def _model_section(name: str, rows: list[dict], raw: dict) -> list[str]:
         lines += ["", f"### {name}: switching deltas on a live model (two LoRA deltas + heads, medians)", "",
                   "| metric | ms |", "|---|---:|"]
         lines += [f"| {r['metric']} | {_num(r['deltatune'], 3)} |" for r in swap]
+    served = [r for r in rows if r["method"] == "serve"]
+    if served:
+        lines += ["", f"### {name}: `deltatune serve` under load ({served[0]['case'].replace('_', ' ')}; "
+                  "HTTP clients in the same process, 1 torch thread)", "", "| metric | value | unit |", "|---|---:|---|"]
+        lines += [f"| {r['metric']} | {_num(r['deltatune'])} | {r['unit']} |" for r in served]
     other = [r for r in rows if r["metric"] not in ("train_step", "peak_rss") and not r["metric"].startswith("mixed_")
-             and r not in swap]
+             and r not in swap and r not in served]
     if other:
         lines += ["", f"### {name}: equivalence guard and inference (LoRA r=8 on every Linear of the body)", "",
                   "| method | metric | deltatune | peft | deltatune/peft | unit |", "|---|---|---:|---:|---:|---|"]

@@ -3,7 +3,7 @@
     deltatune bench                     # MiniLM and SmolLM2, 20 timed repeats after 3 warm-ups
     deltatune bench --models minilm     # one model
     deltatune bench --tiny              # tiny random BERT and Llama, 3 repeats (smoke run)
-    deltatune bench --only train        # train|memory|equivalence|inference|mixed|swap (comma list)
+    deltatune bench --only train        # train|memory|equivalence|inference|mixed|swap|serve
 
 Each (library, method) runs in a fresh ``sys.executable`` with OMP_NUM_THREADS=2 and
 ``torch.set_num_threads(2)``, so its peak RSS is its own and no library warms the other's
@@ -124,6 +124,9 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
     if "swap" in parts and MODELS[model].task == "classification":
         raw["swap"] = run_worker("swap", common)
         rows += swap_rows(model, raw["swap"])
+    if "serve" in parts and MODELS[model].task == "classification":
+        raw["serve"] = run_worker("serve", common)
+        rows += raw["serve"]["rows"]
     return rows, raw
 
 
@@ -158,8 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --tiny)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="equivalence-guard training steps (first model only)")
-    parser.add_argument("--only", default="train,memory,equivalence,inference,mixed,swap",
-                        help="comma list of parts (mixed and swap run on classification models only)")
+    parser.add_argument("--only", default="train,memory,equivalence,inference,mixed,swap,serve",
+                        help="comma list of parts (mixed, swap and serve run on classification models only)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 

@@ -4,7 +4,7 @@ Kinds: ``train_step`` (one library and method: median forward + backward + AdamW
 the process's peak RSS), ``equivalence`` (LoRA losses of deltatune vs peft from identical
 weights), ``inference`` (unmerged / merged latency, merge / unmerge, save, file size, load),
 ``mixed`` (a batch whose rows use different deltas; see mixed.py), ``swap`` (switching and
-loading deltas on a live model; see swap.py).
+loading deltas on a live model; see swap.py), ``serve`` (the HTTP server under load; serve.py).
 
 Every worker builds its model from a fixed seed, so two workers with the same arguments
 start from the same weights and see the same batches. ``"model": "tiny"`` swaps the packaged
@@ -340,8 +340,15 @@ def _swap(args: dict) -> dict:
     return swap_costs(args.get("model", "minilm"), args.get("repeats", 20), args.get("threads", 2))
 
 
+def _serve(args: dict) -> dict:
+    from .serve import serve_rows
+
+    # one torch thread: the HTTP clients and the event loop share the process and need a core
+    return {"rows": serve_rows(args.get("model", "minilm"), threads=1)}
+
+
 KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": inference, "mixed": _mixed,
-         "swap": _swap}
+         "swap": _swap, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> None:
