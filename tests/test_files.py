@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 import deltatune as dt
-from deltatune.io.artifact import META_FILE, TENSORS_FILE, _file_sha256
+from deltatune.io.artifact import META_FILE, TENSORS_FILE, file_sha256
 from tiny_models import MODELS
 
 CASE = MODELS["gpt2"]
@@ -31,7 +31,7 @@ def _rewrite(directory, tensors):
     safetensors.torch.save_file(tensors, str(directory / TENSORS_FILE))
     meta = json.loads((directory / META_FILE).read_text())
     meta["tensors"] = {k: {"shape": list(v.shape), "dtype": "float32"} for k, v in tensors.items()}
-    meta["tensors_sha256"] = _file_sha256(directory / TENSORS_FILE)
+    meta["tensors_sha256"] = file_sha256(directory / TENSORS_FILE)
     (directory / META_FILE).write_text(json.dumps(meta))
 
 

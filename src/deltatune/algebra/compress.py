@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 from ..errors import ConfigError
-from ..io.artifact import FORMAT, META_FILE, TENSORS_FILE, _file_sha256, read_meta, read_tensors
+from ..io.artifact import FORMAT, META_FILE, TENSORS_FILE, file_sha256, read_meta, read_tensors
 from ..io.atomic import atomic_path, write_text_atomic
 from ..io.compressed import PACKING, CompressedTensor, encode
 
@@ -212,7 +212,7 @@ def compress(
     relative_error = math.sqrt(error_energy / total_energy) if total_energy else 0.0
     meta = {
         **meta,
-        "tensors_sha256": _file_sha256(out / TENSORS_FILE),
+        "tensors_sha256": file_sha256(out / TENSORS_FILE),
         "compression": {"density": density, "bits": bits, "tensors": compressed, "bytes_before": bytes_before,
                         "bytes_after": bytes_after, "relative_error": relative_error},
         "provenance": {**meta.get("provenance", {}), "compressed_from": str(source)},

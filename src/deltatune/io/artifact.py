@@ -39,7 +39,7 @@ FORMAT = "deltatune.delta"
 Check = Literal["strict", "warn", "off"]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     hasher = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -131,7 +131,7 @@ def save(
         "modules_to_save": state.saved_modules[name],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
         "num_parameters": sum(v.numel() for v in tensors.values()),
-        "tensors_sha256": _file_sha256(tensor_file),
+        "tensors_sha256": file_sha256(tensor_file),
         "base": base_fingerprint(model, name),
         "metrics": metrics or {},
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(), **(provenance or {})},
@@ -167,7 +167,7 @@ def read_tensors(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch
     tensor_file = Path(directory) / TENSORS_FILE
     if not tensor_file.is_file():
         raise DeltaFileError(f"{tensor_file} not found next to {META_FILE}")
-    if _file_sha256(tensor_file) != meta["tensors_sha256"]:
+    if file_sha256(tensor_file) != meta["tensors_sha256"]:
         raise DeltaFileError(
             f"{tensor_file} does not match the checksum in {META_FILE}: it is truncated, corrupt, or from another "
             f"save; save the delta again"

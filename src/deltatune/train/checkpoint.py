@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaFileError
-from ..io.artifact import _file_sha256
+from ..io.artifact import file_sha256
 from ..io.atomic import atomic_path, write_text_atomic
 
 LATEST = "latest.json"
@@ -41,7 +41,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     name = f"step-{step:07d}.safetensors"
     with atomic_path(folder / name) as tmp:
         safetensors.torch.save_file(tensors, str(tmp))
-    meta = {"step": step, "file": name, "sha256": _file_sha256(folder / name), **record}
+    meta = {"step": step, "file": name, "sha256": file_sha256(folder / name), **record}
     write_text_atomic(folder / LATEST, json.dumps(meta, indent=1))
     for old in folder.glob("step-*.safetensors"):
         if old.name != name:
@@ -56,7 +56,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         raise DeltaFileError(f"no checkpoint in {folder} ({LATEST} missing); train with --save-every N to write one")
     meta = json.loads(latest.read_text())
     path = folder / meta["file"]
-    if not path.is_file() or _file_sha256(path) != meta["sha256"]:
+    if not path.is_file() or file_sha256(path) != meta["sha256"]:
         raise DeltaFileError(f"checkpoint file {path} is missing or does not match {LATEST}; it cannot be resumed")
     tensors = safetensors.torch.load_file(str(path))
     params = _trainable(model)
