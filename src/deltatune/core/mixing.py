@@ -169,13 +169,16 @@ def gathered(
     a serving loop stacks once; training re-stacks every call so gradients reach each delta.
     """
     present = [u for u in units if u is not None]
-    stamp = None
-    if cache is not None and not torch.is_grad_enabled():
-        stamp = (tuple(id(u) if u is not None else 0 for u in units),
-                 tuple(p._version for u in present for p in u.parameters()))
+    caching = cache is not None and not torch.is_grad_enabled()
+    if caching:
+        ids = tuple(id(u) for u in units)
         hit = cache.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1][index.to(hit[1].device)]
+        # the units' parameters are listed once per set of units; their version counters tell
+        # whether anything (an optimizer step, a hot swap) wrote to them since the stack was built
+        params = hit[1] if hit is not None and hit[0] == ids else [p for u in present for p in u.parameters()]
+        versions = tuple(p._version for p in params)
+        if hit is not None and hit[0] == ids and hit[2] == versions:
+            return hit[3][index.to(hit[3].device)]
     values = [tensor(u) for u in present]
     shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
     like = values[0]
@@ -189,8 +192,8 @@ def gathered(
         pad = [x for d in reversed(range(value.dim())) for x in (0, shape[d] - value.shape[d])]
         rows.append(F.pad(value, pad, value=fill) if any(pad) else value)
     stacked = torch.stack(rows)
-    if stamp is not None:
-        cache[key] = (stamp, stacked)
+    if caching:
+        cache[key] = (ids, params, versions, stacked)
     return stacked[index.to(stacked.device)]
 
 
