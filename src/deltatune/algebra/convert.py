@@ -10,11 +10,11 @@ from torch import nn
 
 from ..core.build import linear_shape
 from ..core.inject import attach, check_name_free
+from ..core.merge import require_mergeable
 from ..core.params import base_parameters, tensor_key
-from ..core.registry import get_method
 from ..core.report import AttachReport
 from ..core.saved_module import SavedModule
-from ..core.slot import get_slot, require_state, slot_sites
+from ..core.slot import get_slot, slot_sites
 from ..errors import MergeError
 from ..methods.dense import DenseConfig, dense_kind
 from ..methods.lora import LoRAConfig
@@ -54,14 +54,8 @@ def task_vector_of(model: nn.Module, name: str, *, include_saved: bool = False) 
         MergeError: the delta changes activations rather than weights (adapters, prefix and
             prompt tuning), so it has no weight change.
     """
-    state = require_state(model)
-    state.require(name)
-    spec = get_method(state.configs[name].method)
-    if not spec.mergeable:
-        raise MergeError(
-            f"delta {name!r} ({spec.name}) changes activations, not weights, so it has no task vector and cannot be "
-            f"merged with others; use weight deltas (lora, dora, ia3, bitfit, dense, head)"
-        )
+    require_mergeable(model, name, "it has no task vector and cannot be merged with others; use weight deltas "
+                                   "(lora, dora, ia3, bitfit, dense, head)")
     entries = {}
     for path, module, slot in slot_sites(model):
         if name not in slot:

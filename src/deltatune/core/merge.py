@@ -21,17 +21,20 @@ def _own_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(base_parameters(module))
 
 
+def require_mergeable(model: nn.Module, name: str, consequence: str) -> None:
+    """Raise :class:`MergeError` (ending with ``consequence``) unless delta ``name`` changes weights."""
+    state = require_state(model)
+    state.require(name)
+    spec = get_method(state.configs[name].method)
+    if not spec.mergeable:
+        raise MergeError(f"delta {name!r} ({spec.name}) changes activations, not weights, so {consequence}")
+
+
 def _plan(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, DeltaSlot, dict[str, torch.Tensor]]]:
     """New parameter values for every module touched by ``names``; nothing is changed yet."""
-    state = require_state(model)
     for name in names:
-        state.require(name)
-        spec = get_method(state.configs[name].method)
-        if not spec.mergeable:
-            raise MergeError(
-                f"delta {name!r} ({spec.name}) changes activations, not weights, so it cannot be merged; "
-                f"keep it unmerged (it still runs), or use a weight method such as lora, ia3 or bitfit"
-            )
+        require_mergeable(model, name, "it cannot be merged; keep it unmerged (it still runs), or use a weight "
+                                       "method such as lora, ia3 or bitfit")
     plan = []
     owners = parameter_owners(model)
     for path, module, slot in slot_sites(model):
