@@ -38,7 +38,8 @@ from .core.inject import (
     using,
 )
 from .core.merge import fold, merge, unmerge
-from .core.mixing import Routing, get_routing, route
+from .core.mixing import get_routing, route
+from .core.rows import Routing
 from .core.params import base_parameters, count_parameters, delta_parameters, set_trainable
 from .core.registry import MethodSpec, config_from_dict, get_method, method_names, register_method
 from .core.report import AttachReport

@@ -43,17 +43,17 @@ def set_composition(model: nn.Module, block: Block | str | None) -> None:
     """
     state = require_state(model)
     if block is None:
-        state.composition = None
+        state.set_override(None)
         return
     block = as_block(block)
     block.validate(model)
-    state.composition = ActiveComposition(block, model, state.version)
+    state.set_override(ActiveComposition(block, model, state.version))
 
 
 def get_composition(model: nn.Module) -> Block | None:
     """The block in force on ``model``, else ``None``."""
-    state = require_state(model)
-    return state.composition.block if state.composition is not None else None
+    plan = require_state(model).override
+    return plan.block if isinstance(plan, ActiveComposition) else None
 
 
 @contextlib.contextmanager
@@ -65,9 +65,9 @@ def compose(model: nn.Module, block: Block | str) -> Iterator[Block]:
         ...     logits = model(x)
     """
     state = require_state(model)
-    previous = state.composition
+    previous = state.override
     set_composition(model, block)
     try:
-        yield state.composition.block
+        yield state.override.block
     finally:
-        state.composition = previous
+        state.set_override(previous)

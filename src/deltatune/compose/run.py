@@ -15,57 +15,56 @@ import torch
 from torch import nn
 
 from ..core.build import first_input, replace_first_input
-from ..core.mixing import Routing
+from ..core.plan import Plan
+from ..core.rows import Routing, group_by_class, run_mixed_post, run_mixed_pre, take_call_rows
 from ..core.unit import DeltaUnit
 from ..errors import DeltaStateError
 from .blocks import Average, BatchSplit, Block, Fuse, Parallel, Stack
 
 
-class ActiveComposition:
-    """A validated block set on a model's :class:`DeltaState`; re-validated whenever the
-    model's deltas change (attach, delete, activate, merge) while it is in force."""
+class ActiveComposition(Plan):
+    """A validated block installed as the model's plan; re-validated whenever the model's
+    deltas change (attach, delete, activate, merge) while it is in force."""
+
+    refuses_routing = (
+        "a composition and per-row delta_ids cannot both be in force; express the row routing inside the "
+        "composition with BatchSplit, or clear the composition (set_composition(model, None))"
+    )
 
     def __init__(self, block: Block, model: nn.Module, version: int) -> None:
         self.block = block
         self._model = weakref.ref(model)
         self._version = version
-        self._names = frozenset(block.names())
+        self._names = tuple(block.names())
 
-    def _current(self, slot: Any) -> None:
+    def resolve(self, slot: Any) -> tuple[bool, bool]:
+        """Whether any of the composition's deltas changes this module's input, its output."""
         state = slot.state
-        if state.routing is not None:
-            raise DeltaStateError(
-                "a composition and per-row delta_ids cannot both be in force; express the row routing inside the "
-                "composition with BatchSplit, or clear the composition (set_composition(model, None))"
-            )
         if state.version != self._version:
             model = self._model()
             if model is not None:
                 self.block.validate(model)
             self._version = state.version
+        units = [slot._modules[n] for n in self._names if n in slot._modules]
+        return any(type(u).overrides("forward_pre") for u in units), any(type(u).overrides("forward_post") for u in units)
 
     def pre(self, slot: Any, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        """The slot's forward pre-hook under this composition."""
-        self._current(slot)
-        if not self._acts_here(slot, "forward_pre"):
+        if not slot.resolved(self)[0]:
             return None
         return _Site(slot, module).pre(self.block, args, kwargs)
 
     def post(self, slot: Any, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """The slot's forward hook under this composition."""
-        self._current(slot)
-        if not self._acts_here(slot, "forward_post"):
+        if not slot.resolved(self)[1]:
             return None
         return _Site(slot, module, args, kwargs).post(self.block, output)
-
-    def _acts_here(self, slot: Any, hook: str) -> bool:
-        units = slot._modules
-        return any(type(units[n]).overrides(hook) for n in self._names if n in units)
 
     def units(self, slot: Any) -> list[DeltaUnit]:
         """Units of the composition's deltas at ``slot`` (for methods acting from inside a
         module, which validation has allowed only in Stacks)."""
-        return [slot[n] for n in self.block.names() if n in slot._modules]
+        return [slot[n] for n in self._names if n in slot._modules]
+
+    def names(self) -> tuple[str, ...]:
+        return self._names
 
 
 class _Site:
@@ -106,16 +105,14 @@ class _Site:
             return self._post_routed(block, output)
         parts = []
         for child, index in zip(block.children, rows):
-            part = _Site(self.slot, self.module, *_take_rows((self.args, self.kwargs), index, output.shape[0]))
+            part = _Site(self.slot, self.module, *take_call_rows(self.args, self.kwargs, index, output.shape[0]))
             parts.append(part.post(child, output.index_select(0, index)))
         return torch.cat(parts, 0)
 
     def _post_routed(self, block: BatchSplit, output: Any) -> Any:
         """Children that are all delta names: the mixed-batch kernels of ``dt.route``."""
         routing, units = _routing(block, self.slot, "forward_post")
-        for cls, members in _by_class(units):
-            output = cls.mixed_post(members, self.module, self.args, self.kwargs, output, routing)
-        return output
+        return run_mixed_post(group_by_class(units), self.module, self.args, self.kwargs, output, routing)
 
     # --- module inputs -------------------------------------------------------------------
 
@@ -140,14 +137,12 @@ class _Site:
         rows = _check_rows(block, x, self.module)
         if all(isinstance(c, str) for c in block.children):
             routing, units = _routing(block, self.slot, "forward_pre")
-            groups = _by_class(units)
-            if all(cls.mixed_pre.__func__ is not DeltaUnit.mixed_pre.__func__ for cls, _ in groups):
-                for cls, members in groups:
-                    args, kwargs = cls.mixed_pre(members, self.module, args, kwargs, routing)
-                return args, kwargs
+            groups = group_by_class(units)
+            if all(cls.overrides("mixed_pre") for cls, _ in groups):
+                return run_mixed_pre(groups, self.module, args, kwargs, routing)
         parts = []
         for child, index in zip(block.children, rows):
-            sub_args, sub_kwargs = _take_rows((args, kwargs), index, x.shape[0])
+            sub_args, sub_kwargs = take_call_rows(args, kwargs, index, x.shape[0])
             parts.append(first_input(*self.pre(child, sub_args, sub_kwargs)))
         return replace_first_input(args, kwargs, torch.cat(parts, 0))
 
@@ -190,17 +185,6 @@ def _check_rows(block: BatchSplit, x: Any, module: nn.Module) -> list[torch.Tens
     return [torch.arange(start, start + size, device=device) for start, size in zip(starts, block.sizes)]
 
 
-def _take_rows(call: tuple[tuple, dict], index: torch.Tensor, batch: int) -> tuple[tuple, dict]:
-    """The rows ``index`` of every tensor argument whose first dimension is the batch."""
-    def take(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            return value.index_select(0, index.to(value.device))
-        return value
-
-    args, kwargs = call
-    return tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}
-
-
 def _routing(block: BatchSplit, slot: Any, hook: str) -> tuple[Routing, list]:
     names = tuple(dict.fromkeys(block.children))
     position = [names.index(c) for c in block.children]
@@ -208,8 +192,3 @@ def _routing(block: BatchSplit, slot: Any, hook: str) -> tuple[Routing, list]:
     units = [slot._modules.get(n) for n in names]
     units = [u if u is not None and type(u).overrides(hook) else None for u in units]
     return Routing(names, index), units
-
-
-def _by_class(units: list) -> list[tuple[type, list]]:
-    classes = dict.fromkeys(type(u) for u in units if u is not None)
-    return [(cls, [u if type(u) is cls else None for u in units]) for cls in classes]

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import DeltaStateError, TargetError
 from .config import DeltaConfig
+from .mixing import drop_state, new_state
 from .params import base_parameters, count_parameters, parameter_owners, tied_elsewhere
 from .registry import get_method
 from .report import AttachReport, SiteReport
@@ -17,10 +18,8 @@ from .saved_module import SavedModule
 from .slot import (
     DeltaState,
     check_delta_name,
-    drop_state,
     ensure_slot,
     get_state,
-    new_state,
     remove_slot,
     require_state,
     slot_sites,
@@ -148,8 +147,7 @@ def delete(model: nn.Module, name: str) -> None:
             del slot[name]
             unit.detached(module, model)
     del state.configs[name], state.sites[name], state.saved_modules[name]
-    state.active = tuple(n for n in state.active if n != name)
-    state.changed()
+    state.set_active(tuple(n for n in state.active if n != name))
     prune_slots(model)
     if not state.configs:
         remove_all(model)

@@ -1,58 +1,33 @@
 """Mixed batches: each row of one batch runs through its own delta (or the base alone).
 
-A :class:`Routing` names the deltas in play and gives every row an index into them (the
-last index, ``len(names)``, means "base only"). While a routing is set on the model's
-:class:`~deltatune.core.slot.DeltaState`, every slot ignores the active set and calls
+A :class:`~deltatune.core.rows.Routing` names the deltas in play and gives every row an
+index into them (the last index, ``len(names)``, means "base only"). Installed as the
+model's plan (:class:`~deltatune.core.plan.RowRouting`), it makes every slot call
 :meth:`DeltaUnit.mixed_post` / :meth:`DeltaUnit.mixed_pre` once per unit class with the
 units of all routed deltas. LoRA, DoRA, (IA)3 and adapters implement these with stacked
-weights gathered per row and batched matrix products (one ``bmm`` pair per module, however
-many deltas); other units fall back on one call per delta over that delta's rows.
+weights gathered per row and batched matrix products; other units fall back on one call per
+delta over that delta's rows.
 
-Set a routing with ``model(..., delta_ids=...)`` or ``with route(model, delta_ids): ...``.
+Set a routing with ``model(..., delta_ids=...)``, ``model.generate(..., delta_ids=...)`` or
+``with route(model, delta_ids): ...``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import types
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeltaStateError
-
-if TYPE_CHECKING:
-    from .slot import DeltaState
-    from .unit import DeltaUnit
+from .plan import RowRouting
+from .rows import Routing
+from .slot import STATE_ATTR, DeltaState, get_state, require_state
 
 ROUTING_KWARG = "delta_ids"
-
-
-@dataclass(frozen=True)
-class Routing:
-    """Row ``i`` of the batch uses delta ``names[index[i]]``; ``index[i] == len(names)`` is the base."""
-
-    names: tuple[str, ...]
-    index: torch.Tensor  # (batch,) int64
-    #: the one delta every row uses, if so (the batch then runs like an ordinary one)
-    single: str | None = None
-
-    @property
-    def base_index(self) -> int:
-        return len(self.names)
-
-    def rows_of(self, position: int) -> torch.Tensor:
-        return (self.index == position).nonzero().squeeze(1)
-
-    def check_batch(self, batch: int, where: str) -> None:
-        if batch != self.index.numel():
-            raise DeltaStateError(
-                f"delta_ids gives {self.index.numel()} rows but {where} has a batch of {batch}; "
-                f"give one delta id per row"
-            )
 
 
 def make_routing(state: DeltaState, delta_ids: Any, names: Sequence[str] | None = None) -> Routing:
@@ -65,9 +40,11 @@ def make_routing(state: DeltaState, delta_ids: Any, names: Sequence[str] | None 
         names: what integer ids index; default: the model's deltas in attach order.
 
     Raises:
-        DeltaStateError: an unknown name, an id out of range, a merged delta, or ids that are
-            not one-dimensional.
+        DeltaStateError: an unknown name, an id out of range, a merged delta, ids that are
+            not one-dimensional, or a plan in force that a routing cannot replace.
     """
+    if state.override is not None and state.override.refuses_routing:
+        raise DeltaStateError(state.override.refuses_routing)
     table = tuple(state.configs) if names is None else tuple(names)
     for name in table:
         state.require(name)
@@ -101,6 +78,17 @@ def make_routing(state: DeltaState, delta_ids: Any, names: Sequence[str] | None 
 
 
 @contextlib.contextmanager
+def routed(state: DeltaState, routing: Routing) -> Iterator[Routing]:
+    """Install ``routing`` as the plan in force inside the block, then restore the previous plan."""
+    previous = state.override
+    state.set_override(RowRouting(routing))
+    try:
+        yield routing
+    finally:
+        state.set_override(previous)
+
+
+@contextlib.contextmanager
 def route(model: nn.Module, delta_ids: Any, names: Sequence[str] | None = None) -> Iterator[Routing]:
     """Run each row of the batches inside the block through its own delta.
 
@@ -108,137 +96,84 @@ def route(model: nn.Module, delta_ids: Any, names: Sequence[str] | None = None) 
         >>> with route(model, ["sentiment", "spam", None]):   # None: the base alone
         ...     logits = model(**batch).logits
     """
-    from .slot import require_state
-
     state = require_state(model)
-    previous = state.routing
-    routing = make_routing(state, delta_ids, names)
-    state.set_routing(routing)
-    try:
+    with routed(state, make_routing(state, delta_ids, names)) as routing:
         yield routing
-    finally:
-        state.set_routing(previous)
+
+
+def get_routing(model: nn.Module) -> Routing | None:
+    """The routing in force on ``model`` (inside :func:`route`), else ``None``."""
+    state = get_state(model)
+    plan = state.plan if state is not None else None
+    return plan.routing if isinstance(plan, RowRouting) else None
+
+
+# --- model(..., delta_ids=...) and model.generate(..., delta_ids=...) ------------------------
 
 
 def routing_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     """Root pre-hook: ``model(..., delta_ids=...)`` sets the routing for that one call."""
     if ROUTING_KWARG not in kwargs:
         return None
-    from .slot import require_state
-
     kwargs = dict(kwargs)
     delta_ids = kwargs.pop(ROUTING_KWARG)
     state = require_state(model)
+    state.call_plans.append(state.override)
     if delta_ids is not None:
         routing = make_routing(state, delta_ids)
         for key in ("input_ids", "inputs_embeds"):
             if isinstance(kwargs.get(key), torch.Tensor):
                 routing.check_batch(kwargs[key].shape[0], key)
-        state.call_routing.append(state.routing)
-        state.set_routing(routing)
-    else:
-        state.call_routing.append(state.routing)
+        state.set_override(RowRouting(routing))
     return args, kwargs
 
 
 def routing_post_hook(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    """Root post-hook (always called, errors included): restore the routing of before the call."""
-    from .slot import get_state
-
+    """Root post-hook (always called, errors included): restore the plan of before the call."""
     state = get_state(model)
-    if state is not None and state.call_routing:
-        state.set_routing(state.call_routing.pop())
+    if state is not None and state.call_plans:
+        state.set_override(state.call_plans.pop())
 
 
-# --- helpers for the batched kernels -------------------------------------------------------
+def generate_routed(model: nn.Module, *args: Any, delta_ids: Any = None, **kwargs: Any) -> Any:
+    """``model.generate`` that also takes ``delta_ids`` (one per prompt), like ``model(...)``.
 
-
-def gathered(
-    units: Sequence[DeltaUnit | None],
-    index: torch.Tensor,
-    tensor: Callable[[DeltaUnit], torch.Tensor],
-    fill: float,
-    cache: dict | None = None,
-    key: str = "",
-) -> torch.Tensor:
-    """``tensor(unit)`` for every row's unit, stacked and gathered: shape ``(batch, *shape)``.
-
-    Rows of absent units (``None``: the base, or a delta with nothing at this module) get a
-    tensor full of ``fill``. Tensors of different sizes (LoRA ranks) are padded with ``fill``
-    to the largest. Without grad, the stack is cached against the parameters' versions, so
-    a serving loop stacks once; training re-stacks every call so gradients reach each delta.
+    Beams and returned sequences repeat each prompt's row; the routing repeats with them.
     """
-    present = [u for u in units if u is not None]
-    caching = cache is not None and not torch.is_grad_enabled()
-    if caching:
-        ids = tuple(id(u) for u in units)
-        hit = cache.get(key)
-        # the units' parameters are listed once per set of units; their version counters tell
-        # whether anything (an optimizer step, a hot swap) wrote to them since the stack was built
-        params = hit[1] if hit is not None and hit[0] == ids else [p for u in present for p in u.parameters()]
-        versions = tuple(p._version for p in params)
-        if hit is not None and hit[0] == ids and hit[2] == versions:
-            return hit[3][index.to(hit[3].device)]
-    values = [tensor(u) for u in present]
-    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
-    like = values[0]
-    rows = []
-    it = iter(values)
-    for unit in (*units, None):  # the extra None: the base row
-        if unit is None:
-            rows.append(like.new_full(shape, fill))
-            continue
-        value = next(it)
-        pad = [x for d in reversed(range(value.dim())) for x in (0, shape[d] - value.shape[d])]
-        rows.append(F.pad(value, pad, value=fill) if any(pad) else value)
-    stacked = torch.stack(rows)
-    if caching:
-        cache[key] = (ids, params, versions, stacked)
-    return stacked[index.to(stacked.device)]
+    generate = type(model).generate
+    if delta_ids is None:
+        return generate(model, *args, **kwargs)
+    state = require_state(model)
+    routing = make_routing(state, delta_ids)
+    prompts = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(prompts, torch.Tensor):
+        routing.check_batch(prompts.shape[0], "input_ids")
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+    returned = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
+    with routed(state, routing.expanded(beams if beams > 1 else returned)):
+        return generate(model, *args, **kwargs)
 
 
-def as_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``x`` as ``(batch, tokens, features)``: a 2-D ``(batch, features)`` input gets one token."""
-    if x.shape[0] != batch:
-        raise DeltaStateError(
-            f"delta_ids gives {batch} rows but a module received a tensor of shape {tuple(x.shape)}; "
-            f"mixed batches need the batch as the first dimension"
-        )
-    return x.reshape(batch, -1, x.shape[-1])
+def new_state(model: nn.Module) -> DeltaState:
+    """A fresh state on ``model``, with the root hooks that take ``model(..., delta_ids=...)``
+    and, on a model that generates, ``model.generate(..., delta_ids=...)``."""
+    state = DeltaState()
+    model.__dict__[STATE_ATTR] = state
+    state.root_handles = [
+        model.register_forward_pre_hook(routing_pre_hook, with_kwargs=True, prepend=True),
+        model.register_forward_hook(routing_post_hook, with_kwargs=True, always_call=True),
+    ]
+    if callable(getattr(type(model), "generate", None)):
+        model.__dict__["generate"] = types.MethodType(generate_routed, model)
+    return state
 
 
-def _select(value: Any, rows: torch.Tensor, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value.index_select(0, rows.to(value.device))
-    return value
-
-
-def per_delta_post(units, module, args, kwargs, output, routing: Routing):
-    """The fallback kernel: each delta's ``forward_post`` on its own rows, scattered back."""
-    if not isinstance(output, torch.Tensor):
-        raise DeltaStateError(
-            f"{type(next(u for u in units if u is not None)).__name__} cannot take part in a mixed batch at "
-            f"{type(module).__name__}: its output is not a single tensor"
-        )
-    batch = routing.index.numel()
-    routing.check_batch(output.shape[0], type(module).__name__)
-    result = output
-    for position, unit in enumerate(units):
-        if unit is None:
-            continue
-        rows = routing.rows_of(position).to(output.device)
-        if rows.numel() == 0:
-            continue
-        sub_args = tuple(_select(a, rows, batch) for a in args)
-        sub_kwargs = {k: _select(v, rows, batch) for k, v in kwargs.items()}
-        changed = unit.forward_post(module, sub_args, sub_kwargs, output.index_select(0, rows))
-        result = result.index_copy(0, rows, changed.to(result.dtype))
-    return result
-
-
-def get_routing(model: nn.Module) -> Routing | None:
-    """The routing in force on ``model`` (inside :func:`route`), else ``None``."""
-    from .slot import get_state
-
-    state = get_state(model)
-    return state.routing if state is not None else None
+def drop_state(model: nn.Module) -> None:
+    """Remove the state, its root hooks and the ``generate`` wrapper from ``model``."""
+    state = model.__dict__.pop(STATE_ATTR, None)
+    for handle in getattr(state, "root_handles", []):
+        handle.remove()
+    if isinstance(model.__dict__.get("generate"), types.MethodType) and \
+            model.__dict__["generate"].__func__ is generate_routed:
+        del model.__dict__["generate"]

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ..errors import DeltaStateError
+from .plan import ActiveSet, Plan
 from .unit import DeltaUnit
 
 if TYPE_CHECKING:
     from .config import DeltaConfig
-    from .mixing import Routing
 
 SLOT_ATTR = "deltas"
 STATE_ATTR = "_deltatune_state"
@@ -30,7 +30,8 @@ def check_delta_name(name: str) -> str:
 
 
 class DeltaState:
-    """What one model knows about its deltas: configs, where they sit, which are active.
+    """What one model knows about its deltas: configs, where they sit, which are active, and
+    the one plan in force (see core/plan.py).
 
     One object per model, shared by every slot, so that activating a delta is one assignment.
     """
@@ -39,18 +40,23 @@ class DeltaState:
         self.configs: dict[str, DeltaConfig] = {}
         self.sites: dict[str, list[str]] = {}
         self.saved_modules: dict[str, list[str]] = {}
-        self.active: tuple[str, ...] = ()
-        #: per-row deltas of a mixed batch (overrides ``active`` while set); see core/mixing.py
-        self.routing: Routing | None = None
-        #: a composition of deltas (overrides ``active`` while set); see deltatune/compose
-        self.composition: Any = None
-        #: routings to restore after ``model(..., delta_ids=...)`` calls, innermost last
-        self.call_routing: list[Routing | None] = []
+        #: the active set: what runs when no routing or composition overrides it
+        self.active_set = ActiveSet()
+        #: a routing or composition in force instead of the active set, else ``None``
+        self.override: Plan | None = None
+        #: the plan every slot runs: ``override`` if set, else ``active_set``
+        self.plan: Plan = self.active_set
+        #: plans to restore after ``model(..., delta_ids=...)`` calls, innermost last
+        self.call_plans: list[Plan | None] = []
         self.root_handles: list[Any] = []
         self.merged: tuple[str, ...] = ()
         self.version = 0
         #: names of base parameters that had requires_grad=True before the first attach
         self.originally_trainable: set[str] = set()
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self.active_set.active
 
     def require(self, name: str) -> None:
         if name not in self.configs:
@@ -62,18 +68,30 @@ class DeltaState:
             self.require(name)
         if len(set(names)) != len(names):
             raise DeltaStateError(f"delta names repeated in {list(names)}")
-        self.active = tuple(names)
+        self.active_set = ActiveSet(tuple(names))
+        self.set_override(self.override)
         self.version += 1
+
+    def set_override(self, plan: Plan | None) -> None:
+        """Put a routing or composition in force (``None``: back to the active set)."""
+        self.override = plan
+        self.plan = plan if plan is not None else self.active_set
+
+    def in_play(self) -> set[str]:
+        """Deltas the model may run now: active, merged, or named by a plan in force or to be restored."""
+        names = set(self.active) | set(self.merged)
+        for plan in (self.override, *self.call_plans):
+            if plan is not None:
+                names.update(plan.names())
+        return names
 
     def changed(self) -> None:
         self.version += 1
 
-    def set_routing(self, routing: Routing | None) -> None:
-        self.routing = routing
-
 
 class DeltaSlot(nn.ModuleDict):
-    """The units of every delta at one module, run from that module's forward hooks.
+    """The units of every delta at one module, run from that module's forward hooks, which
+    hand each call to the plan in force.
 
     Installed as the child ``deltas`` of the module it serves; keys are delta names.
     """
@@ -82,9 +100,8 @@ class DeltaSlot(nn.ModuleDict):
         super().__init__()
         self._delta_state = state
         self._handles: list[Any] = []
-        self._cache: tuple[int, list[DeltaUnit], list[DeltaUnit], list[DeltaUnit]] = (-1, [], [], [])
-        self._mixed: tuple[Any, list, list] = (None, [], [])
-        #: stacked per-delta weights of the last mixed batch (see mixing.gathered)
+        self._resolved: tuple[Any, int, Any] = (None, -1, None)
+        #: stacked per-delta weights of the last mixed batch (see rows.gathered)
         self.mixed_cache: dict[str, Any] = {}
         #: originals of the module's parameters while deltas are merged into them
         self._originals: dict[str, torch.Tensor] = {}
@@ -93,10 +110,12 @@ class DeltaSlot(nn.ModuleDict):
     def state(self) -> DeltaState:
         return self._delta_state
 
-    def install(self, module: nn.Module) -> None:
+    def install(self, module: nn.Module, *, root: bool = False) -> None:
+        """Hook into ``module``. At the model root (``root``) the output hook goes first, so it
+        runs before the root hook that ends a ``model(..., delta_ids=...)`` call."""
         self._handles = [
             module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            module.register_forward_hook(self._post_hook, with_kwargs=True),
+            module.register_forward_hook(self._post_hook, with_kwargs=True, prepend=root),
         ]
 
     def uninstall(self) -> None:
@@ -104,90 +123,27 @@ class DeltaSlot(nn.ModuleDict):
             handle.remove()
         self._handles = []
 
+    def resolved(self, plan: Plan) -> Any:
+        """``plan.resolve(self)``, computed once per plan and version of the model's deltas."""
+        cached = self._resolved
+        version = self._delta_state.version
+        if cached[0] is plan and cached[1] == version:
+            return cached[2]
+        value = plan.resolve(self)
+        self._resolved = (plan, version, value)
+        return value
+
     def active_units(self) -> list[DeltaUnit]:
-        """Units of the active, unmerged deltas, in activation order (for methods that act
-        from inside their module rather than from its hooks, such as prefix tuning).
-
-        In a batch routed to one delta, that delta's unit; a batch that mixes deltas per row
-        cannot be served this way, so it raises.
-        """
-        if self._delta_state.composition is not None:
-            return self._delta_state.composition.units(self)
-        routing = self._delta_state.routing
-        if routing is None:
-            return self._refresh()[3]
-        if routing.single is not None:
-            return [self[routing.single]] if routing.single in self._modules else []
-        units = [self[n] for n in routing.names if n in self._modules]
-        if units:
-            from ..errors import NotApplicableError
-
-            raise NotApplicableError(
-                f"{type(units[0]).__name__} units cannot take part in a batch that mixes deltas per row; run those "
-                f"rows as their own batch (with using(model, name))"
-            )
-        return []
-
-    def _refresh(self) -> tuple[int, list[DeltaUnit], list[DeltaUnit], list[DeltaUnit]]:
-        state = self._delta_state
-        if self._cache[0] != state.version:
-            units = [self[n] for n in state.active if n in self._modules and n not in state.merged]
-            pre = [u for u in units if type(u).overrides("forward_pre")]
-            post = [u for u in units if type(u).overrides("forward_post")]
-            self._cache = (state.version, pre, post, units)
-        return self._cache
-
-    def _mixed_groups(self, routing: Routing) -> tuple[list, list]:
-        """For a mixed batch: (class, units aligned with ``routing.names``) per unit class,
-        for the pre and the post hook."""
-        key = (self._delta_state.version, routing.names)
-        if self._mixed[0] != key:
-            units = [self[n] if n in self._modules else None for n in routing.names]
-            classes = list(dict.fromkeys(type(u) for u in units if u is not None))
-            groups = [(cls, [u if type(u) is cls else None for u in units]) for cls in classes]
-            self._mixed = (key, [g for g in groups if g[0].overrides("forward_pre")],
-                           [g for g in groups if g[0].overrides("forward_post")])
-        return self._mixed[1], self._mixed[2]
+        """Units the plan in force runs here, for methods that act from inside their module
+        rather than from its hooks (prefix tuning). A batch that mixes deltas per row cannot
+        be served this way, so it raises."""
+        return self._delta_state.plan.units(self)
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if self._delta_state.composition is not None:
-            return self._delta_state.composition.pre(self, module, args, kwargs)
-        routing = self._delta_state.routing
-        if routing is not None and routing.single is None:
-            pre = self._mixed_groups(routing)[0]
-            for cls, units in pre:
-                args, kwargs = cls.mixed_pre(units, module, args, kwargs, routing)
-            return (args, kwargs) if pre else None
-        pre = self._single_route(routing, 1) if routing is not None else self._refresh()[1]
-        if not pre:
-            return None
-        for unit in pre:
-            args, kwargs = unit.forward_pre(module, args, kwargs)
-        return args, kwargs
+        return self._delta_state.plan.pre(self, module, args, kwargs)
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self._delta_state.composition is not None:
-            return self._delta_state.composition.post(self, module, args, kwargs, output)
-        routing = self._delta_state.routing
-        if routing is not None and routing.single is None:
-            post = self._mixed_groups(routing)[1]
-            for cls, units in post:
-                output = cls.mixed_post(units, module, args, kwargs, output, routing)
-            return output if post else None
-        post = self._single_route(routing, 2) if routing is not None else self._refresh()[2]
-        if not post:
-            return None
-        for unit in post:
-            output = unit.forward_post(module, args, kwargs, output)
-        return output
-
-    def _single_route(self, routing: Routing, which: int) -> list[DeltaUnit]:
-        """Every row uses one delta: its units (pre: ``which=1``, post: 2), as if it were the active one."""
-        name = routing.single
-        if name not in self._modules:
-            return []
-        unit = self[name]
-        return [unit] if type(unit).overrides("forward_pre" if which == 1 else "forward_post") else []
+        return self._delta_state.plan.post(self, module, args, kwargs, output)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The identity. A slot is driven by its module's hooks; this only matters for
@@ -210,25 +166,6 @@ def get_state(model: nn.Module) -> DeltaState | None:
     return model.__dict__.get(STATE_ATTR)
 
 
-def new_state(model: nn.Module) -> DeltaState:
-    """A fresh state on ``model``, with the root hooks that take ``model(..., delta_ids=...)``."""
-    from .mixing import routing_post_hook, routing_pre_hook
-
-    state = DeltaState()
-    model.__dict__[STATE_ATTR] = state
-    state.root_handles = [
-        model.register_forward_pre_hook(routing_pre_hook, with_kwargs=True, prepend=True),
-        model.register_forward_hook(routing_post_hook, with_kwargs=True, always_call=True),
-    ]
-    return state
-
-
-def drop_state(model: nn.Module) -> None:
-    state = model.__dict__.pop(STATE_ATTR, None)
-    for handle in getattr(state, "root_handles", []):
-        handle.remove()
-
-
 def require_state(model: nn.Module) -> DeltaState:
     state = get_state(model)
     if state is None:
@@ -248,13 +185,7 @@ def ensure_slot(module: nn.Module, state: DeltaState) -> DeltaSlot:
     slot = DeltaSlot(state)
     slot.train(module.training)
     module.add_module(SLOT_ATTR, slot)
-    slot.install(module)
-    if module.__dict__.get(STATE_ATTR) is state and len(state.root_handles) == 2:
-        # the root's own slot: its post-hook must run before the one that ends a routed call
-        from .mixing import routing_post_hook
-
-        state.root_handles[1].remove()
-        state.root_handles[1] = module.register_forward_hook(routing_post_hook, with_kwargs=True, always_call=True)
+    slot.install(module, root=module.__dict__.get(STATE_ATTR) is state)
     return slot
 
 

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import MergeError
+from ..errors import MergeError, NotApplicableError
+from .rows import per_delta_post
 
 if TYPE_CHECKING:
-    from .mixing import Routing
+    from .rows import Routing
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -60,20 +61,24 @@ class DeltaUnit(nn.Module):
         The default runs each unit on its own rows; methods override it with one batched
         computation over stacked weights.
         """
-        from .mixing import per_delta_post
-
         return per_delta_post(units, module, args, kwargs, output, routing)
 
     @classmethod
     def mixed_pre(cls, units: list[DeltaUnit | None], module: nn.Module, args: Args, kwargs: Kwargs,
                   routing: Routing) -> tuple[Args, Kwargs]:
         """:meth:`forward_pre` for a mixed batch; methods that change inputs override it."""
-        from ..errors import NotApplicableError
-
         raise NotApplicableError(
             f"{cls.__name__} units cannot take part in a batch that mixes deltas per row; run those rows as "
             f"their own batch (with using(model, name))"
         )
+
+    def low_rank_update(self) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+        """The unit's weight change as low-rank factors ``(B, A, transposed)`` with
+        ``delta = B @ A`` (scaling folded into ``B``; ``transposed``: the module stores its
+        weight as ``(in, out)``, so the change to that tensor is ``(B @ A).T``), or ``None``
+        when the change is not a plain low-rank product (task vectors then take the dense
+        difference from :meth:`merge_params`)."""
+        return None
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a delta file stores for this unit, by name."""
@@ -98,7 +103,8 @@ class DeltaUnit(nn.Module):
 
     @classmethod
     def overrides(cls, hook: str) -> bool:
-        return getattr(cls, hook) is not getattr(DeltaUnit, hook)
+        mine, base = getattr(cls, hook), getattr(DeltaUnit, hook)
+        return getattr(mine, "__func__", mine) is not getattr(base, "__func__", base)
 
 
 @dataclass

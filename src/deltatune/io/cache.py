@@ -279,10 +279,7 @@ class DeltaCache:
         state = get_state(self.model)
         protected = set(self._pinned)
         if state is not None:
-            protected.update(state.active, state.merged)
-            for routing in (state.routing, *state.call_routing):
-                if routing is not None:
-                    protected.update(routing.names)
+            protected.update(state.in_play())
         return protected
 
     def _over(self) -> bool:

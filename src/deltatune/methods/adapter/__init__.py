@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...core.build import first_input, linear_shape, per_module
-from ...core.mixing import as_rows, gathered, per_delta_post
+from ...core.rows import as_rows, gathered, per_delta_post
 from ...core.slot import get_slot
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, register_method

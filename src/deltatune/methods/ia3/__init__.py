@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...core.build import first_input, linear_shape, per_module, replace_first_input
-from ...core.mixing import as_rows, gathered
+from ...core.rows import as_rows, gathered
 from ...core.slot import get_slot
 from ...core.config import DeltaConfig
 from ...core.registry import MethodSpec, register_method

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.build import first_input, weight_as_out_in
-from ...core.mixing import as_rows, gathered
+from ...core.rows import as_rows, gathered
 from ...core.slot import get_slot
 from ...core.unit import DeltaUnit
 from .config import LoRAConfig

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...core.config import DeltaConfig, check
-from ...core.mixing import gathered
+from ...core.rows import gathered
 from ...core.slot import get_slot
 from ...core.registry import MethodSpec, register_method
 from ...core.unit import DeltaUnit, Placement, Placements
