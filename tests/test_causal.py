@@ -15,7 +15,7 @@ from deltatune.cli import main
 from deltatune.data.datasets import load_dataset
 from deltatune.models.load import load_model
 from deltatune.train.batches import IGNORE, chat_prompt, encode
-from deltatune.train.generate import generate_text
+from deltatune.models.generate import generate_text
 from deltatune.train.job import TrainJob, run_train
 from deltatune.train.metrics import evaluate
 

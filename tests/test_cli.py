@@ -77,7 +77,7 @@ def test_bad_names_list_the_valid_ones(tmp_path, tiny_bert, reviews_csv, capsys)
     assert main(["train", "--data", "imdb", "--out", str(tmp_path / "x")]) == 2
     assert "unknown dataset 'imdb'; use one of movie-reviews, sms-spam, trec, chatterbot" in _error(capsys)
     assert main(["train", "--method", "lorax", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown method 'lorax'; use one of lora, dora" in _error(capsys)
+    assert "unknown delta method 'lorax'; available: lora, dora" in _error(capsys)
 
 
 def test_missing_column_names_the_columns_that_exist(tmp_path, tiny_bert, reviews_csv, capsys):

@@ -14,8 +14,8 @@ from tiny_models import MODELS, small_config
 import deltatune as dt
 from deltatune.core.slot import slot_sites
 from deltatune.errors import ConfigError, DeltaFileError, DeltaStateError
-from deltatune.io import cache as cache_module
-from deltatune.io.cache import DeltaCache, delta_bytes, replace
+from deltatune import swap as cache_module
+from deltatune.swap import DeltaCache, delta_bytes, replace
 
 CASE = MODELS["bert"]
 

@@ -9,8 +9,7 @@ Example:
     >>> dt.load(fresh_base, "out/sentiment")
 """
 
-__version__ = "0.1.0"
-
+from . import methods  # noqa: F401  (registers the built-in methods first, in listing order)
 from .algebra import TaskVector, merge_deltas
 from .compose import (
     Average,
@@ -41,7 +40,16 @@ from .core.merge import fold, merge, unmerge
 from .core.mixing import get_routing, route
 from .core.rows import Routing
 from .core.params import base_parameters, count_parameters, delta_parameters, set_trainable
-from .core.registry import MethodSpec, config_from_dict, get_method, method_names, register_method
+from .core.registry import (
+    MethodSpec,
+    Mixing,
+    config_from_dict,
+    get_method,
+    load_plugins,
+    method_names,
+    method_specs,
+    register_method,
+)
 from .core.report import AttachReport
 from .core.unit import DeltaUnit, Placement
 from .errors import (
@@ -55,7 +63,8 @@ from .errors import (
     TargetError,
 )
 from .io.artifact import load, read_meta, save
-from .io.cache import CacheStats, DeltaCache, SwapResult, replace
+from .swap import CacheStats, DeltaCache, SwapResult, replace
+from .version import __version__
 from .methods.adapter import AdapterConfig
 from .methods.bitfit import BitFitConfig
 from .methods.dense import DenseConfig
@@ -69,11 +78,13 @@ from .methods.prompt import PromptConfig
 __all__ = [
     "AdapterConfig", "AttachReport", "Average", "BatchSplit", "BitFitConfig", "Block", "CacheStats", "ConfigError",
     "DeltaCache", "DeltaConfig", "DenseConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig",
-    "FingerprintError", "Fuse", "FusionConfig", "HeadConfig", "IA3Config", "LoRAConfig", "MergeError", "MethodSpec",
+    "FingerprintError", "Fuse", "FusionConfig", "HeadConfig", "IA3Config", "LoRAConfig", "MergeError", "MethodSpec", "Mixing",
     "NotApplicableError", "Parallel", "Placement", "PrefixConfig", "PromptConfig", "Routing", "Stack", "SwapResult",
     "TargetError", "TaskVector", "activate", "active_deltas", "attach", "base_only", "base_parameters", "block_from_dict",
     "compose", "config_from_dict", "count_parameters", "deactivate", "delete", "delta_parameters", "fold",
-    "get_composition", "get_config", "get_method", "get_routing", "list_deltas", "load", "merge", "merge_deltas", "method_names",
+    "get_composition", "get_config", "get_method", "get_routing", "list_deltas", "load", "merge", "merge_deltas", "method_names", "method_specs", "load_plugins",
     "read_meta", "register_method", "replace", "route", "save", "set_active", "set_composition", "set_trainable",
     "unmerge", "using",
 ]
+
+load_plugins()  # third-party methods: deltatune.methods entry points and $DELTATUNE_PLUGINS

@@ -7,10 +7,10 @@ Example:
     >>> report = merge_deltas(model, ["runs/sentiment", "runs/spam"], method="ties", density=0.5)
 """
 
-from .convert import attach_task_vector, task_vector_of
+
 from .lowrank import LowRank, low_rank
 from .merging import METHODS, LayerMerge, MergeReport, merge_deltas, merge_task_vectors
-from .task_vector import LowRankEntry, TaskVector, interpolate
+from .task_vector import LowRankEntry, TaskVector, attach_task_vector, interpolate, task_vector_of
 
 __all__ = [
     "METHODS",

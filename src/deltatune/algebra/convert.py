@@ -15,11 +15,11 @@ from ..core.params import base_parameters, tensor_key
 from ..core.report import AttachReport
 from ..core.saved_module import SavedModule
 from ..core.slot import get_slot, slot_sites
+from ..core.unit import DeltaUnit
 from ..errors import MergeError
 from ..methods.dense import DenseConfig, dense_kind
 from ..methods.lora import LoRAConfig
-from ..methods.lora.layer import LoRAEmbedding, LoRALinear
-from .task_vector import LowRankEntry, TaskVector, check_fits, entry_dense
+from .entries import Entry, LowRankEntry, entry_dense
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -33,22 +33,15 @@ def exact_patterns(paths: list[str]) -> tuple[str, ...]:
     return tuple("re:" + re.escape(path) for path in paths)
 
 
-def _factored(unit: nn.Module) -> LowRankEntry | None:
-    """A plain LoRA unit's update ``s B A`` with the scaling folded into B; None for anything else."""
-    if type(unit) is LoRALinear:
-        return LowRankEntry(unit.lora_B.detach() * unit.scaling, unit.lora_A.detach(), unit.fan_in_fan_out)
-    if type(unit) is LoRAEmbedding:
-        return LowRankEntry(unit.lora_B.detach() * unit.scaling, unit.lora_A.detach(), transposed=True)
-    return None
+def _factored(unit: DeltaUnit) -> LowRankEntry | None:
+    """The unit's update as low-rank factors (scaling folded into B), when it is one."""
+    update = unit.low_rank_update()
+    return None if update is None else LowRankEntry(*update)
 
 
-def task_vector_of(model: nn.Module, name: str, *, include_saved: bool = False) -> TaskVector:
-    """The change delta ``name`` makes to ``model``'s base weights, as a task vector.
-
-    A LoRA stays factored (``B`` carries the scaling); every other mergeable unit gives the
-    dense difference ``merge_params(module, base) - base``. Modules the delta trains as
-    copies (``modules_to_save``, e.g. a classifier head) are left out unless ``include_saved``,
-    in which case they become dense differences from the base's module.
+def delta_entries(model: nn.Module, name: str, *, include_saved: bool = False) -> dict[str, Entry]:
+    """The change delta ``name`` makes to ``model``'s base weights, by parameter name
+    (see :func:`deltatune.algebra.task_vector_of`).
 
     Raises:
         MergeError: the delta changes activations rather than weights (adapters, prefix and
@@ -75,14 +68,13 @@ def task_vector_of(model: nn.Module, name: str, *, include_saved: bool = False) 
             wide = torch.promote_types(value.dtype, torch.float32)
             difference = value.detach().to(wide) - base[key].to(wide)
             entries[tensor_key(path, key)] = difference
-    return TaskVector(entries)
+    return entries
 
 
-def attach_task_vector(
+def attach_entries(
     model: nn.Module,
-    vector: TaskVector,
+    vector: Mapping[str, Entry],
     name: str,
-    rank: int | None = None,
     *,
     saved_modules: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     activate: bool = True,
@@ -92,8 +84,6 @@ def attach_task_vector(
     - all entries low rank: an exact LoRA with each module's own rank (``r`` the largest,
       others in ``rank_pattern``) and ``alpha = r``; each module's scaling ``alpha / rank``
       is divided out of its ``B``, so ``s B A`` is the entry;
-    - ``rank`` given: every entry compressed to its best rank-``rank`` approximation first
-      (truncated SVD), then a LoRA as above;
     - otherwise: a ``dense`` delta holding each weight (and bias) difference exactly.
 
     Args:
@@ -109,11 +99,9 @@ def attach_task_vector(
     if len(vector) == 0:
         raise MergeError("the task vector is empty: there is nothing to attach")
     check_fits(vector, model)
-    if rank is not None:
-        vector = vector.low_rank(rank)
     saved_modules = dict(saved_modules or {})
     _check_saved_modules(model, saved_modules)
-    if vector.is_factored:
+    if all(isinstance(entry, LowRankEntry) for entry in vector.values()):
         report = _attach_lora(model, vector, name, saved_modules, activate)
     else:
         report = _attach_dense(model, vector, name, saved_modules, activate)
@@ -121,7 +109,7 @@ def attach_task_vector(
     return report
 
 
-def _check_modules(model: nn.Module, vector: TaskVector, allowed, what: str) -> dict[str, dict[str, object]]:
+def _check_modules(model: nn.Module, vector: Mapping[str, Entry], allowed, what: str) -> dict[str, dict[str, object]]:
     """Entries grouped by module path, after checking each module with ``allowed(module, param, entry)``."""
     by_module: dict[str, dict[str, object]] = {}
     problems = []
@@ -170,7 +158,7 @@ def _units(model: nn.Module, name: str, paths) -> dict[str, nn.Module]:
     return {path: get_slot(model.get_submodule(path))[name] for path in paths}
 
 
-def _attach_lora(model, vector: TaskVector, name: str, saved_modules, activate: bool) -> AttachReport:
+def _attach_lora(model, vector: Mapping[str, Entry], name: str, saved_modules, activate: bool) -> AttachReport:
     by_module = _check_modules(model, vector, _lora_fits, "LoRA")
     ranks = {path: max(1, params["weight"].rank) for path, params in by_module.items()}  # a rank-0 entry gets one zero
     rank = max(ranks.values())
@@ -188,7 +176,7 @@ def _attach_lora(model, vector: TaskVector, name: str, saved_modules, activate: 
     return report
 
 
-def _attach_dense(model, vector: TaskVector, name: str, saved_modules, activate: bool) -> AttachReport:
+def _attach_dense(model, vector: Mapping[str, Entry], name: str, saved_modules, activate: bool) -> AttachReport:
     by_module = _check_modules(model, vector, _dense_fits, "dense")
     weight = any("weight" in params for params in by_module.values())
     bias = any("bias" in params for params in by_module.values())
@@ -216,3 +204,20 @@ def _check_saved_modules(model: nn.Module, saved_modules: Mapping[str, Mapping[s
 def _load_saved_modules(model: nn.Module, name: str, saved_modules: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     for path, unit in _units(model, name, saved_modules).items():
         unit.load_saved({f"copy.{key}": value for key, value in saved_modules[path].items()})
+
+
+def check_fits(vector: Mapping[str, Entry], model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's base parameters, after checking every entry names one of the right shape."""
+    params = dict(base_parameters(model))
+    missing = [key for key in vector if key not in params]
+    if missing:
+        raise MergeError(
+            f"{type(model).__name__} has no parameter {missing[0]!r} "
+            f"({len(missing)} of {len(vector)} entries missing); "
+            f"the task vector was made for another architecture (parameters look like {next(iter(params), '')!r})"
+        )
+    for key, entry in vector.items():
+        if tuple(entry.shape) != tuple(params[key].shape):
+            raise MergeError(f"task vector entry {key!r} has shape {tuple(entry.shape)} but the model's parameter "
+                             f"has {tuple(params[key].shape)}; it was made for another architecture")
+    return params

@@ -19,108 +19,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..core.inject import delete, list_deltas
+from ..core.params import base_parameters
+from ..core.report import AttachReport
+from ..core.slot import get_state
 from ..errors import ConfigError, DeltaStateError, MergeError
+from ..io.artifact import load
+from .convert import attach_entries, check_fits, delta_entries
+from .entries import Entry, LowRankEntry, add_entries, as_entry, entry_dense, low_rank_entry, wide
 
-if TYPE_CHECKING:
-    from ..core.report import AttachReport
-
-
-@dataclass(frozen=True)
-class LowRankEntry:
-    """A factored parameter change ``B @ A`` in ``(out, in)`` orientation.
-
-    Attributes:
-        B: ``(out, k)``.
-        A: ``(k, in)``.
-        transposed: the parameter is stored ``(in, out)`` (GPT-2 ``Conv1D``; an embedding
-            table, whose LoRA product is ``(dim, num_embeddings)``), so its change is ``(B A)^T``.
-        energy_kept: set when the entry is an SVD compression of something larger: the
-            fraction of that thing's squared Frobenius norm it keeps.
-    """
-
-    B: torch.Tensor
-    A: torch.Tensor
-    transposed: bool = False
-    energy_kept: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.B.dim() != 2 or self.A.dim() != 2 or self.B.shape[1] != self.A.shape[0]:
-            raise MergeError(f"a low-rank entry needs B (out, k) and A (k, in), "
-                             f"got {tuple(self.B.shape)} and {tuple(self.A.shape)}")
-
-    @property
-    def rank(self) -> int:
-        return self.B.shape[1]
-
-    @property
-    def shape(self) -> torch.Size:
-        """The parameter's shape."""
-        out_in = (self.B.shape[0], self.A.shape[1])
-        return torch.Size(out_in[::-1] if self.transposed else out_in)
-
-    def dense(self) -> torch.Tensor:
-        """The change as a tensor of the parameter's shape."""
-        product = self.B @ self.A
-        return product.T if self.transposed else product
-
-    def oriented(self, transposed: bool) -> LowRankEntry:
-        """The same change factored for the other orientation when asked: ``(B A)^T = A^T B^T``."""
-        if transposed == self.transposed:
-            return self
-        return LowRankEntry(self.A.T.contiguous(), self.B.T.contiguous(), transposed, self.energy_kept)
-
-    def scaled(self, factor: float) -> LowRankEntry:
-        return LowRankEntry(self.B * factor, self.A, self.transposed)
-
-    def squared_norm(self) -> float:
-        """``||B A||_F^2 = trace((B^T B)(A A^T))``, without forming ``B A``."""
-        return float(((self.B.T @ self.B) * (self.A @ self.A.T)).sum())
-
-
-Entry = LowRankEntry | torch.Tensor
-
-
-def entry_dense(entry: Entry) -> torch.Tensor:
-    """An entry as a dense tensor of its parameter's shape."""
-    return entry.dense() if isinstance(entry, LowRankEntry) else entry
-
-
-def _add(key: str, a: Entry, b: Entry) -> Entry:
-    if tuple(a.shape) != tuple(b.shape):
-        raise MergeError(f"cannot add task vectors: {key!r} has shape {tuple(a.shape)} in one "
-                         f"and {tuple(b.shape)} in the other")
-    if isinstance(a, LowRankEntry) and isinstance(b, LowRankEntry) and a.transposed == b.transposed:
-        return LowRankEntry(torch.cat([a.B, b.B], dim=1), torch.cat([a.A, b.A], dim=0), a.transposed)
-    return entry_dense(a) + entry_dense(b)
-
-
-def _as_entry(key: str, value: Entry) -> Entry:
-    if isinstance(value, LowRankEntry):
-        tensors = (value.B, value.A)
-    elif isinstance(value, torch.Tensor):
-        tensors = (value,)
-    else:
-        raise MergeError(f"task vector entry {key!r} must be a tensor or a LowRankEntry, got {type(value).__name__}")
-    for tensor in tensors:
-        if not tensor.is_floating_point():
-            raise MergeError(f"task vector entry {key!r} must hold floating-point values, got {tensor.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise MergeError(f"task vector entry {key!r} holds NaN or inf; the delta or model it came from is diverged")
-    if isinstance(value, LowRankEntry):
-        return replace(value, B=_wide(value.B), A=_wide(value.A))
-    return _wide(value)
-
-
-def _wide(tensor: torch.Tensor) -> torch.Tensor:
-    """Detached, in float32 or a wider float type."""
-    return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
+__all__ = ["Entry", "LowRankEntry", "TaskVector", "entry_dense", "interpolate", "task_vector_of"]
 
 
 class TaskVector:
@@ -131,7 +44,7 @@ class TaskVector:
     """
 
     def __init__(self, entries: Mapping[str, Entry]):
-        self._entries: dict[str, Entry] = {key: _as_entry(key, value) for key, value in entries.items()}
+        self._entries: dict[str, Entry] = {key: as_entry(key, value) for key, value in entries.items()}
 
     # -- container -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Entry:
@@ -183,7 +96,7 @@ class TaskVector:
             return NotImplemented
         entries = dict(self._entries)
         for key, value in other.items():
-            entries[key] = _add(key, entries[key], value) if key in entries else value
+            entries[key] = add_entries(key, entries[key], value) if key in entries else value
         return TaskVector(entries)
 
     def __radd__(self, other: object) -> TaskVector:
@@ -225,8 +138,6 @@ class TaskVector:
             ConfigError: ``rank`` is not a positive integer.
             MergeError: an entry is not a matrix (a bias, a norm's scale).
         """
-        from .lowrank import low_rank
-
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {rank!r}")
         vectors = [k for k, v in self.items() if len(v.shape) != 2]
@@ -235,20 +146,12 @@ class TaskVector:
                 f"only matrices can be compressed to low rank; {vectors[:3]} are not (biases or norm scales). "
                 f"Drop them first with .select(lambda name: not name.endswith('bias')), or keep them dense (rank=None)"
             )
-        entries = {}
-        for key, entry in self.items():
-            transposed = entry.transposed if isinstance(entry, LowRankEntry) else False
-            change = entry_dense(entry)  # the parameter's shape
-            approx = low_rank(change.T if transposed else change, rank=rank)
-            entries[key] = LowRankEntry(approx.B, approx.A, transposed, approx.energy_kept)
-        return TaskVector(entries)
+        return TaskVector({key: low_rank_entry(entry, rank) for key, entry in self.items()})
 
     # -- building and applying -------------------------------------------------------------
     @classmethod
     def from_delta(cls, model: nn.Module, name: str, *, include_saved: bool = False) -> TaskVector:
-        """The weight change delta ``name`` on ``model`` makes (see :func:`.convert.task_vector_of`)."""
-        from .convert import task_vector_of
-
+        """The weight change delta ``name`` on ``model`` makes (see :func:`task_vector_of`)."""
         return task_vector_of(model, name, include_saved=include_saved)
 
     @classmethod
@@ -259,9 +162,6 @@ class TaskVector:
         Raises:
             FingerprintError: the delta was made for another base (``check="strict"``).
         """
-        from ..core.inject import delete, list_deltas
-        from ..io.artifact import load
-
         taken = set(list_deltas(model))
         name = next(f"task_vector_{i}" for i in range(len(taken) + 1) if f"task_vector_{i}" not in taken)
         load(model, directory, name, check=check, activate=False)
@@ -277,8 +177,6 @@ class TaskVector:
         Raises:
             MergeError: the two models have different parameter names or shapes.
         """
-        from ..core.params import base_parameters
-
         before, after = dict(base_parameters(base)), dict(base_parameters(finetuned))
         if before.keys() != after.keys():
             differ = sorted(set(before) ^ set(after))
@@ -291,7 +189,7 @@ class TaskVector:
                 raise MergeError(f"parameter {key!r} has shape {tuple(old.shape)} in the base and {tuple(new.shape)} "
                                  f"in the fine-tuned model; they must be the same architecture")
             if not torch.equal(old, new):
-                entries[key] = _wide(new) - _wide(old)
+                entries[key] = wide(new) - wide(old)
         return cls(entries)
 
     def apply_to(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
@@ -303,8 +201,6 @@ class TaskVector:
             MergeError: a name the model lacks, a shape mismatch, or a NaN/inf result.
             DeltaStateError: the model has merged deltas (unmerging would undo this).
         """
-        from ..core.slot import get_state
-
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ConfigError(f"scale must be a finite number, got {scale!r}")
         state = get_state(model)
@@ -327,9 +223,7 @@ class TaskVector:
     def to_delta(self, model: nn.Module, name: str, rank: int | None = None, *,
                  saved_modules: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
                  activate: bool = True) -> AttachReport:
-        """Attach this vector to ``model`` as delta ``name`` (see :func:`.convert.attach_task_vector`)."""
-        from .convert import attach_task_vector
-
+        """Attach this vector to ``model`` as delta ``name`` (see :func:`attach_task_vector`)."""
         return attach_task_vector(model, self, name, rank, saved_modules=saved_modules, activate=activate)
 
 
@@ -338,20 +232,27 @@ def interpolate(a: TaskVector, b: TaskVector, t: float) -> TaskVector:
     return (1.0 - t) * a + t * b
 
 
-def check_fits(vector: TaskVector, model: nn.Module) -> dict[str, nn.Parameter]:
-    """The model's base parameters, after checking every entry names one of the right shape."""
-    from ..core.params import base_parameters
+def task_vector_of(model: nn.Module, name: str, *, include_saved: bool = False) -> TaskVector:
+    """The change delta ``name`` makes to ``model``'s base weights, as a task vector.
 
-    params = dict(base_parameters(model))
-    missing = [key for key in vector if key not in params]
-    if missing:
-        raise MergeError(
-            f"{type(model).__name__} has no parameter {missing[0]!r} "
-            f"({len(missing)} of {len(vector)} entries missing); "
-            f"the task vector was made for another architecture (parameters look like {next(iter(params), '')!r})"
-        )
-    for key, entry in vector.items():
-        if tuple(entry.shape) != tuple(params[key].shape):
-            raise MergeError(f"task vector entry {key!r} has shape {tuple(entry.shape)} but the model's parameter "
-                             f"has {tuple(params[key].shape)}; it was made for another architecture")
-    return params
+    A delta whose units are low-rank products (LoRA) stays factored; every other mergeable
+    unit gives the dense difference ``merge_params(module, base) - base``. Modules the delta
+    trains as copies (``modules_to_save``, e.g. a classifier head) are left out unless
+    ``include_saved``, in which case they become dense differences from the base's module.
+
+    Raises:
+        MergeError: the delta changes activations rather than weights (adapters, prefix and
+            prompt tuning), so it has no weight change.
+    """
+    return TaskVector(delta_entries(model, name, include_saved=include_saved))
+
+
+def attach_task_vector(model: nn.Module, vector: TaskVector, name: str, rank: int | None = None, *,
+                       saved_modules: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                       activate: bool = True) -> AttachReport:
+    """Attach ``vector`` to ``model`` as a new delta called ``name`` (see :func:`.convert.attach_entries`);
+    ``rank`` first compresses every entry to its best rank-``rank`` approximation."""
+    if rank is not None and len(vector):
+        check_fits(vector, model)
+        vector = vector.low_rank(rank)
+    return attach_entries(model, vector, name, saved_modules=saved_modules, activate=activate)

@@ -33,7 +33,7 @@ def run_worker(kind: str, args: dict, timeout: int = 900) -> dict:
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "deltatune.bench.workers", kind, json.dumps(args)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "deltatune.bench.measure", kind, json.dumps(args)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kind} {args} failed:\n{proc.stderr[-3000:]}")

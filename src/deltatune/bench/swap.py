@@ -2,8 +2,8 @@
 
 ``python -m deltatune.bench.swap [minilm|tiny] [repeats]``. Two LoRA deltas (r=8 on the
 attention projections, plus a classifier head) live on the base; timed, in milliseconds:
-``set_active`` between them, an in-place :func:`~deltatune.io.cache.replace` from disk,
-``dt.load`` from disk (and ``dt.delete``), and :class:`~deltatune.io.cache.DeltaCache` hits
+``set_active`` between them, an in-place :func:`~deltatune.swap.replace` from disk,
+``dt.load`` from disk (and ``dt.delete``), and :class:`~deltatune.swap.DeltaCache` hits
 versus misses (a miss loads and evicts). One forward pass of one row is given for scale.
 """
 
@@ -35,7 +35,7 @@ def _timed(action: Callable[[int], Any], repeats: int, warmup: int = 2) -> dict:
 def swap_costs(name: str = "minilm", repeats: int = 20, threads: int = 2) -> dict:
     """Median (and quartile) times of each way to switch deltas, in milliseconds."""
     import deltatune as dt
-    from deltatune.io.cache import DeltaCache, delta_bytes, replace
+    from deltatune.swap import DeltaCache, delta_bytes, replace
 
     setup(threads)
     spec = MODELS[name]

@@ -1,4 +1,4 @@
-"""One measurement per call: ``python -m deltatune.bench.workers <kind> '<json-args>'`` prints one JSON line.
+"""The measurements of ``make bench``, each run in a fresh process by ``bench/measure.py``.
 
 Kinds: ``train_step`` (one library and method: median forward + backward + AdamW step, and
 the process's peak RSS), ``equivalence`` (LoRA losses of deltatune vs peft from identical
@@ -14,12 +14,10 @@ MiniLM for a small random BERT (used by the tests).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -326,39 +324,3 @@ def inference(args: dict) -> dict:
         out["load"] = {k: (v - copy_t if k in ("median", "min", "q1", "q3") else v) for k, v in load_s.items()}
     out["peak_rss_mib"] = peak_rss_mib()
     return out
-
-
-def _mixed(args: dict) -> dict:
-    from .mixed import mixed
-
-    return mixed(args)
-
-
-def _swap(args: dict) -> dict:
-    from .swap import swap_costs
-
-    return swap_costs(args.get("model", "minilm"), args.get("repeats", 20), args.get("threads", 2))
-
-
-def _serve(args: dict) -> dict:
-    from .serve import serve_rows
-
-    # one torch thread: the HTTP clients and the event loop share the process and need a core
-    return {"rows": serve_rows(args.get("model", "minilm"), threads=1)}
-
-
-KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": inference, "mixed": _mixed,
-         "swap": _swap, "serve": _serve}
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in KINDS:
-        raise SystemExit(f"usage: python -m deltatune.bench.workers {{{'|'.join(KINDS)}}} '<json-args>'")
-    args = json.loads(argv[1])
-    setup(args.get("threads", 2))
-    print(json.dumps(KINDS[argv[0]](args)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

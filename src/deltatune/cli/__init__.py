@@ -8,21 +8,46 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import algebra, bench, demo, generate, info, interop, merge, serve, train
+import os
+
+from . import algebra, bench, compare, demo, generate, info, interop, merge, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Delta tuning: train, save, merge and serve small deltas.")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers delta methods (repeatable); also read from "
+                             "$DELTATUNE_PLUGINS, and installed packages' deltatune.methods entry points load by "
+                             "themselves")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, demo, info, generate, bench, algebra, merge, interop, serve):
+    for module in (train, demo, compare, info, generate, bench, algebra, merge, interop, serve):
         module.add_parsers(commands)
     return parser
 
 
+def _plugins(argv: list[str]) -> list[str]:
+    """The ``--plugin`` modules, read before the full parser is built (their methods' flags are in it)."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--plugin", action="append", default=[])
+    return early.parse_known_args(argv)[0].plugin
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltatune`` console script; exit code 2 for bad input."""
+    from ..core.registry import PLUGIN_ENV, load_plugins
     from ..errors import DeltaError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plugins = _plugins(argv)
+    try:
+        if plugins:
+            load_plugins(plugins)
+            # processes this command starts (compare's trainings, servers) load them too
+            known = [m for m in os.environ.get(PLUGIN_ENV, "").split(",") if m]
+            os.environ[PLUGIN_ENV] = ",".join(dict.fromkeys([*known, *plugins]))
+    except DeltaError as error:
+        print(f"deltatune: error: {error}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

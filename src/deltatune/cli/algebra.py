@@ -109,12 +109,13 @@ def _base_for(meta: dict, name: str, directory: Path):
     import transformers
 
     from ..errors import ConfigError
+    from ..io.artifact import head_rows
     from ..models.load import load_model, model_folder
 
     model_class = meta["base"].get("model_class") or ""
     torch.manual_seed(0)
     if model_class.endswith("ForSequenceClassification"):
-        rows = _head_rows(meta)
+        rows = head_rows(meta)
         if rows is None:
             print("deltatune: warning: the delta carries no classification head; the folded model keeps the base's "
                   "untrained one", file=sys.stderr)
@@ -129,19 +130,6 @@ def _base_for(meta: dict, name: str, directory: Path):
                           f"cannot be rebuilt from a folder; fold it in Python with deltatune.fold(model)")
     folder = model_folder(name)
     return model_type.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
-
-
-def _head_rows(meta: dict) -> int | None:
-    """Number of labels of the classification head the delta carries, if it carries one."""
-    from ..methods.head import HEAD_NAMES
-
-    for path in meta.get("modules_to_save", []):
-        if path in HEAD_NAMES:
-            shapes = [info["shape"] for key, info in meta["tensors"].items()
-                      if key.startswith(path + ".") and key.endswith(".weight") and len(info["shape"]) == 2]
-            if shapes:
-                return shapes[-1][0]
-    return None
 
 
 def _run_labels(directory: Path, rows: int | None) -> list[str] | None:

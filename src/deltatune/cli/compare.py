@@ -1,4 +1,4 @@
-"""``deltatune demo --compare``: every method on the same data, budget and seed."""
+"""``deltatune compare`` (and ``demo --compare``): every method on the same data, budget and seed."""
 
 from __future__ import annotations
 
@@ -10,19 +10,28 @@ from pathlib import Path
 
 import yaml
 
-COMPARED = ("head", "lora", "dora", "adapter", "prefix", "prompt", "ia3", "bitfit", "full")
+def compared_methods() -> list[str]:
+    """Every method a training job builds from flags, in registration order."""
+    from ..core.registry import method_specs
+
+    return [spec.name for spec in method_specs() if spec.trainable_from_flags]
 
 
-def run_compare(base, out: Path, results: Path, methods=COMPARED, lora_targets=None) -> int:
-    """Train each method in a fresh process (so peak memory is that method's own) and tabulate."""
+def run_compare(base, out: Path, results: Path, methods=None, targets=None) -> int:
+    """Train each method in a fresh process (so peak memory is that method's own) and tabulate.
+
+    ``targets`` (when given) go to every method that takes targets; the others use their own.
+    """
+    from ..core.registry import get_method
     from ..errors import DeltaError
     from ..io.atomic import write_text_atomic
 
+    methods = compared_methods() if methods is None else methods
     rows = []
     for i, method in enumerate(methods, 1):
         print(f"{i}/{len(methods)}  {method}", flush=True)
-        targets = lora_targets if method in ("lora", "dora") else None
-        job = dataclasses.replace(base, method=method, targets=targets, out=str(out / method))
+        takes_targets = targets and get_method(method).targeted
+        job = dataclasses.replace(base, method=method, targets=targets if takes_targets else None, out=str(out / method))
         config = out / f"{method}.yaml"
         write_text_atomic(config, yaml.safe_dump(dataclasses.asdict(job), sort_keys=False))
         done = subprocess.run([sys.executable, "-m", "deltatune.cli", "train", "--config", str(config)])
@@ -78,3 +87,23 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(tmp, dpi=100)
     plt.close(figure)
     tmp.replace(path)
+
+
+def _compare(args) -> int:
+    from .train import job_from_args
+
+    base = job_from_args(args)
+    return run_compare(base, Path(args.out or base.out), Path(args.results), methods=args.methods,
+                       targets=base.targets)
+
+
+def add_parsers(commands) -> None:
+    from .train import add_job_flags
+
+    compare = commands.add_parser("compare", help="train several methods on the same data, budget and seed; "
+                                                  "write a table and a chart of accuracy against parameters")
+    add_job_flags(compare)
+    compare.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                         help="methods to compare (default: every method trained from flags)")
+    compare.add_argument("--results", default="results", help="where compare.md, compare.json and compare.png go")
+    compare.set_defaults(run=_compare)

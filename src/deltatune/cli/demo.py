@@ -20,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.compare:
         from .compare import run_compare
 
-        return run_compare(base, out, Path(args.results), lora_targets=args.targets or LORA_TARGETS)
+        return run_compare(base, out, Path(args.results), targets=args.targets)
     print(f"1/2  frozen MiniLM + trained head only ({args.steps} steps)")
     head = run_train(dataclasses.replace(base, method="head", out=str(out / "head")))
     print(f"2/2  LoRA r=8 on the attention projections (query, key, value, output) + head ({args.steps} steps)")

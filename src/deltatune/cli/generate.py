@@ -10,7 +10,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from ..errors import DeltaError
     from ..models.load import check_model_name, load_model
-    from ..train.generate import generate_text
+    from ..models.generate import generate_text
 
     if args.max_new_tokens < 1:
         raise DeltaError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

@@ -7,40 +7,70 @@ import dataclasses
 import json
 from pathlib import Path
 
-# flag -> (TrainJob field, type, help)
-JOB_FLAGS = {
-    "--model": ("model", str, "minilm, smollm2, or a local transformers folder"),
-    "--data": ("data", str, "movie-reviews, sms-spam, trec, chatterbot, or a .csv/.tsv/.jsonl file"),
-    "--text-column": ("text_column", str, "text column of a CSV/JSONL file (the prompt for causal LM)"),
-    "--label-column": ("label_column", str, "label column of a CSV/JSONL file"),
-    "--completion-column": ("completion_column", str, "completion column: makes a causal-LM task"),
-    "--limit": ("limit", int, "use at most this many examples (seeded sample)"),
-    "--method": ("method", str, "lora, dora, adapter, prefix, prompt, ia3, bitfit, head or full"),
-    "--rank": ("rank", int, "LoRA/DoRA rank"),
-    "--alpha": ("alpha", float, "LoRA/DoRA alpha"),
-    "--dropout": ("dropout", float, "LoRA/DoRA dropout"),
-    "--bottleneck": ("bottleneck", int, "adapter bottleneck width"),
-    "--placement": ("placement", str, "adapter placement: houlsby, pfeiffer or parallel"),
-    "--num-virtual-tokens": ("num_virtual_tokens", int, "prefix/prompt length"),
-    "--projection-dim": ("projection_dim", int, "prefix reparameterisation MLP width (0: none)"),
-    "--epochs": ("epochs", float, "passes over the training split"),
-    "--steps": ("steps", int, "optimizer steps (overrides --epochs)"),
-    "--batch-size": ("batch_size", int, "global batch size"),
-    "--lr": ("lr", float, "peak learning rate (default: per method)"),
-    "--max-length": ("max_length", int, "tokens per example"),
-    "--seed": ("seed", int, "seed for the split, initialisation, order and dropout"),
-    "--eval-every": ("eval_every", int, "evaluate on validation every N steps (0: never)"),
-    "--save-every": ("save_every", int, "write a resumable checkpoint every N steps (0: never)"),
-    "--out": ("out", str, "output folder"),
-}
+#: TrainJob fields set by their own flags (nargs) or not from the command line
+_SPECIAL = {"targets", "options", "progress"}
+
+
+def _job_fields() -> list[dataclasses.Field]:
+    from ..train.job import TrainJob
+
+    return [f for f in dataclasses.fields(TrainJob) if f.name not in _SPECIAL]
+
+
+def _field_type(field: dataclasses.Field):
+    """The flag type of a job field: its annotation without ``| None``."""
+    import typing
+
+    from ..core.options import parse_value
+    from ..train.job import TrainJob
+
+    annotation = typing.get_type_hints(TrainJob)[field.name]
+    return lambda text: parse_value(annotation, text, field.name)
+
+
+def method_flags() -> dict[str, tuple[str, list[str], str]]:
+    """Every trainable method's options as flags: flag -> (option name, methods, help).
+
+    An option named like a job field (prompt tuning's ``seed``) gets the flag
+    ``--<method>-<option>`` so it cannot shadow the job's flag.
+    """
+    from ..core.options import config_options
+    from ..core.registry import method_specs
+
+    job = {f.name for f in _job_fields()} | _SPECIAL
+    flags: dict[str, tuple[str, list[str], str]] = {}
+    for spec in method_specs():
+        if not spec.trainable_from_flags:
+            continue
+        for option in config_options(spec.config_class):
+            names = option.flags if option.name not in job else (f"--{spec.name}-{option.name.replace('_', '-')}",)
+            for flag in names:
+                name, methods, text = flags.get(flag, (option.name, [], option.help.replace("``", "")))
+                flags[flag] = (name, [*methods, spec.name], text)
+    return flags
+
+
+def _dest(flag: str) -> str:
+    return "method_option_" + flag[2:].replace("-", "_")
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, (_, kind, text) in JOB_FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=text)
-    parser.add_argument("--targets", nargs="+", default=None, help="module patterns to adapt (default: per model family)")
+    from ..core.registry import method_specs
+
+    for field in _job_fields():
+        flag = "--" + field.name.replace("_", "-")
+        text = field.metadata.get("help", "")
+        if field.name == "method":
+            text = "; ".join(f"{s.name}: {s.summary}" for s in method_specs() if s.trainable_from_flags)
+        parser.add_argument(flag, type=_field_type(field), default=None, help=text)
+    parser.add_argument("--targets", nargs="+", default=None, help="module patterns to adapt (default: found from the "
+                        "model's structure; 'all-linear' for every linear layer in the blocks)")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of the same options (flags win)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    options = parser.add_argument_group("method options (each applies to the methods named in brackets)")
+    for flag, (_, methods, text) in method_flags().items():
+        options.add_argument(flag, dest=_dest(flag), default=None, metavar="VALUE",
+                             help=f"{text} [{', '.join(methods)}]")
 
 
 def job_from_args(args: argparse.Namespace, base=None):
@@ -48,13 +78,17 @@ def job_from_args(args: argparse.Namespace, base=None):
     from ..train.job import TrainJob
 
     job = base or (TrainJob.from_yaml(args.config) if args.config else TrainJob())
-    changes = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in JOB_FLAGS.items()}
-    changes = {k: v for k, v in changes.items() if v is not None}
+    changes = {f.name: getattr(args, f.name) for f in _job_fields() if getattr(args, f.name, None) is not None}
     if args.targets:
         changes["targets"] = list(args.targets)
     if args.no_progress:
         changes["progress"] = False
-    return dataclasses.replace(job, **changes)
+    options = dict(job.options)
+    for flag, (name, _, _) in method_flags().items():
+        value = getattr(args, _dest(flag), None)
+        if value is not None:
+            options[name] = value
+    return dataclasses.replace(job, **changes, options=options)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -102,11 +136,10 @@ def _train_multi(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..io.artifact import read_meta
     from ..train.job import TrainJob, run_eval
 
     run_config = Path(args.delta) / "config.yaml"
-    base = TrainJob.from_yaml(run_config) if run_config.is_file() else TrainJob(method=read_meta(args.delta)["method"])
+    base = TrainJob.from_yaml(run_config) if run_config.is_file() else TrainJob()
     job = job_from_args(args, base=base)
     print(json.dumps(run_eval(args.delta, job), indent=2))
     return 0

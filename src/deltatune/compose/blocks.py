@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from ..errors import ConfigError
+from .checks import check_composition
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,6 +27,8 @@ class Block:
 
     #: the block's name in serialised form (``{"block": "stack", ...}``)
     kind: ClassVar[str] = ""
+    #: children applied one after the other to the same rows (any delta can take part)
+    sequential: ClassVar[bool] = False
 
     def __init__(self, *children: Child) -> None:
         if len(children) == 1 and isinstance(children[0], (list, tuple)):
@@ -53,6 +56,10 @@ class Block:
     def fields(self) -> dict[str, Any]:
         """The block's own settings besides its children (weights, sizes, fusion)."""
         return {}
+
+    def fusion_name(self) -> str | None:
+        """The fusion delta a Fuse block runs, else ``None``."""
+        return None
 
     def names(self) -> list[str]:
         """Every delta name in the block, nested ones included, first occurrence order."""
@@ -116,8 +123,6 @@ class Block:
             NotApplicableError: a delta whose method cannot take part in its block (prefix or
                 prompt tuning anywhere but in a Stack; input-changing units under Fuse).
         """
-        from .checks import check_composition
-
         check_composition(self, model)
 
 
@@ -129,6 +134,7 @@ class Stack(Block):
     """
 
     kind = "stack"
+    sequential = True
 
 
 class Parallel(Block):
@@ -247,6 +253,9 @@ class Fuse(Block):
 
     def fields(self) -> dict[str, Any]:
         return {"fusion": self.fusion}
+
+    def fusion_name(self) -> str | None:
+        return self.fusion
 
 
 BLOCK_TYPES: dict[str, type[Block]] = {cls.kind: cls for cls in (Stack, Parallel, Average, BatchSplit, Fuse)}

@@ -6,36 +6,31 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..core.registry import get_method, method_specs
 from ..core.slot import DeltaState, require_state, slot_sites
 from ..errors import ConfigError, DeltaStateError, NotApplicableError
 
 if TYPE_CHECKING:
     from .blocks import Block
 
-FUSION_METHOD = "fusion"
-#: methods that act through the whole model call or from inside attention, not through the
-#: output of the module they sit on, so only a Stack can hold them
-STACK_ONLY = {
-    "prefix": "its key/value prefixes act inside attention, not on a module's output",
-    "prompt": "its soft prompt lengthens the whole input sequence, not a module's output",
-}
+
+def _fuses(state: DeltaState, name: str) -> bool:
+    return get_method(state.configs[name].method).fuses
 
 
 def check_composition(block: Block, model: nn.Module) -> None:
     """Raise if ``block`` cannot run on ``model``; see :meth:`Block.validate`."""
-    from .blocks import Fuse
-
     state = require_state(model)
     sites = slot_sites(model)
     for name, enclosing in block.leaves():
         _check_name(state, name, enclosing)
-        if state.configs[name].method == FUSION_METHOD:
+        if _fuses(state, name):
             raise ConfigError(
                 f"{name!r} is a fusion delta; it runs only as Fuse(<the deltas it fuses>, fusion={name!r}), "
                 f"not as a plain delta in {_where(enclosing)}"
             )
         _check_can_take_part(state, sites, name, enclosing)
-    for fuse in (b for b in block.blocks() if isinstance(b, Fuse)):
+    for fuse in (b for b in block.blocks() if b.fusion_name() is not None):
         _check_fuse(state, sites, fuse)
 
 
@@ -59,13 +54,11 @@ def _check_name(state: DeltaState, name: str, enclosing: tuple[Block, ...]) -> N
 
 def _check_can_take_part(state: DeltaState, sites: list, name: str, enclosing: tuple[Block, ...]) -> None:
     """Deltas that do not act through module hooks can only be stacked."""
-    from .blocks import Stack
-
-    combining = [b for b in enclosing if not isinstance(b, Stack)]
+    combining = [b for b in enclosing if not b.sequential]
     if not combining:
         return
     method = state.configs[name].method
-    reason = STACK_ONLY.get(method)
+    reason = get_method(method).stack_only
     if reason is None:
         for _, _, slot in sites:
             unit = slot._modules.get(name)
@@ -83,16 +76,17 @@ def _check_can_take_part(state: DeltaState, sites: list, name: str, enclosing: t
 def _check_fuse(state: DeltaState, sites: list, fuse) -> None:
     fusion = fuse.fusion
     if fusion not in state.configs:
-        known = ", ".join(repr(n) for n, c in state.configs.items() if c.method == FUSION_METHOD) or "none"
+        known = ", ".join(repr(n) for n in state.configs if _fuses(state, n)) or "none"
         raise DeltaStateError(
             f"Fuse names fusion delta {fusion!r}, which this model does not have (fusion deltas: {known}); attach "
             f"one with dt.attach(model, FusionConfig(fused={list(fuse.children)}), name={fusion!r}) or load it"
         )
     config = state.configs[fusion]
-    if config.method != FUSION_METHOD:
+    if not _fuses(state, fusion):
+        fusing = ", ".join(s.name for s in method_specs() if s.fuses)
         raise ConfigError(
-            f"Fuse(fusion={fusion!r}) names a {config.method} delta; the fusion must be a delta of method "
-            f"'fusion' (FusionConfig)"
+            f"Fuse(fusion={fusion!r}) names a {config.method} delta; the fusion must be a delta of a fusing method "
+            f"({fusing}, e.g. FusionConfig)"
         )
     if set(config.fused) != set(fuse.children):
         raise ConfigError(

@@ -9,15 +9,13 @@ from torch import nn
 
 from ..errors import DeltaStateError, MergeError
 from .inject import remove_all
-from .params import parameter_owners, tensor_key, tied_elsewhere
+from .params import base_parameters, parameter_owners, tensor_key, tied_elsewhere
 from .registry import get_method
 from .slot import DeltaSlot, require_state, slot_sites
 
 
 def _own_params(module: nn.Module) -> dict[str, nn.Parameter]:
     """The module's parameters by relative name, deltatune's own excluded."""
-    from .params import base_parameters
-
     return dict(base_parameters(module))
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .slot import slot_sites
+from .slot import require_state, slot_sites
 from .targeting import base_modules
 
 
@@ -47,8 +47,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def set_trainable(model: nn.Module, names: list[str] | tuple[str, ...] | str) -> None:
     """Make exactly the named deltas trainable; the base and every other delta freeze."""
-    from .slot import require_state
-
     state = require_state(model)
     wanted = (names,) if isinstance(names, str) else tuple(names)
     for name in wanted:

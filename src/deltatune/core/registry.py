@@ -1,9 +1,24 @@
-"""One registration per method: its name, config class and how it builds its units."""
+"""One registration per method: everything the rest of deltatune asks about it.
+
+A method is one folder under ``deltatune/methods`` (or a third-party module) that calls
+:func:`register_method` once. Training, the CLI, composition, serving, task vectors and
+peft interop read what they need from the :class:`MethodSpec`; no other layer keeps a table
+of method names.
+
+Third-party methods register the same way from a module named by a ``deltatune.methods``
+entry point of an installed package, by ``DELTATUNE_PLUGINS`` (comma-separated module
+names) or by ``deltatune --plugin MODULE``; :func:`load_plugins` imports them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+import importlib
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError
 
@@ -14,20 +29,59 @@ if TYPE_CHECKING:
     from .unit import Placement
 
 BuildFn = Callable[["nn.Module", "DeltaConfig"], "list[Placement]"]
+#: called after every optimizer step with (model, delta name, step just done, total steps)
+StepHook = Callable[["nn.Module", str, int, int], None]
+PLUGIN_GROUP = "deltatune.methods"
+PLUGIN_ENV = "DELTATUNE_PLUGINS"
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How rows of a method's deltas share a batch that mixes deltas per row.
+
+    Args:
+        mode: ``"batched"`` (one batched product over per-row stacked weights),
+            ``"per_delta"`` (the generic fallback: each delta on its own rows, one forward) or
+            ``"alone"`` (rows of such a delta need a batch of their own).
+        group_by: config fields whose values must agree for deltas to share a batch
+            (prompt tuning: ``num_virtual_tokens``).
+        with_base: whether base-only rows (and other methods' rows) may share the batch.
+        reason: why the method is limited, when it is.
+    """
+
+    mode: Literal["batched", "per_delta", "alone"] = "per_delta"
+    group_by: tuple[str, ...] = ()
+    with_base: bool = True
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What the core needs to know about a delta method.
+    """What deltatune needs to know about a delta method.
 
     Args:
         name: the method's registry name (``"lora"``).
         config_class: its :class:`DeltaConfig` subclass.
         build: ``build(model, config) -> [Placement, ...]``: the units to install and where.
             Raises :class:`TargetError` or :class:`NotApplicableError` when it cannot.
-        mergeable: whether the delta is a weight change that can be folded into the base.
+        mergeable: whether the delta is a weight change that can be folded into the base
+            (merge, fold, task vectors, merging several deltas).
         identity_at_init: whether a freshly attached delta leaves the model's output unchanged.
-        summary: one line for listings.
+        summary: one line for listings and ``--help``.
+        default_lr: a peak learning rate that works on MiniLM-sized models; ``None`` for
+            methods that are not trained from flags (built with the Python API).
+        mixing: how its rows share a mixed batch (:class:`Mixing`).
+        stack_only: why its deltas can only run inside a ``Stack`` (they act inside
+            attention or on the whole sequence rather than on a module's output); ``None``
+            when they combine freely.
+        fuses: the delta attends over other deltas' outputs and runs only as
+            ``Fuse(..., fusion=<its name>)``.
+        targeted: whether its deltas go where ``targets`` say (prompt tuning and the head
+            take no targets).
+        trains_base: not a delta at all: the job trains every base parameter (full fine-tuning).
+        step_hook: called after each optimizer step for each delta of this method.
+        peft: the codec that exports and imports this method in peft's format, else ``None``.
+        peft_refusal: why the method has no peft format (when ``peft`` is ``None``).
     """
 
     name: str
@@ -36,6 +90,28 @@ class MethodSpec:
     mergeable: bool
     identity_at_init: bool
     summary: str = ""
+    default_lr: float | None = None
+    mixing: Mixing = field(default_factory=Mixing)
+    stack_only: str | None = None
+    fuses: bool = False
+    targeted: bool = True
+    trains_base: bool = False
+    step_hook: StepHook | None = None
+    peft: Any = None
+    peft_refusal: str = "peft has no matching adapter type"
+
+    @property
+    def trainable_from_flags(self) -> bool:
+        """Whether ``deltatune train --method <name>`` builds it from options alone."""
+        return self.default_lr is not None
+
+    def batch_key(self, name: str, config: DeltaConfig) -> tuple:
+        """Deltas (and the base, ``name`` ``None``) with equal keys may share a mixed batch."""
+        if self.mixing.mode == "alone":
+            return ("alone", name)
+        if not self.mixing.with_base or self.mixing.group_by:
+            return (self.name, *(repr(getattr(config, f)) for f in self.mixing.group_by))
+        return ("mixed",)
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -53,23 +129,55 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 def get_method(name: str) -> MethodSpec:
     """The spec registered under ``name``; an unknown name lists the valid ones."""
-    from .. import methods  # noqa: F401  (importing registers the built-in methods)
-
     try:
         return _METHODS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ConfigError(f"unknown delta method {name!r}; available: {', '.join(method_names())}") from None
 
 
 def method_names() -> list[str]:
     """Registered method names, in registration order."""
-    from .. import methods  # noqa: F401
-
     return list(_METHODS)
 
 
-def config_from_dict(data: dict) -> "DeltaConfig":
+def method_specs() -> list[MethodSpec]:
+    """Registered methods, in registration order."""
+    return list(_METHODS.values())
+
+
+def config_from_dict(data: dict) -> DeltaConfig:
     """Rebuild any method's config from its ``to_dict`` form."""
-    if "method" not in data:
+    if not isinstance(data, dict) or "method" not in data:
         raise ConfigError("config dict has no 'method' field")
     return get_method(data["method"]).config_class.from_dict(data)
+
+
+def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Import third-party method modules: ``modules``, those in ``$DELTATUNE_PLUGINS`` and
+    every ``deltatune.methods`` entry point; each registers its methods when imported.
+
+    Returns:
+        the modules imported by this call.
+
+    Raises:
+        ConfigError: a plugin module cannot be imported (the message names it and why).
+    """
+    names = [*modules, *(m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip())]
+    points = list(metadata.entry_points(group=PLUGIN_GROUP))
+    loaded = []
+    for name in dict.fromkeys(names):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(f"plugin module {name!r} cannot be imported ({error}); check the name and that it is "
+                              f"on the Python path") from None
+        loaded.append(name)
+    for point in points:
+        try:
+            point.load()
+        except Exception as error:  # noqa: BLE001 - a broken installed plugin must not break deltatune
+            warnings.warn(f"deltatune plugin entry point {point.name!r} ({point.value}) failed to load: {error!r}; "
+                          f"its methods are not available", stacklevel=2)
+            continue
+        loaded.append(point.value)
+    return loaded

@@ -7,7 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from .slot import SLOT_ATTR
+from ..errors import TargetError
+from .slot import SLOT_ATTR, DeltaSlot
 from .unit import DeltaUnit
 
 
@@ -16,9 +17,6 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hoo
 
 def plain_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` without deltatune's slot and hooks on it."""
-    from ..errors import TargetError
-    from .slot import DeltaSlot
-
     for name, sub in module.named_modules():
         if name and name.split(".")[0] != SLOT_ATTR and isinstance(sub, DeltaSlot):
             raise TargetError(

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from ..errors import TargetError
+from .slot import DeltaSlot
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -39,8 +40,6 @@ def is_type(module: nn.Module, type_names: Iterable[str]) -> bool:
 
 def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``named_modules`` without deltatune's own slots and what they hold."""
-    from .slot import DeltaSlot
-
     out = []
     slot_prefixes: list[str] = []
     for name, module in model.named_modules():

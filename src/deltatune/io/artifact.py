@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from ..core.config import SCHEMA_VERSION
 from ..core.inject import build_placements, check_name_free, install
 from ..core.params import tensor_key
@@ -278,3 +278,12 @@ def load(
     for placement in placements:
         placement.unit.load_saved(by_unit.get(id(placement.unit), {}))
     return install(model, name, config, placements, activate=activate)
+
+
+def head_rows(meta: dict[str, Any]) -> int | None:
+    """The output width of the head a delta trains (its ``modules_to_save``): the first
+    dimension of the last 2-D weight saved under those modules, else ``None``."""
+    saved = tuple(path + "." for path in meta.get("modules_to_save") or ())
+    shapes = [info["shape"] for key, info in (meta.get("tensors") or {}).items()
+              if key.startswith(saved) and key.endswith("weight") and len(info.get("shape", ())) == 2] if saved else []
+    return int(shapes[-1][0]) if shapes else None

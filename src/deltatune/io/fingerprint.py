@@ -12,6 +12,7 @@ import hashlib
 import torch
 from torch import nn
 
+from ..core.slot import get_slot
 from ..core.targeting import base_modules
 
 SAMPLES = 64
@@ -31,8 +32,6 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
 
 def module_fingerprint(module: nn.Module) -> str:
     """Hash of a base module's tensors (deltatune slots excluded; unmerged values while merged)."""
-    from ..core.slot import get_slot
-
     hasher = hashlib.sha256()
     for path, sub in base_modules(module):
         slot = get_slot(sub)

@@ -8,6 +8,7 @@ once and cached as fp32 safetensors under ``$DELTATUNE_CACHE`` (default
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data.datasets import package_folder
 from ..errors import DeltaError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODELS = ("minilm", "smollm2")
+CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
+#: the packaged models and the task each serves
+MODELS = {"minilm": CLASSIFICATION, "smollm2": CAUSAL_LM}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -40,8 +44,6 @@ def cache_dir() -> Path:
 
 
 def _package_folder(package: str) -> Path:
-    from ..data.datasets import package_folder
-
     try:
         return package_folder(package)
     except DeltaError:
@@ -91,6 +93,18 @@ def smollm2_folder() -> Path:
 
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def model_task(name: str) -> str:
+    """``"classification"`` or ``"causal_lm"``: what a packaged model or model folder serves
+    (a folder by its config's architectures: a causal-LM head, else classification)."""
+    check_model_name(name)
+    if name in MODELS:
+        return MODELS[name]
+    config = json.loads((model_folder(name) / "config.json").read_text(encoding="utf-8"))
+    architectures = config.get("architectures") or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return CAUSAL_LM if causal else CLASSIFICATION
 
 
 def load_model(name: str, task: str, num_labels: int | None = None, labels: list[str] | None = None) -> Loaded:

@@ -9,7 +9,6 @@ and deltas in one forward (``deltatune.route``); rows of deltas that cannot shar
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ import torch
 from torch import nn
 
 from ..core.mixing import route
+from ..core.registry import config_from_dict, get_method
 from ..errors import DeltaFileError, DeltaStateError, FingerprintError, NotApplicableError
-from ..io.cache import DeltaCache, delta_bytes
-from ..methods.head import HEAD_NAMES
+from ..io.artifact import head_rows
+from ..swap import DeltaCache, delta_bytes
+from ..models.load import CAUSAL_LM, CLASSIFICATION, load_model, model_task
 from .errors import ApiError, as_api_error
 from .library import DeltaLibrary
-
-CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
 
 
 @dataclass
@@ -40,31 +39,16 @@ class Work:
 Forward = Callable[[list[int], list[Work]], list[Any]]
 
 
-def model_task(name: str) -> str:
-    """``"classification"`` or ``"causal_lm"``: what a packaged model or model folder serves."""
-    from ..models.load import check_model_name, model_folder
-
-    check_model_name(name)
-    if name in ("minilm", "smollm2"):
-        return CLASSIFICATION if name == "minilm" else CAUSAL_LM
-    config = json.loads((model_folder(name) / "config.json").read_text(encoding="utf-8"))
-    architectures = config.get("architectures") or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    return CAUSAL_LM if causal else CLASSIFICATION
-
-
 def head_labels(library: DeltaLibrary) -> int | None:
     """The number of labels most deltas in ``library`` were trained with (from their head tensors)."""
     counts: Counter[int] = Counter()
     for name in library.available():
         try:
-            tensors = library.meta(name)["tensors"]
+            rows = head_rows(library.meta(name))
         except (DeltaFileError, ApiError, OSError):  # a broken delta is reported when it is used, not here
             continue
-        for key, info in tensors.items():
-            if key.split(".")[0] in HEAD_NAMES and key.endswith("weight") and len(info["shape"]) == 2:
-                counts[info["shape"][0]] += 1
-                break
+        if rows is not None:
+            counts[rows] += 1
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -74,8 +58,6 @@ def load_base(name: str, library: DeltaLibrary, *, num_labels: int | None = None
     A classification base gets ``num_labels`` outputs (default: what the deltas' heads have);
     its own head is new and seeded with ``seed``, so base-only answers are reproducible.
     """
-    from ..models.load import load_model
-
     task = model_task(name)
     if task == CLASSIFICATION:
         torch.manual_seed(seed)
@@ -193,14 +175,11 @@ class Engine:
         return list(groups.values())
 
     def _mix_key(self, name: str | None) -> tuple:
+        """Works with equal keys share a batch; the method declares how its rows mix."""
         if name is None:
             return ("mixed",)
-        meta = self.library.meta(name)
-        if meta.get("method") == "prefix":
-            return ("alone", name)
-        if meta.get("method") == "prompt":
-            return ("prompt", meta["config"].get("num_virtual_tokens"))
-        return ("mixed",)
+        config = config_from_dict(self.library.meta(name)["config"])
+        return get_method(config.method).batch_key(name, config)
 
     def _forward_group(self, group: list[int], works: Sequence[Work], forward: Forward, results: list[Any]) -> None:
         try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.chat import chat_prompt
 from ..data.datasets import DataError, Example
 
 IGNORE = -100
@@ -68,13 +69,6 @@ def encode(examples: list[Example], tokenizer, task: str, max_length: int, label
     return Encoded(all_ids, all_labels, task, tokenizer.pad_token_id)
 
 
-def chat_prompt(tokenizer, question: str) -> str:
-    """The prompt a chat model sees for a question (its chat template where it has one)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-    return f"Question: {question}\nAnswer: "
-
-
 class BatchPlan:
     """Which rows make up global step ``s``: a seeded permutation per epoch, so a run
     resumed at any step sees exactly the batches an uninterrupted run would."""
@@ -90,3 +84,7 @@ class BatchPlan:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._order, self._epoch = torch.randperm(self.size, generator=generator).tolist(), epoch
         return self._order[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}

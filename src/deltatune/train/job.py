@@ -9,7 +9,7 @@ import dataclasses
 import json
 import resource
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import yaml
 from ..core.config import DeltaConfig
 from ..core.inject import attach
 from ..core.params import count_parameters
-from ..core.registry import get_method, method_names
+from ..core.options import option_lookup
+from ..core.registry import get_method, method_specs
 from ..data.datasets import DataError, Splits, load_dataset
 from ..errors import ConfigError
 from ..io.artifact import META_FILE, TENSORS_FILE, load, read_meta, save
@@ -30,53 +31,59 @@ from . import distributed
 from .batches import encode
 from .loop import Settings, train
 from .metrics import evaluate
+from .plot import plot_losses
 
-#: learning rates that work for each method on MiniLM-sized models; these are the methods a
-#: training job builds from flags (``dense`` and ``fusion`` deltas come from the Python API:
-#: task-vector algebra, extraction and composition)
-DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "adapter": 1e-3, "prefix": 1e-2, "prompt": 3e-2, "ia3": 1e-2,
-              "bitfit": 3e-3, "head": 1e-2, "full": 5e-5}
-JOB_METHODS = tuple(DEFAULT_LR)
+def _flag(help_text: str, **kwargs: Any) -> Any:
+    """A job field with its ``--flag`` help text."""
+    return field(metadata={"help": help_text}, **kwargs)
 
 
 @dataclass
 class TrainJob:
-    """Everything one run needs; written to ``config.yaml`` so ``--resume`` can rebuild it."""
+    """Everything one run needs; written to ``config.yaml`` so ``--resume`` can rebuild it.
 
-    model: str = "minilm"
-    data: str = "movie-reviews"
-    method: str = "lora"
-    out: str = "runs/lora"
-    text_column: str = "text"
-    label_column: str = "label"
-    completion_column: str | None = None
-    limit: int | None = None
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] | None = None
-    bottleneck: int = 64
-    placement: str = "houlsby"
-    num_virtual_tokens: int = 20
-    projection_dim: int = 0
-    epochs: float = 1.0
-    steps: int | None = None
-    batch_size: int = 32
-    lr: float | None = None
-    max_length: int = 64
-    seed: int = 0
-    eval_every: int = 0
-    save_every: int = 0
+    ``options`` holds the method's own options by config field name (``{"r": 16}`` for
+    LoRA); the CLI's method flags and the YAML keys come from the method's config class.
+    """
+
+    model: str = _flag("minilm, smollm2, or a local transformers folder", default="minilm")
+    data: str = _flag("movie-reviews, sms-spam, trec, chatterbot, or a .csv/.tsv/.jsonl file", default="movie-reviews")
+    method: str = _flag("the delta method (see the list below)", default="lora")
+    out: str = _flag("output folder", default="runs/lora")
+    text_column: str = _flag("text column of a CSV/JSONL file (the prompt for causal LM)", default="text")
+    label_column: str = _flag("label column of a CSV/JSONL file", default="label")
+    completion_column: str | None = _flag("completion column: makes a causal-LM task", default=None)
+    limit: int | None = _flag("use at most this many examples (seeded sample)", default=None)
+    targets: list[str] | None = _flag("module patterns to adapt (default: found from the model's structure)",
+                                      default=None)
+    options: dict[str, Any] = field(default_factory=dict)
+    epochs: float = _flag("passes over the training split", default=1.0)
+    steps: int | None = _flag("optimizer steps (overrides --epochs)", default=None)
+    batch_size: int = _flag("global batch size", default=32)
+    lr: float | None = _flag("peak learning rate (default: the method's)", default=None)
+    max_length: int = _flag("tokens per example", default=64)
+    seed: int = _flag("seed for the split, initialisation, order and dropout", default=0)
+    eval_every: int = _flag("evaluate on validation every N steps (0: never)", default=0)
+    save_every: int = _flag("write a resumable checkpoint every N steps (0: never)", default=0)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in JOB_METHODS:
-            built_elsewhere = " (it is built with the Python API, not trained from flags)" if self.method in method_names() else ""
-            raise ConfigError(f"unknown method {self.method!r}{built_elsewhere}; use one of {', '.join(JOB_METHODS)}")
+        spec = get_method(self.method)
+        if not spec.trainable_from_flags:
+            trainable = ", ".join(s.name for s in method_specs() if s.trainable_from_flags)
+            raise ConfigError(f"method {self.method!r} is built with the Python API, not trained from flags "
+                              f"({spec.summary}); train one of {trainable}")
+        self.options = dict(self.options or {})
+        known = option_lookup(spec.config_class)
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            takes = ", ".join(sorted({o.name for o in known.values()})) or "no options"
+            raise ConfigError(f"option(s) {unknown} are not options of {self.method}; {self.method} takes {takes}")
+        self.options = {known[k].name: v for k, v in self.options.items()}
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 1e-3)
+        return self.lr if self.lr is not None else get_method(self.method).default_lr
 
     def settings(self) -> Settings:
         return Settings(epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.learning_rate,
@@ -84,30 +91,37 @@ class TrainJob:
 
     @classmethod
     def from_yaml(cls, path: Path) -> "TrainJob":
+        """A job from a YAML file of job fields; method options may sit at the top level
+        (``r: 16``) or under ``options:``."""
         data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
+        options = dict(data.pop("options", None) or {})
+        method_options = option_lookup(get_method(data.get("method", cls.method)).config_class)
+        for key in [k for k in data if k not in known and k in method_options]:
+            options[key] = data.pop(key)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{path}: unknown option(s) {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+            raise ConfigError(f"{path}: unknown option(s) {unknown}; valid: {sorted(known - {'options'})} and the "
+                              f"method's options {sorted(method_options)}")
+        return cls(**data, options=options)
 
 
 def delta_config(job: TrainJob, model: torch.nn.Module, task: str) -> DeltaConfig | None:
-    """The delta config a job asks for (``None`` for full fine-tuning)."""
-    if job.method == "full":
+    """The delta config a job asks for (``None`` for a method that trains the base itself)."""
+    spec = get_method(job.method)
+    if spec.trains_base:
         return None
     head = find_head(model) if task == "classification" else None
-    saved = (head,) if head else ()
-    targets = tuple(job.targets) if job.targets else None
-    cls = get_method(job.method).config_class
-    options: dict[str, Any] = {"modules_to_save": saved}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for name, value in [("r", job.rank), ("alpha", job.alpha), ("dropout", job.dropout), ("bottleneck", job.bottleneck),
-                        ("placement", job.placement), ("num_virtual_tokens", job.num_virtual_tokens),
-                        ("projection_dim", job.projection_dim), ("targets", targets)]:
-        if name in fields:
-            options[name] = value
-    return cls(**options)
+    known = option_lookup(spec.config_class)
+    options: dict[str, Any] = {"modules_to_save": (head,) if head else ()}
+    if job.targets:
+        options["targets"] = tuple(job.targets)
+    for name, value in job.options.items():
+        option = known[name]
+        options[option.name] = option.parse(value) if isinstance(value, str) and option.annotation is not str else value
+    return spec.config_class(**options)
 
 
 def peak_memory_mb() -> float:
@@ -147,7 +161,7 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
     splits, loaded = prepare(job)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = delta_config(job, model, splits.task)
-    if config is None:
+    if config is None:  # the method trains the base itself
         model.requires_grad_(True)
         trainable = count_parameters(model)
     else:
@@ -175,8 +189,6 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
     metrics["delta_bytes"] = _write_result(model, job, out, metrics, config)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(out / "history.json", json.dumps(asdict(result["history"])) + "\n")
-    from .plot import plot_losses
-
     plot_losses(result["history"], out / "loss.png", title=f"{job.method} on {job.model} / {job.data}")
     return distributed.from_main(metrics)
 

@@ -15,13 +15,9 @@ from tqdm.auto import tqdm
 
 from ..errors import DeltaError
 from . import distributed
-from .batches import IGNORE, BatchPlan, Encoded
+from .batches import IGNORE, BatchPlan, Encoded, to_device
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import evaluate
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class TrainingDiverged(DeltaError, RuntimeError):

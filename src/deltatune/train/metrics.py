@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .batches import Encoded
+from .batches import Encoded, to_device
 
 
 def macro_f1(predictions: list[int], targets: list[int], num_labels: int) -> float:
@@ -25,8 +25,6 @@ def macro_f1(predictions: list[int], targets: list[int], num_labels: int) -> flo
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, batch_size: int = 64, num_labels: int = 2) -> dict[str, float]:
     """Metrics of ``model`` on ``data`` in eval mode (restores the previous mode)."""
-    from .loop import to_device
-
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()

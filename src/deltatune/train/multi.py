@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..core.config import DeltaConfig
 from ..core.inject import attach, using
+from ..core.registry import get_method
 from ..core.params import count_parameters, delta_parameters
 from ..core.slot import check_delta_name, require_state
 from ..data.datasets import Splits, load_dataset
@@ -32,9 +33,9 @@ from ..io.artifact import TENSORS_FILE, save
 from ..io.atomic import write_text_atomic
 from ..models.load import check_model_name, load_model
 from . import distributed
-from .batches import IGNORE, BatchPlan, Encoded, encode
+from .batches import IGNORE, BatchPlan, Encoded, encode, to_device
 from .job import TrainJob, delta_config, peak_memory_mb
-from .loop import Settings, TrainingDiverged, learning_rate, to_device, total_steps
+from .loop import Settings, TrainingDiverged, learning_rate, total_steps
 from .metrics import evaluate
 
 #: TrainJob fields every task of one multi-delta run must share (one model, one schedule)
@@ -194,8 +195,8 @@ def check_jobs(jobs: dict[str, TrainJob]) -> None:
         except DeltaStateError:
             raise ConfigError(f"task name {name!r} (the YAML file's name) must be 1-64 letters, digits, '_' or '-', "
                               f"starting with a letter; rename the file") from None
-        if job.method == "full":
-            raise ConfigError(f"task {name!r}: method 'full' trains the shared base itself; pick a delta method")
+        if get_method(job.method).trains_base:
+            raise ConfigError(f"task {name!r}: method {job.method!r} trains the shared base itself; pick a delta method")
         if job.save_every:
             raise ConfigError(f"task {name!r}: save_every is not supported with --multi (no checkpoints); remove it")
     for option in SHARED_FIELDS:

@@ -17,7 +17,7 @@ from ...core.build import first_input, linear_shape, per_module
 from ...core.rows import as_rows, gathered, per_delta_post
 from ...core.slot import get_slot
 from ...core.config import DeltaConfig, check
-from ...core.registry import MethodSpec, register_method
+from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.unit import DeltaUnit, Placements
 from ...models.families import default_targets
 
@@ -112,5 +112,7 @@ def build(model: nn.Module, config: AdapterConfig) -> Placements:
     return per_module(model, config, lambda: default_targets(model, roles, config.method), make)
 
 
-register_method(MethodSpec("adapter", AdapterConfig, build, mergeable=False, identity_at_init=True,
-                           summary="bottleneck adapters (Houlsby, Pfeiffer or parallel)"))
+register_method(MethodSpec(
+    "adapter", AdapterConfig, build, mergeable=False, identity_at_init=True,
+    summary="bottleneck adapters (Houlsby, Pfeiffer or parallel)", default_lr=1e-3, mixing=Mixing("batched"),
+    peft_refusal="peft has no bottleneck-adapter method (Houlsby/Pfeiffer adapters are adapter-hub's format)"))

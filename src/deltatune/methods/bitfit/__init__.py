@@ -64,5 +64,7 @@ def build(model: nn.Module, config: BitFitConfig) -> Placements:
     return per_module(model, config, defaults, make)
 
 
-register_method(MethodSpec("bitfit", BitFitConfig, build, mergeable=True, identity_at_init=True,
-                           summary="train only bias terms"))
+register_method(MethodSpec(
+    "bitfit", BitFitConfig, build, mergeable=True, identity_at_init=True, summary="train only bias terms",
+    default_lr=3e-3,
+    peft_refusal="peft has no bias-only method (LoRA's bias='all' stores whole biases next to a LoRA, not bias changes)"))

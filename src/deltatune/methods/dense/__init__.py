@@ -55,5 +55,7 @@ def build(model: nn.Module, config: DenseConfig) -> Placements:
     return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
 
 
-register_method(MethodSpec("dense", DenseConfig, build, mergeable=True, identity_at_init=True,
-                           summary="full weight difference D added to linear, embedding and norm weights"))
+register_method(MethodSpec(
+    "dense", DenseConfig, build, mergeable=True, identity_at_init=True,
+    summary="full weight difference D added to linear, embedding and norm weights (from merges and extraction)",
+    peft_refusal="peft has no full weight-difference adapter"))

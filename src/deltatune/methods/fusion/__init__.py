@@ -95,5 +95,7 @@ def build(model: nn.Module, config: FusionConfig) -> Placements:
     return per_module(model, config, lambda: (), make)
 
 
-register_method(MethodSpec("fusion", FusionConfig, build, mergeable=False, identity_at_init=True,
-                           summary="AdapterFusion attention over frozen deltas (runs in a Fuse block)"))
+register_method(MethodSpec(
+    "fusion", FusionConfig, build, mergeable=False, identity_at_init=True,
+    summary="AdapterFusion attention over frozen deltas (runs in a Fuse block)", fuses=True,
+    peft_refusal="peft has no AdapterFusion"))

@@ -1,13 +1,14 @@
-"""LoRA's configuration (Hu et al., 2021, arXiv:2106.09685), with rsLoRA and DoRA options."""
+"""LoRA's configuration (Hu et al., 2021, arXiv:2106.09685) with the rsLoRA option, and DoRA's."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ...core.config import DeltaConfig, check
+from ...errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,6 @@ class LoRAConfig(DeltaConfig):
             (``alpha / sqrt(r)`` with ``use_rslora``).
         dropout: dropout on the LoRA branch's input during training.
         use_rslora: rank-stabilised scaling (Kalajdzievski, 2023, arXiv:2312.03732).
-        use_dora: weight-decomposed LoRA (Liu et al., 2024, arXiv:2402.09353).
         init: ``"kaiming"`` (A uniform as in ``nn.Linear``, B zero) or ``"gaussian"``
             (A normal with std ``1/r``, B zero).
         rank_pattern: rank per module path (the full dotted name), overriding ``r`` there;
@@ -30,11 +30,10 @@ class LoRAConfig(DeltaConfig):
 
     method = "lora"
 
-    r: int = 8
+    r: int = field(default=8, metadata={"aliases": ("rank",)})
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
-    use_dora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
     rank_pattern: dict[str, int] | None = field(default=None, hash=False)
 
@@ -51,6 +50,15 @@ class LoRAConfig(DeltaConfig):
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
+        """Also reads files from before DoRA was its own method, which recorded ``use_dora``."""
+        data = dict(data)
+        if data.pop("use_dora", False) and data.get("method") != "dora":
+            raise ConfigError("this LoRA config has use_dora=true: it describes a DoRA delta; save it as method "
+                              "'dora' (DoRAConfig)")
+        return super().from_dict(data)
+
     def for_module(self, path: str) -> LoRAConfig:
         """The config of the unit at module ``path``: ``r`` replaced by its ``rank_pattern`` entry."""
         rank = (self.rank_pattern or {}).get(path, self.r)
@@ -59,13 +67,8 @@ class LoRAConfig(DeltaConfig):
 
 @dataclass(frozen=True)
 class DoRAConfig(LoRAConfig):
-    """LoRA with weight decomposition (DoRA): a learned magnitude per output times the
-    normalised direction ``W + s B A``. Registered as its own method name, ``dora``."""
+    """LoRA with weight decomposition (DoRA, Liu et al., 2024, arXiv:2402.09353): a learned
+    magnitude per output times the normalised direction ``W + s B A``. Its own method, ``dora``;
+    every LoRA option applies."""
 
     method = "dora"
-
-    use_dora: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        check(self.use_dora, "DoRAConfig always uses DoRA; use LoRAConfig for plain LoRA")

@@ -78,6 +78,9 @@ class LoRALinear(DeltaUnit):
         direction = _mixed_lora(units, module, first_input(args, kwargs), output, routing)
         return direction.view(output.shape).to(output.dtype)
 
+    def low_rank_update(self):
+        return self.lora_B.detach() * self.scaling, self.lora_A.detach(), self.fan_in_fan_out
+
     def merge_params(self, module, params):
         delta = self.delta_weight().to(params["weight"].dtype)
         return {"weight": params["weight"] + (delta.T if self.fan_in_fan_out else delta)}
@@ -123,6 +126,9 @@ class DoRALinear(LoRALinear):
         direction = direction.view(output.shape).to(output.dtype)
         return direction + bias if bias is not None else direction
 
+    def low_rank_update(self):
+        return None  # the magnitude rescales W + s B A: not a low-rank change
+
     def merge_params(self, module, params):
         weight = params["weight"].T if self.fan_in_fan_out else params["weight"]
         direction = weight.to(self.lora_A.dtype) + self.delta_weight()
@@ -149,6 +155,9 @@ class LoRAEmbedding(DeltaUnit):
         ids = first_input(args, kwargs)
         rows = F.embedding(ids, self.lora_A.T, padding_idx=module.padding_idx)
         return output + (self.dropout(rows) @ self.lora_B.T * self.scaling).to(output.dtype)
+
+    def low_rank_update(self):
+        return self.lora_B.detach() * self.scaling, self.lora_A.detach(), True
 
     def merge_params(self, module, params):
         return {"weight": params["weight"] + self.delta_weight().to(params["weight"].dtype)}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.config import DeltaConfig, check
-from ...core.registry import MethodSpec, register_method
+from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.slot import get_slot
 from ...core.targeting import base_modules, pattern_matches
 from ...core.unit import DeltaUnit, Placement, Placements
@@ -168,5 +168,11 @@ def build(model: nn.Module, config: PrefixConfig) -> Placements:
     return Placements(placements)
 
 
-register_method(MethodSpec("prefix", PrefixConfig, build, mergeable=False, identity_at_init=False,
-                           summary="trainable key/value prefixes in every attention layer"))
+register_method(MethodSpec(
+    "prefix", PrefixConfig, build, mergeable=False, identity_at_init=False,
+    summary="trainable key/value prefixes in every attention layer", default_lr=1e-2,
+    mixing=Mixing("alone", reason="its prefixes enter inside attention, which runs one set of keys for the whole batch"),
+    stack_only="its key/value prefixes act inside attention, not on a module's output",
+    peft_refusal="peft's prefix tuning passes the prefix as a key/value cache, which shifts every real token's position "
+                 "by num_virtual_tokens (and on T5 reaches the decoder only, cross-attention included); deltatune's "
+                 "prefix leaves positions alone, so the same tensors would give different outputs"))

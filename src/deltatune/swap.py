@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.inject import delete, install, list_deltas, set_active
-from ..core.params import delta_parameters, tensor_key
-from ..core.slot import get_state, require_state, slot_sites
-from ..core.unit import DeltaUnit, Placement
-from ..errors import ConfigError, DeltaStateError
-from .artifact import Check, check_fingerprint, load, read_meta, read_tensors
+from .core.inject import delete, install, list_deltas, set_active
+from .core.params import delta_parameters, tensor_key
+from .core.slot import get_state, require_state, slot_sites
+from .core.unit import DeltaUnit, Placement
+from .errors import ConfigError, DeltaStateError
+from .io.artifact import Check, check_fingerprint, load, read_meta, read_tensors
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaError
-from .batches import chat_prompt
+from ..data.chat import chat_prompt
 
 
 @torch.no_grad()
