@@ -29,7 +29,7 @@ from deltatune.io.atomic import write_text_atomic
 from deltatune.methods.head import find_head
 from deltatune.models.load import load_model
 from deltatune.train.batches import encode
-from deltatune.train.job import DEFAULT_LR
+from deltatune.core.registry import get_method
 from deltatune.train.loop import Settings
 from deltatune.train.sequence import SequenceResult, Task, deltas_in_sequence, full_in_sequence
 
@@ -150,7 +150,7 @@ def main() -> int:
 
     common = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "progress": False}
     config = dt.LoRAConfig(r=args.rank, alpha=2.0 * args.rank, modules_to_save=(head,))
-    deltas = deltas_in_sequence(model, tasks, config, Settings(lr=DEFAULT_LR["lora"], **common))
+    deltas = deltas_in_sequence(model, tasks, config, Settings(lr=get_method("lora").default_lr, **common))
     for name in deltas.order:
         changed = deltas.changed_after_training(name)
         if changed:
@@ -160,14 +160,14 @@ def main() -> int:
     del model
 
     full_model = fresh_model(args, width).model
-    full = full_in_sequence(full_model, tasks, Settings(lr=DEFAULT_LR["full"], **common), head=head)
+    full = full_in_sequence(full_model, tasks, Settings(lr=get_method("full").default_lr, **common), head=head)
     head_bytes = parameter_bytes(full_model.get_submodule(head).parameters())
     body_bytes = parameter_bytes(full_model.parameters()) - head_bytes
 
     record = {
         "settings": {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
                      "max_length": args.max_length, "rank": args.rank, "seed": args.seed, "limit": args.limit,
-                     "lr_lora": DEFAULT_LR["lora"], "lr_full": DEFAULT_LR["full"]},
+                     "lr_lora": get_method("lora").default_lr, "lr_full": get_method("full").default_lr},
         "tasks": [s.describe() for s in splits],
         "head_width": width,
         "lora_targets": adapted,

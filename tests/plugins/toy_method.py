@@ -61,6 +61,14 @@ def build(model: nn.Module, config: ToyConfig):
     return per_module(model, config, lambda: default_targets(model, ["q|qkv", "v"], config.method), make)
 
 
+#: (step, total) of every call of the per-step hook, by delta name
+STEPS_SEEN: dict[str, list[tuple[int, int]]] = {}
+
+
+def record_step(model: nn.Module, name: str, step: int, total: int) -> None:
+    STEPS_SEEN.setdefault(name, []).append((step, total))
+
+
 register_method(MethodSpec("toy", ToyConfig, build, mergeable=True, identity_at_init=True,
                            summary="rank-one update u v^T (a plugin's toy method)", default_lr=5e-3,
-                           mixing=Mixing("per_delta"), peft_refusal="it is a toy"))
+                           mixing=Mixing("per_delta"), step_hook=record_step, peft_refusal="it is a toy"))

@@ -175,6 +175,18 @@ def remove_all(model: nn.Module) -> None:
     drop_state(model)
 
 
+def after_step(model: nn.Module, step: int, total: int) -> None:
+    """Run every delta's per-step training hook (``MethodSpec.step_hook``: rank allocation,
+    rank sampling, ...) after optimizer step ``step`` of ``total``. Training loops call this."""
+    state = get_state(model)
+    if state is None:
+        return
+    for name, config in list(state.configs.items()):
+        hook = get_method(config.method).step_hook
+        if hook is not None:
+            hook(model, name, step, total)
+
+
 def list_deltas(model: nn.Module) -> list[str]:
     """Names of the deltas attached to ``model``, in attach order."""
     state = get_state(model)

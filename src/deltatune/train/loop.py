@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.inject import after_step
 from ..errors import DeltaError
 from . import distributed
 from .batches import IGNORE, BatchPlan, Encoded, to_device
@@ -131,6 +132,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        after_step(model, step + 1, total)
         tokens += int(batch["attention_mask"].sum()) if rows else 0
         history.train.append((step + 1, logged.item()))
         bar.set_postfix(loss=f"{history.train[-1][1]:.4f}")

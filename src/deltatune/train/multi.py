@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import DeltaConfig
-from ..core.inject import attach, using
+from ..core.inject import after_step, attach, using
 from ..core.registry import get_method
 from ..core.params import count_parameters, delta_parameters
 from ..core.slot import check_delta_name, require_state
@@ -167,6 +167,7 @@ def train_tasks(model: nn.Module, tasks: list[Task], settings: Settings, *, num_
                 torch.nn.utils.clip_grad_norm_(group["params"], settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        after_step(model, step + 1, total)
         history.train.append((step + 1, loss.item()))
         for name, value in losses.items():
             history.tasks[name].append((step + 1, value.item()))
