@@ -19,7 +19,7 @@ from ...core.registry import MethodSpec, register_method
 from ...core.targeting import pattern_matches
 from ...core.unit import DeltaUnit, Placements
 from ...errors import TargetError
-from ...models.families import default_targets
+from ...core.roles import default_targets
 
 DEFAULT_ROLES = ["k|qkv", "v", "ffn_down"]
 FEEDFORWARD_ROLES = ["ffn_down"]
