@@ -38,7 +38,7 @@ JOB_FLAGS = {
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
     for flag, (_, kind, text) in JOB_FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=text)
-    parser.add_argument("--targets", nargs="+", default=None, help="module patterns to adapt (default: per model family)")
+    parser.add_argument("--targets", nargs="+", default=None, help="module patterns to adapt, or all-linear (default: the method's roles, found in the model's structure)")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of the same options (flags win)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
