@@ -42,8 +42,7 @@ from ..errors import TargetError
 from .build import linear_shape
 from .targeting import base_modules, pattern_matches
 
-ROLES = ("q", "k", "v", "qkv", "o", "ffn_up", "ffn_gate", "ffn_down", "ffn_block")
-
+#: every role, with what it is (for error messages)
 DESCRIPTIONS = {
     "q": "the attention query projection (role 'q')",
     "k": "the attention key projection (role 'k')",
@@ -55,6 +54,7 @@ DESCRIPTIONS = {
     "ffn_down": "the feed-forward down projection, intermediate -> hidden (role 'ffn_down')",
     "ffn_block": "a module holding the whole feed-forward block (role 'ffn_block')",
 }
+ROLES = tuple(DESCRIPTIONS)
 
 #: role patterns for model types whose structure the rules above read wrongly; each entry says
 #: why. Empty: every architecture tested (tests/test_architectures.py) is read from its structure.
