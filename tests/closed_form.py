@@ -30,7 +30,7 @@ def expected_parameters(method: str, model: nn.Module, config, modules: list[str
 
         feedforward = config.feedforward
         if feedforward is None:
-            from deltatune.models.families import default_targets
+            from deltatune.core.roles import default_targets
 
             feedforward = default_targets(model, ["ffn_down"], "ia3") if config.targets is None and not config.target_types else ()
         return sum(_linear(get(p))[0 if any(pattern_matches(f, p) for f in feedforward) else 1] for p in modules)

@@ -148,7 +148,7 @@ def test_adapter_up_projection_starts_at_zero():
     assert torch.count_nonzero(unit.down.weight) > 0
 
 
-def test_adapter_placements_choose_their_family_defaults():
+def test_adapter_placements_choose_their_default_roles():
     from tiny_models import MODELS
 
     houlsby = dt.attach(MODELS["bert"].build(), dt.AdapterConfig(bottleneck=4, placement="houlsby"))

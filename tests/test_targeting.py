@@ -52,7 +52,7 @@ def test_type_targets_with_layer_filter(bert):
     assert len(report.modules) == 5  # query key value attention-output output
 
 
-def test_default_targets_follow_the_model_family():
+def test_default_targets_follow_the_model_structure():
     for name, expected in [("bert", "attention.self.query"), ("gpt2", "attn.c_attn"), ("llama", "self_attn.q_proj"), ("t5", "SelfAttention.q")]:
         report = dt.attach(MODELS[name].build(), dt.LoRAConfig(r=2))
         assert any(m.endswith(expected) for m in report.modules), (name, report.modules)
@@ -90,7 +90,7 @@ def test_only_unsupported_matches_is_an_error(bert):
 
 
 def test_plain_model_without_targets_asks_for_them():
-    with pytest.raises(dt.TargetError, match="no default targets .* pass targets="):
+    with pytest.raises(dt.TargetError, match="no default targets .* found no such blocks; pass targets="):
         dt.attach(MODELS["mlp"].build(), dt.LoRAConfig())
 
 

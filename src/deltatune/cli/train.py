@@ -63,8 +63,8 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
         if field.name == "method":
             text = "; ".join(f"{s.name}: {s.summary}" for s in method_specs() if s.trainable_from_flags)
         parser.add_argument(flag, type=_field_type(field), default=None, help=text)
-    parser.add_argument("--targets", nargs="+", default=None, help="module patterns to adapt (default: found from the "
-                        "model's structure; 'all-linear' for every linear layer in the blocks)")
+    parser.add_argument("--targets", nargs="+", default=None, help="module patterns to adapt, or all-linear "
+                        "(default: the method's roles, found in the model's structure)")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of the same options (flags win)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     options = parser.add_argument_group("method options (each applies to the methods named in brackets)")

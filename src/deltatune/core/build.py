@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import TargetError
-from .config import DeltaConfig
+from .config import ALL_LINEAR, DeltaConfig
 from .targeting import select_modules
 from .unit import DeltaUnit, Placement, Placements
 
@@ -23,7 +23,8 @@ def per_module(
 ) -> Placements:
     """One unit per selected module; matched modules the method cannot adapt are skipped.
 
-    ``default_targets`` is only called when the config names neither patterns nor types.
+    ``default_targets`` is only called when the config names neither patterns nor types;
+    ``targets="all-linear"`` selects every Linear / Conv1D inside the transformer blocks.
 
     Raises:
         TargetError: nothing matched, or nothing that matched can be adapted.
@@ -31,6 +32,10 @@ def per_module(
     patterns = config.targets
     if patterns is None and not config.target_types:
         patterns = default_targets()
+    elif patterns == (ALL_LINEAR,):
+        from .roles import all_linear_targets  # roles imports this module
+
+        patterns = all_linear_targets(model, config.method)
     selected = select_modules(model, patterns, config.target_types, config.layers, config.exclude)
     placements, skipped = [], []
     for path, module in selected:

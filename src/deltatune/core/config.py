@@ -10,6 +10,9 @@ from ..errors import ConfigError
 
 SCHEMA_VERSION = 1
 
+#: ``targets="all-linear"``: every Linear / Conv1D inside the transformer blocks, never the head
+ALL_LINEAR = "all-linear"
+
 
 def _as_tuple(value: Any) -> tuple | None:
     if value is None:
@@ -27,7 +30,9 @@ class DeltaConfig:
         targets: module-name patterns. A plain pattern is a glob matched against the full
             dotted name or any dotted suffix of it (``"query"``, ``"layer.*.attention.self.query"``);
             a pattern starting with ``re:`` is a regular expression matched against the full name.
-            ``None`` uses the method's default for the model family.
+            ``None`` uses the method's default roles, found from the model's structure
+            (see :mod:`deltatune.core.roles`); ``"all-linear"`` selects every Linear / Conv1D
+            inside the transformer blocks, never the output head.
         target_types: module class names (``"Linear"``, ``"Conv1D"``); subclasses match too.
         layers: keep only modules whose first numeric name component is one of these.
         exclude: patterns (same syntax as ``targets``) of modules never to adapt.
@@ -51,6 +56,11 @@ class DeltaConfig:
             object.__setattr__(self, name, value)
         if self.targets is not None and len(self.targets) == 0:
             raise ConfigError("targets=() selects nothing; pass None for the method's default or name modules")
+        if self.targets is not None and ALL_LINEAR in self.targets and len(self.targets) > 1:
+            raise ConfigError(
+                f"targets {list(self.targets)} mix {ALL_LINEAR!r} with other patterns; pass targets={ALL_LINEAR!r} "
+                f"alone (narrow it with layers=[...] or exclude=[...]) or list the patterns"
+            )
         if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative integers, got {self.layers!r}")
         self.validate()

@@ -1,1 +1,2 @@
-"""Model-family knowledge, kept small: where the attention and feed-forward parts live."""
+"""Loading the packaged models (and local model folders). Default targets need no family
+knowledge: ``deltatune.core.roles`` finds them in any model's structure."""

@@ -19,7 +19,7 @@ from ...core.slot import get_slot
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.unit import DeltaUnit, Placements
-from ...models.families import default_targets
+from ...core.roles import default_targets
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "swish": nn.SiLU}
 PLACEMENT_ROLES = {"houlsby": ["o", "ffn_down"], "pfeiffer": ["ffn_down"], "parallel": ["ffn_block|ffn_down"]}

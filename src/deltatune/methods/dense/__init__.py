@@ -15,7 +15,7 @@ from ...core.build import per_module
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, register_method
 from ...core.unit import Placements
-from ...models.families import default_targets
+from ...core.roles import default_targets
 from .layer import KINDS, DenseDelta, dense_kind
 
 __all__ = ["KINDS", "DenseConfig", "DenseDelta", "dense_kind"]

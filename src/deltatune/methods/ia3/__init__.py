@@ -13,7 +13,7 @@ from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.targeting import pattern_matches
 from ...core.unit import Placements
 from ...errors import TargetError
-from ...models.families import default_targets
+from ...core.roles import default_targets
 from .layer import IA3Config, IA3Input, IA3Output
 from .peft import IA3Codec
 

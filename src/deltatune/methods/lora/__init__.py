@@ -7,7 +7,7 @@ from torch import nn
 from ...core.build import linear_shape, per_module
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.unit import Placements
-from ...models.families import default_targets
+from ...core.roles import default_targets
 from .config import DoRAConfig, LoRAConfig
 from .layer import DoRALinear, LoRAEmbedding, LoRALinear
 from .peft import LoraCodec
