@@ -22,14 +22,14 @@ from deltatune.core.roles import find_roles
 from deltatune.methods.head import find_head
 from tiny_models import ARCHITECTURES, HOMEMADE, small_config
 
-#: fusion fuses other deltas, so it cannot be attached alone
-METHODS = [m for m in dt.method_names() if m != "fusion"]
+#: fusion fuses other deltas, so it cannot be attached alone; full fine-tuning is not a delta
+METHODS = [m for m in dt.method_names() if not dt.get_method(m).fuses and not dt.get_method(m).trains_base]
 PAIRS = [(arch, method) for arch in ARCHITECTURES for method in METHODS]
 
 _NO_BIAS = ("mpt", "llama", "mistral", "mixtral", "qwen3", "phi3", "gemma", "gemma2", "olmo", "smollm3", "granite",
             "cohere", "t5", "t5-gated")
 #: their attention computes scores itself instead of calling transformers' attention interface
-_OWN_ATTENTION = ("distilbert", "deberta-v2", "albert", "codegen", "bloom", "mpt")
+_OWN_ATTENTION = ("distilbert", "deberta-v2", "albert", "codegen", "bloom", "mpt", "gptj", "falcon")
 
 #: (architecture, method) -> words the refusal must contain (besides the method's name)
 EXPECTED_REFUSALS = {
@@ -42,13 +42,7 @@ EXPECTED_REFUSALS = {
 }
 
 #: pairs that attach but do not work: a bug to fix, not a refusal (strict: a fix makes them fail)
-KNOWN_BROKEN = {
-    # prefix's build takes any module with layer_idx, is_causal and config for an attention that
-    # calls the attention interface; these compute attention themselves, so the prefix is never
-    # used (no gradient reaches it) instead of being refused
-    ("gptj", "prefix"): "GPTJAttention does not call the attention interface; prefix attaches without effect",
-    ("falcon", "prefix"): "FalconAttention does not call the attention interface; prefix attaches without effect",
-}
+KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -139,7 +139,7 @@ def test_the_training_loop_runs_the_method_step_hook(toy_registered, tiny_bert):
     model = _model(tiny_bert)
     dt.attach(model, toy_registered.config_class(modules_to_save=("classifier",)), name="toy")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_bert)
-    data = encode([Example(f"text {i}", i % 2) for i in range(16)], tokenizer, "classification", 12, ["a", "b"])
+    data = encode([Example(f"text {i}", "ab"[i % 2]) for i in range(16)], tokenizer, "classification", 12, ["a", "b"])
     train(model, data, Settings(steps=3, batch_size=8, lr=1e-3, progress=False))
     from toy_method import STEPS_SEEN
 

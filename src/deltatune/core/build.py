@@ -8,6 +8,8 @@ from torch import nn
 
 from ..errors import TargetError
 from .config import ALL_LINEAR, DeltaConfig
+from .roles import all_linear_targets
+from .shapes import linear_shape, weight_as_out_in  # noqa: F401  (methods import them from here)
 from .targeting import select_modules
 from .unit import DeltaUnit, Placement, Placements
 
@@ -33,8 +35,6 @@ def per_module(
     if patterns is None and not config.target_types:
         patterns = default_targets()
     elif patterns == (ALL_LINEAR,):
-        from .roles import all_linear_targets  # roles imports this module
-
         patterns = all_linear_targets(model, config.method)
     selected = select_modules(model, patterns, config.target_types, config.layers, config.exclude)
     placements, skipped = [], []
@@ -62,21 +62,3 @@ def replace_first_input(args: tuple, kwargs: dict, value) -> tuple[tuple, dict]:
         return (value, *args[1:]), kwargs
     key = next(iter(kwargs))
     return args, {**kwargs, key: value}
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
-    """``(in_features, out_features, fan_in_fan_out)`` of a Linear or GPT-2 ``Conv1D``, else None.
-
-    GPT-2's ``Conv1D`` is a linear layer whose weight is stored ``(in, out)``.
-    """
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
-        fan_in, fan_out = module.weight.shape
-        return fan_in, fan_out, True
-    return None
-
-
-def weight_as_out_in(module: nn.Module, fan_in_fan_out: bool):
-    """The module's weight as an ``(out, in)`` matrix (a view; transposed for ``Conv1D``)."""
-    return module.weight.T if fan_in_fan_out else module.weight

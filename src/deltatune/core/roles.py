@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import TargetError
-from .build import linear_shape
+from .shapes import linear_shape
 from .targeting import base_modules, pattern_matches
 
 #: every role, with what it is (for error messages)

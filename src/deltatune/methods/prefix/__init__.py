@@ -119,6 +119,14 @@ class PrefixLayer(DeltaUnit):
         return self._table().layer_key_value(self.layer, batch, dtype)
 
 
+def _calls_attention_interface(module: nn.Module) -> bool:
+    """Whether the module's forward looks its attention function up in transformers'
+    ``ALL_ATTENTION_FUNCTIONS`` (where prefix tuning's functions are registered); some
+    attention classes (GPT-J, Falcon) compute scores themselves and never would."""
+    code = getattr(type(module).forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Self-attention modules that call transformers' attention interface."""
     return [
@@ -127,6 +135,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if hasattr(module, "layer_idx") and hasattr(module, "is_causal") and hasattr(module, "config")
         and not any(marker in path for marker in _CROSS_ATTENTION)
         and not getattr(module, "is_cross_attention", False)
+        and _calls_attention_interface(module)
     ]
 
 
