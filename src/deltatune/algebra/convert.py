@@ -16,6 +16,7 @@ from ..core.report import AttachReport
 from ..core.saved_module import SavedModule
 from ..core.slot import get_slot, slot_sites
 from ..errors import MergeError
+from ..io.meaning import remember
 from ..methods.dense import DenseConfig, dense_kind
 from ..methods.lora import LoRAConfig
 from ..methods.lora.layer import LoRAEmbedding, LoRALinear
@@ -96,6 +97,8 @@ def attach_task_vector(
       (truncated SVD), then a LoRA as above;
     - otherwise: a ``dense`` delta holding each weight (and bias) difference exactly.
 
+    The new delta means what ``vector.meaning`` records (label names, task), when it records any.
+
     Args:
         saved_modules: module path -> parameter values of a trained copy of that module
             (a classifier head) to carry with the delta, as ``modules_to_save`` does.
@@ -118,6 +121,8 @@ def attach_task_vector(
     else:
         report = _attach_dense(model, vector, name, saved_modules, activate)
     _load_saved_modules(model, name, saved_modules)
+    if vector.meaning is not None:
+        remember(model, name, vector.meaning)
     return report
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DeltaStateError, MergeError
+from ..io.meaning import Meaning, agreed, inferred, meaning_of
 
 if TYPE_CHECKING:
     from ..core.report import AttachReport
@@ -128,10 +129,14 @@ class TaskVector:
 
     Build one with :meth:`from_delta`, :meth:`from_folder` or :meth:`from_models`, or from a
     dict of entries. Entries are float32 (or float64) and never NaN/inf.
+
+    ``meaning`` is what the delta it came from means (label names, task); arithmetic keeps
+    what the operands agree on and :meth:`to_delta` gives it to the new delta.
     """
 
-    def __init__(self, entries: Mapping[str, Entry]):
+    def __init__(self, entries: Mapping[str, Entry], meaning: Meaning | None = None):
         self._entries: dict[str, Entry] = {key: _as_entry(key, value) for key, value in entries.items()}
+        self.meaning = meaning
 
     # -- container -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Entry:
@@ -175,7 +180,7 @@ class TaskVector:
     def select(self, keep: Callable[[str], bool] | Iterable[str]) -> TaskVector:
         """The entries whose names pass ``keep`` (a predicate, or a collection of names)."""
         wanted = keep if callable(keep) else set(keep).__contains__
-        return TaskVector({k: v for k, v in self._entries.items() if wanted(k)})
+        return TaskVector({k: v for k, v in self._entries.items() if wanted(k)}, self.meaning)
 
     # -- arithmetic ------------------------------------------------------------------------
     def __add__(self, other: TaskVector) -> TaskVector:
@@ -184,7 +189,7 @@ class TaskVector:
         entries = dict(self._entries)
         for key, value in other.items():
             entries[key] = _add(key, entries[key], value) if key in entries else value
-        return TaskVector(entries)
+        return TaskVector(entries, agreed([self.meaning, other.meaning]))
 
     def __radd__(self, other: object) -> TaskVector:
         if isinstance(other, (int, float)) and other == 0:  # sum([a, b, c]) starts from 0
@@ -196,7 +201,8 @@ class TaskVector:
             return NotImplemented
         if not math.isfinite(factor):
             raise ConfigError(f"a task vector can only be scaled by a finite number, got {factor!r}")
-        return TaskVector({k: v.scaled(factor) if isinstance(v, LowRankEntry) else v * factor for k, v in self.items()})
+        return TaskVector({k: v.scaled(factor) if isinstance(v, LowRankEntry) else v * factor for k, v in self.items()},
+                          self.meaning)
 
     __rmul__ = __mul__
 
@@ -241,7 +247,7 @@ class TaskVector:
             change = entry_dense(entry)  # the parameter's shape
             approx = low_rank(change.T if transposed else change, rank=rank)
             entries[key] = LowRankEntry(approx.B, approx.A, transposed, approx.energy_kept)
-        return TaskVector(entries)
+        return TaskVector(entries, self.meaning)
 
     # -- building and applying -------------------------------------------------------------
     @classmethod
@@ -249,7 +255,10 @@ class TaskVector:
         """The weight change delta ``name`` on ``model`` makes (see :func:`.convert.task_vector_of`)."""
         from .convert import task_vector_of
 
-        return task_vector_of(model, name, include_saved=include_saved)
+        vector = task_vector_of(model, name, include_saved=include_saved)
+        meaning = meaning_of(model, name)
+        vector.meaning = meaning if meaning.known else None
+        return vector
 
     @classmethod
     def from_folder(cls, model: nn.Module, directory: str | Path, *, check: str = "strict",
@@ -292,7 +301,10 @@ class TaskVector:
                                  f"in the fine-tuned model; they must be the same architecture")
             if not torch.equal(old, new):
                 entries[key] = _wide(new) - _wide(old)
-        return cls(entries)
+        from ..methods.head import find_head
+
+        meaning = inferred(finetuned, [find_head(finetuned) or ""])
+        return cls(entries, meaning if meaning.known else None)
 
     def apply_to(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
         """Add ``scale`` times this vector to ``model``'s weights, in place; returns the model.

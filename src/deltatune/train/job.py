@@ -190,7 +190,8 @@ def _write_result(model, job: TrainJob, out: Path, metrics: dict, config: DeltaC
         staging.rename(out / "model")
         return sum(f.stat().st_size for f in (out / "model").glob("*.safetensors"))
     summary = {k: metrics[k] for k in ("test", "steps", "seed", "train_seconds")}
-    save(model, out, job.method, metrics=summary, provenance={"model": job.model, "data": job.data})
+    save(model, out, job.method, metrics=summary, provenance={"model": job.model, "data": job.data},
+         labels=metrics["data"]["labels"] or None, task=metrics["task"])
     return (out / TENSORS_FILE).stat().st_size
 
 
