@@ -28,7 +28,7 @@ from ..core.slot import get_state, require_state, slot_sites
 from ..core.unit import DeltaUnit, Placement
 from ..errors import ConfigError, DeltaStateError
 from .artifact import Check, check_fingerprint, load, read_meta, read_tensors
-from .meaning import from_meta, remember
+from .meaning import from_meta, remember, remembered
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,13 @@ def _reload(model: nn.Module, name: str, directory: str | Path, check: Check) ->
     active = state.active
     config = state.configs[name]
     units = [Placement(path, slot[name], type(module).__name__) for path, module, slot in slot_sites(model) if name in slot]
+    meaning = remembered(model, name)
     delete(model, name)
     try:
         load(model, directory, name, check=check, activate=False)
     except BaseException:
         install(model, name, config, units, activate=False)
+        remember(model, name, meaning)
         set_active(model, active)
         raise
     set_active(model, active)
