@@ -165,23 +165,108 @@ def test_sources_already_on_the_model_are_kept(tmp_path):
     assert dt.list_deltas(model) == ["a", "sum"] and dt.active_deltas(model) == ("sum",)
 
 
-def test_heads_are_kept_only_when_identical_or_chosen(tmp_path):
+def _head(folder):
+    """The saved head weight of a delta folder, as written."""
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(folder / "delta.safetensors"))["classifier.copy.weight"]
+
+
+def test_heads_of_one_task_are_averaged_with_the_normalised_merge_weights(tmp_path):
     a, b = _two_loras(tmp_path, head=True)
-    with pytest.raises(dt.MergeError, match="carry different trained modules .*heads=<index>"):
-        merge_deltas(CASE.build(), [a, b], "ties")
+    for method, weights, shares in [("ties", None, (0.5, 0.5)), ("linear", [3.0, 1.0], (0.75, 0.25)),
+                                    ("dare_linear", [1.0, 1.0], (0.5, 0.5))]:
+        model = CASE.build()
+        report = merge_deltas(model, [a, b], method, weights)
+        expected = shares[0] * _head(a) + shares[1] * _head(b)  # by hand, from the files
+        torch.testing.assert_close(model.classifier.deltas["merged"].copy.weight, expected, rtol=0, atol=1e-7)
+        assert report.heads == f"classifier averaged with weights {shares[0]:.4g}, {shares[1]:.4g}"
+
+
+def test_heads_are_kept_when_identical_or_chosen_and_averaged_only_with_positive_weights(tmp_path):
+    a, b = _two_loras(tmp_path, head=True)
+    with pytest.raises(dt.MergeError, match="different values, and heads='identical' keeps only equal ones.*--heads"):
+        merge_deltas(CASE.build(), [a, b], "ties", heads="identical")
     model = CASE.build()
     report = merge_deltas(model, [a, b], "ties", heads=1)
     source = _loaded(b)
     merged_head = model.classifier.deltas["merged"].copy
     assert torch.equal(merged_head.weight, source.classifier.deltas["b"].copy.weight)
     assert "classifier from source 1" in report.heads
-    kept = merge_deltas(CASE.build(), [a, a], "linear")
+    kept = merge_deltas(CASE.build(), [a, a], "linear", [1.0, -1.0])
     assert kept.heads.startswith("classifier (identical")
+    with pytest.raises(dt.MergeError, match=r"needs positive weights; got \[1.0, -1.0\].*--heads 0"):
+        merge_deltas(CASE.build(), [a, b], "linear", [1.0, -1.0])
     dropped = CASE.build()
     merge_deltas(dropped, [a, b], "linear", heads="drop")
     assert not hasattr(dropped.classifier, "deltas")
     with pytest.raises(dt.ConfigError, match="heads=2 names no source"):
         merge_deltas(CASE.build(), [a, b], "linear", heads=2)
+    with pytest.raises(dt.ConfigError, match="heads must be 'merge', 'identical', 'drop' or a source index"):
+        merge_deltas(CASE.build(), [a, b], "linear", heads="average")
+
+
+def _other_task(tmp_path, labels):
+    """A LoRA with a head of ``len(labels)`` rows on the same tiny BERT body as ``_save``'s."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = CASE.build().config
+    config.num_labels = len(labels)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["query"], modules_to_save=["classifier"]), name="other")
+    _perturb(model, "other", 5)
+    return dt.save(model, tmp_path / "other", labels=labels)
+
+
+def test_heads_of_different_tasks_are_refused_saying_what_differs(tmp_path):
+    heads = dt.LoRAConfig(r=2, targets=["query"], modules_to_save=["classifier"])
+    a = _save(tmp_path, "a", heads, seed=1)
+    dt.save(_loaded(a), a, "a", labels=["negative", "positive", "neutral"])
+    b = _save(tmp_path, "b", heads, seed=2)
+    dt.save(_loaded(b), b, "b", labels=["ham", "spam", "other"])
+    with pytest.raises(dt.MergeError) as error:
+        merge_deltas(CASE.build(), [a, b], "ties")
+    assert str(error.value).startswith(
+        f"heads differ: {str(a)!r} has classifier.weight (3, 32) with labels ['negative', 'positive', 'neutral'], "
+        f"{str(b)!r} has classifier.weight (3, 32) with labels ['ham', 'spam', 'other']; a merged delta carries one "
+        f"head. choose with --heads: an index keeps that source's head (e.g. --heads 0")
+    trec = _other_task(tmp_path, ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM", "X"])
+    model = CASE.build()
+    with pytest.raises(dt.MergeError, match=(
+            rf"heads differ: {str(a)!r} has classifier.weight \(3, 32\), classifier.bias \(3,\) with labels "
+            rf"\['negative', 'positive', 'neutral'\], {str(trec)!r} has classifier.weight \(7, 32\), classifier.bias "
+            rf"\(7,\) with labels \['ABBR', 'DESC', 'ENTY', 'HUM', 'LOC', 'NUM', ...\]; .*'drop' keeps none")):
+        merge_deltas(model, [a, trec], "ties")
+    assert not dt.list_deltas(model)  # refused before anything was loaded
+    report = merge_deltas(model, [a, trec], "ties", heads=0)  # the 7-label delta merges for its body alone
+    assert report.heads.startswith("classifier from source 0") and report.labels == ("negative", "positive", "neutral")
+    assert torch.equal(model.classifier.deltas["merged"].copy.weight, _head(a))
+    dropped = merge_deltas(CASE.build(), [a, trec], "linear", heads="drop")
+    assert dropped.heads == "dropped" and dropped.labels is None
+
+
+def test_the_merged_delta_means_what_its_sources_agree_on(tmp_path):
+    a, b = _two_loras(tmp_path, head=True)
+    for folder in (a, b):
+        dt.save(_loaded(folder), folder, folder.name, labels=["neg", "pos", "mid"])
+    model = CASE.build()
+    report = merge_deltas(model, [a, b], "ties")
+    assert report.labels == ("neg", "pos", "mid") and report.task == "classification" and report.warning is None
+    meta = json.loads((dt.save(model, tmp_path / "merged", "merged") / "delta.json").read_text())
+    assert meta["labels"] == ["neg", "pos", "mid"] and meta["task"] == "classification"
+    plain = dt.LoRAConfig(r=2, targets=["query"])
+    c = _save(tmp_path, "c", plain, seed=3)
+    dt.save(_loaded(c), c, "c", labels=["neg", "pos", "mid"])
+    d = _save(tmp_path, "d", plain, seed=4)
+    dt.save(_loaded(d), d, "d", labels=["ham", "spam", "other"])
+    model = CASE.build()
+    report = merge_deltas(model, [c, d], "linear")
+    assert report.labels is None and report.task == "classification"
+    assert report.warning.startswith(f"label names differ: {str(c)!r} has labels ['neg', 'pos', 'mid'], {str(d)!r} "
+                                     f"has labels ['ham', 'spam', 'other']; the merged delta records no label names")
+    assert json.loads((dt.save(model, tmp_path / "m2", "merged") / "delta.json").read_text())["labels"] is None
 
 
 def test_metrics_weights_come_from_each_delta_json(tmp_path):
@@ -302,12 +387,61 @@ def test_cli_merge_metrics_and_lora_result(tmp_path, tiny_bert, capsys):
     assert meta["method"] == "lora" and meta["config"]["r"] == 4 and meta["modules_to_save"] == []
 
 
+def test_cli_merge_averages_the_heads_of_one_task_by_default(tmp_path, tiny_bert, capsys):
+    movies, spam = _cli_deltas(tmp_path, tiny_bert)
+    out = tmp_path / "merged"
+    assert main(["merge", str(movies), str(spam), "--method", "ties", "--out", str(out)]) == 0
+    assert "heads: classifier averaged with weights 0.5, 0.5" in capsys.readouterr().out
+    torch.testing.assert_close(_head(out), 0.5 * _head(movies) + 0.5 * _head(spam), rtol=0, atol=1e-7)
+    meta = json.loads((out / "delta.json").read_text())
+    assert meta["method"] == "dense" and meta["task"] == "classification" and meta["labels"] is None
+
+
+def _cli_task_delta(tmp_path, tiny_bert, name: str, labels: list[str], head: bool = True):
+    import transformers
+
+    torch.manual_seed(3)
+    model = transformers.BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(labels))
+    saved = ["classifier"] if head else []
+    dt.attach(model, dt.LoRAConfig(r=2, targets=["query"], modules_to_save=saved), name="lora")
+    _perturb(model, "lora", 7)
+    return dt.save(model, tmp_path / name, provenance={"model": str(tiny_bert)}, labels=labels)
+
+
+def test_cli_merge_of_different_tasks_says_what_differs_and_how_to_choose(tmp_path, tiny_bert, capsys):
+    movies, _ = _cli_deltas(tmp_path, tiny_bert)
+    trec = _cli_task_delta(tmp_path, tiny_bert, "trec", ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"])
+    assert main(["merge", str(movies), str(trec), "--method", "ties", "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert (f"heads differ: {str(movies)!r} has classifier.weight (2, 32), classifier.bias (2,) with no label names, "
+            f"{str(trec)!r} has classifier.weight (6, 32), classifier.bias (6,) with labels ['ABBR', 'DESC', 'ENTY', "
+            f"'HUM', 'LOC', 'NUM']; a merged delta carries one head. choose with --heads") in error
+    assert not (tmp_path / "x").exists()
+    assert main(["merge", str(movies), str(trec), "--method", "ties", "--heads", "1", "--out", str(tmp_path / "x")]) == 0
+    meta = json.loads((tmp_path / "x" / "delta.json").read_text())
+    assert meta["labels"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert meta["tensors"]["classifier.copy.weight"]["shape"] == [6, 32]
+    with pytest.raises(SystemExit):
+        main(["merge", str(movies), str(trec), "--heads", "average", "--out", str(tmp_path / "y")])
+    assert "--heads takes merge, identical, drop or a source index" in capsys.readouterr().err
+
+
+def test_cli_merge_warns_when_the_sources_disagree_on_label_names(tmp_path, tiny_bert, capsys):
+    sentiment = _cli_task_delta(tmp_path, tiny_bert, "sentiment", ["negative", "positive"], head=False)
+    spam = _cli_task_delta(tmp_path, tiny_bert, "spam", ["ham", "spam"], head=False)
+    assert main(["merge", str(sentiment), str(spam), "--out", str(tmp_path / "x")]) == 0
+    error = capsys.readouterr().err
+    assert (f"deltatune: warning: label names differ: {str(sentiment)!r} has labels ['negative', 'positive'], "
+            f"{str(spam)!r} has labels ['ham', 'spam']; the merged delta records no label names") in error
+    assert json.loads((tmp_path / "x" / "delta.json").read_text())["labels"] is None
+
+
 def test_cli_merge_errors_exit_with_code_2(tmp_path, tiny_bert, capsys):
     movies, spam = _cli_deltas(tmp_path, tiny_bert)
     assert main(["merge", str(movies), str(spam), "--method", "average", "--out", str(tmp_path / "x")]) == 2
     assert "unknown merge method 'average'" in capsys.readouterr().err
-    assert main(["merge", str(movies), str(spam), "--out", str(tmp_path / "x")]) == 2
-    assert "carry different trained modules" in capsys.readouterr().err
+    assert main(["merge", str(movies), str(spam), "--heads", "identical", "--out", str(tmp_path / "x")]) == 2
+    assert "heads differ" in capsys.readouterr().err
     other = _save(tmp_path, "other", dt.LoRAConfig(r=2), seed=3)  # made for a different BERT
     assert main(["merge", str(movies), str(other), "--heads", "0", "--out", str(tmp_path / "x")]) == 2
     assert "another base" in capsys.readouterr().err

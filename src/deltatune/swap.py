@@ -28,6 +28,7 @@ from .core.slot import get_state, require_state, slot_sites
 from .core.unit import DeltaUnit, Placement
 from .errors import ConfigError, DeltaStateError
 from .io.artifact import Check, check_fingerprint, load, read_meta, read_tensors
+from .io.meaning import from_meta, remember, remembered
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def replace(model: nn.Module, name: str, directory: str | Path, *, check: Check 
 
     In place (same unit objects, no new modules) when config, sites and tensor shapes match;
     otherwise the live delta is deleted and the saved one loaded under ``name``. The active
-    set is kept. Files and the base fingerprint are checked before anything changes.
+    set is kept. Files and the base fingerprint are checked before anything changes. The
+    delta then means what the new files say (their label names and task).
 
     Args:
         model: the model holding delta ``name``.
@@ -125,6 +127,7 @@ def replace(model: nn.Module, name: str, directory: str | Path, *, check: Check 
             _copy_in(live, before)
             raise
         state.changed()
+        remember(model, name, from_meta(meta))
         return SwapResult(name, True)
     _reload(model, name, directory, check)
     return SwapResult(name, False, reason)
@@ -136,11 +139,13 @@ def _reload(model: nn.Module, name: str, directory: str | Path, check: Check) ->
     active = state.active
     config = state.configs[name]
     units = [Placement(path, slot[name], type(module).__name__) for path, module, slot in slot_sites(model) if name in slot]
+    meaning = remembered(model, name)
     delete(model, name)
     try:
         load(model, directory, name, check=check, activate=False)
     except BaseException:
         install(model, name, config, units, activate=False)
+        remember(model, name, meaning)
         set_active(model, active)
         raise
     set_active(model, active)

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..io.artifact import FORMAT, META_FILE, TENSORS_FILE, file_sha256, read_meta, read_tensors
 from ..io.atomic import atomic_path, write_text_atomic
 from ..io.compressed import PACKING, CompressedTensor, encode
+from ..io.meaning import Meaning, from_meta, run_folder_meaning
 
 #: ternary threshold as a multiple of the mean magnitude (Li & Liu 2016, "Ternary Weight Networks")
 TERNARY_THRESHOLD = 0.7
@@ -171,7 +172,8 @@ def compress(
 
     Tensors of two or more dimensions (LoRA factors, saved heads, prompts) are compressed;
     vectors (biases, norms, DoRA magnitudes, (IA)3 scales) are small and not centred on zero,
-    so they are stored as they were. A compressed delta can be compressed again.
+    so they are stored as they were. A compressed delta can be compressed again. The label
+    names and task of ``delta.json`` are kept (an older run folder's from its ``metrics.json``).
 
     Args:
         source: a delta folder (written by :func:`deltatune.save`, possibly compressed).
@@ -210,6 +212,8 @@ def compress(
                                                                  "name": meta["name"], "compressed": "1"})
     bytes_after = (out / TENSORS_FILE).stat().st_size
     relative_error = math.sqrt(error_energy / total_energy) if total_energy else 0.0
+    if from_meta(meta) is None:  # an older run folder: its label names were only in metrics.json
+        meta.update((run_folder_meaning(source) or Meaning()).to_meta())
     meta = {
         **meta,
         "tensors_sha256": file_sha256(out / TENSORS_FILE),

@@ -17,6 +17,7 @@ from ..core.saved_module import SavedModule
 from ..core.slot import get_slot, slot_sites
 from ..core.unit import DeltaUnit
 from ..errors import MergeError
+from ..io.meaning import Meaning, remember
 from ..methods.dense import DenseConfig, dense_kind
 from ..methods.lora import LoRAConfig
 from .entries import Entry, LowRankEntry, entry_dense
@@ -78,6 +79,7 @@ def attach_entries(
     *,
     saved_modules: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     activate: bool = True,
+    meaning: Meaning | None = None,
 ) -> AttachReport:
     """Attach ``vector`` to ``model`` as a new delta called ``name``.
 
@@ -85,6 +87,8 @@ def attach_entries(
       others in ``rank_pattern``) and ``alpha = r``; each module's scaling ``alpha / rank``
       is divided out of its ``B``, so ``s B A`` is the entry;
     - otherwise: a ``dense`` delta holding each weight (and bias) difference exactly.
+
+    The new delta means what ``meaning`` records (label names, task), when given.
 
     Args:
         saved_modules: module path -> parameter values of a trained copy of that module
@@ -106,6 +110,8 @@ def attach_entries(
     else:
         report = _attach_dense(model, vector, name, saved_modules, activate)
     _load_saved_modules(model, name, saved_modules)
+    if meaning is not None:
+        remember(model, name, meaning)
     return report
 
 

@@ -29,6 +29,7 @@ from ..core.saved_module import SavedModule
 from ..core.slot import slot_sites
 from ..core.targeting import base_modules, select_modules
 from ..errors import ConfigError, TargetError
+from ..io.meaning import inferred, remember
 from ..methods.lora import LoRAConfig
 from .lowrank import check_rank_or_energy, low_rank
 
@@ -147,6 +148,9 @@ def extract_lora(
         randomized: use a randomised SVD (faster on large layers, slightly above the optimum).
         seed: seed of the randomised SVD.
 
+    The delta means what the fine-tune does: its task, and its config's label names when its
+    classification head is carried (``modules_to_save``); :func:`deltatune.save` writes them.
+
     Returns:
         ``(base, report)``: the base with the delta attached and active, and an :class:`ExtractReport`.
 
@@ -178,6 +182,8 @@ def extract_lora(
     attach(base, config, name=name)
     _load_factors(base, name, config, factors)
     _load_carried(base, finetuned, name)
+    meaning = inferred(finetuned, carried)  # the fine-tune's label names, when its head is carried
+    remember(base, name, meaning if meaning.known else None)
     covered = {tensor_key(layer.path, "weight") for layer in layers}
     uncovered = tuple(key for key, param in base_params.items()
                       if key not in covered and not any(key.startswith(path + ".") for path in carried)

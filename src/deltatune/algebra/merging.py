@@ -18,11 +18,12 @@ from torch import nn
 
 from ..core.inject import delete, get_config, list_deltas
 from ..core.report import AttachReport
-from ..core.saved_module import SavedModule
-from ..core.slot import get_slot, get_state
+from ..core.slot import get_state
 from ..errors import ConfigError, DeltaStateError, MergeError
 from ..io.artifact import META_FILE, load, read_meta
+from ..io.meaning import Meaning, agreed, disagreement, from_meta, inferred, meaning_of, remember
 from . import combine
+from .merge_heads import carry_heads, check_policy, check_shapes, head_values, meta_shapes, shapes_of
 from .task_vector import LowRankEntry, TaskVector, entry_dense
 
 #: method -> what it does, for listings and error messages
@@ -64,6 +65,10 @@ class MergeReport:
         heads: the modules_to_save carried over and from which source, in words.
         layers: one row per merged parameter.
         attach: the attach report of the new delta.
+        labels: the label names the merged delta records (``None``: the sources disagree or
+            record none).
+        task: its task (``None`` likewise).
+        warning: where the sources' label names or tasks differ, so the result records none.
     """
 
     name: str
@@ -75,6 +80,9 @@ class MergeReport:
     layers: tuple[LayerMerge, ...]
     attach: AttachReport
     options: dict[str, Any] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    task: str | None = None
+    warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (for ``delta.json`` provenance)."""
@@ -93,6 +101,7 @@ class MergeReport:
         lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                   for r in [header, *rows]]
         lines.append(f"heads: {self.heads}")
+        lines.append(f"means: {Meaning(self.labels, self.task).describe_labels()}, task {self.task or 'unknown'}")
         return "\n".join(lines)
 
 
@@ -145,7 +154,8 @@ def merge_task_vectors(
         merged = sum((w * v for w, v in zip(weights, vectors)), TaskVector({}))
     else:
         merged = TaskVector({key: _elementwise(method, key, vectors, weights, density, seed)
-                             for key in dict.fromkeys(k for v in vectors for k in v)})
+                             for key in dict.fromkeys(k for v in vectors for k in v)},
+                            agreed(v.meaning for v in vectors))
     return merged.low_rank(rank) if rank is not None else merged
 
 
@@ -172,27 +182,51 @@ class _Source:
     meta: dict | None
 
 
-def _resolve_sources(model: nn.Module, sources: Sequence[str | Path], check: str) -> list[_Source]:
+def _resolve_sources(model: nn.Module, sources: Sequence[str | Path], check: str, heads: str | int) -> list[_Source]:
+    """The sources on ``model``: folders are read and checked first, then loaded (their heads only
+    when ``heads`` may carry them, so a delta of another label count merges for its body)."""
+    existing = list_deltas(model)
+    planned: list[tuple[str, Path | None, dict | None]] = []
+    for source in sources:
+        if isinstance(source, str) and source in existing:
+            planned.append((source, None, None))
+            continue
+        folder = Path(source)
+        if not (folder / META_FILE).is_file():
+            raise MergeError(f"source {str(source)!r} is neither a delta folder (no {META_FILE}) nor a delta on "
+                             f"this model (deltas: {existing or 'none'})")
+        meta = read_meta(folder)
+        carried = tuple(f"{path}." for path in meta.get("modules_to_save", []))
+        if all(key.startswith(carried) for key in meta["tensors"]):
+            raise MergeError(f"{str(source)!r} changes no base weight (only trained module copies such as a head); "
+                             f"there is nothing to merge")
+        planned.append((str(source), folder, meta))
+    check_shapes([label for label, _, _ in planned],
+                 [meta_shapes(meta) if meta else shapes_of(head_values(model, label)) for label, _, meta in planned],
+                 [_planned_meaning(model, label, meta) for label, _, meta in planned], heads)
     resolved: list[_Source] = []
     try:
-        for index, source in enumerate(sources):
-            existing = list_deltas(model)
-            if isinstance(source, str) and source in existing:
-                resolved.append(_Source(source, source, False, None))
+        for index, (label, folder, meta) in enumerate(planned):
+            if folder is None:
+                resolved.append(_Source(label, label, False, None))
                 continue
-            folder = Path(source)
-            if not (folder / META_FILE).is_file():
-                raise MergeError(f"source {str(source)!r} is neither a delta folder (no {META_FILE}) nor a delta on "
-                                 f"this model (deltas: {existing or 'none'})")
-            name = next(f"merge_source_{index}_{i}" for i in range(len(existing) + 1)
-                        if f"merge_source_{index}_{i}" not in existing)
-            meta = read_meta(folder)
-            load(model, folder, name, check=check, activate=False)
-            resolved.append(_Source(str(source), name, True, meta))
+            taken = list_deltas(model)
+            name = next(f"merge_source_{index}_{i}" for i in range(len(taken) + 1)
+                        if f"merge_source_{index}_{i}" not in taken)
+            keep_head = heads in ("merge", "identical") or heads == index
+            load(model, folder, name, check=check, activate=False, saved_modules=keep_head)
+            resolved.append(_Source(label, name, True, meta))
     except BaseException:
         _cleanup(model, resolved)
         raise
     return resolved
+
+
+def _planned_meaning(model: nn.Module, label: str, meta: dict | None) -> Meaning:
+    """What a source means before it is loaded: its ``delta.json``'s record, else what the model says."""
+    if meta is None:
+        return meaning_of(model, label)
+    return from_meta(meta) or inferred(model, meta.get("modules_to_save", []))
 
 
 def _cleanup(model: nn.Module, sources: list[_Source]) -> None:
@@ -226,43 +260,6 @@ def _numeric_keys(data: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-ModuleValues = dict[str, dict[str, torch.Tensor]]
-
-
-def _same(a: ModuleValues, b: ModuleValues) -> bool:
-    return a.keys() == b.keys() and all(
-        a[path].keys() == b[path].keys() and all(torch.equal(a[path][k], b[path][k]) for k in a[path]) for path in a)
-
-
-def _heads(model: nn.Module, sources: list[_Source], heads: str | int) -> tuple[ModuleValues, str]:
-    """The saved modules to carry over, by the policy ``heads``, and a description."""
-    state = get_state(model)
-    carried = []
-    for source in sources:
-        values = {}
-        for path in state.saved_modules[source.name]:
-            unit: SavedModule = get_slot(model.get_submodule(path))[source.name]
-            values[path] = {key: p.detach().clone() for key, p in unit.copy.named_parameters()}
-        carried.append(values)
-    if heads == "drop":
-        return {}, "dropped"
-    if isinstance(heads, int) and not isinstance(heads, bool):
-        if not 0 <= heads < len(sources):
-            raise ConfigError(f"heads={heads} names no source; use 0 to {len(sources) - 1}, 'identical' or 'drop'")
-        chosen = carried[heads]
-        return chosen, f"{', '.join(chosen) or 'none'} from source {heads} ({sources[heads].label})"
-    first = carried[0]
-    for index, other in enumerate(carried[1:], start=1):
-        if not _same(first, other):
-            raise MergeError(
-                f"sources {sources[0].label!r} and {sources[index].label!r} carry different trained modules "
-                f"({sorted(first) or 'none'} vs {sorted(other) or 'none'}, e.g. each task's classifier head) and a "
-                f"merged delta carries one set; pass heads=<index> to keep one source's (to evaluate on that task) "
-                f"or heads='drop'"
-            )
-    return first, f"{', '.join(first)} (identical in every source)" if first else "none"
-
-
 def merge_deltas(
     model: nn.Module,
     sources: Sequence[str | Path],
@@ -274,7 +271,7 @@ def merge_deltas(
     seed: int = 0,
     penalty: float = 1.0,
     metric: str = "test.loss",
-    heads: str | int = "identical",
+    heads: str | int = "merge",
     name: str = "merged",
     check: str = "strict",
 ) -> MergeReport:
@@ -291,19 +288,26 @@ def merge_deltas(
         seed: seed of DARE's random drops (one generator per parameter from seed and name).
         penalty, metric: for ``metrics``: ``w_i ∝ exp(-penalty * metric_i)``, the metric read
             from each folder's ``delta.json`` metrics by dotted key.
-        heads: trained module copies (``modules_to_save``) to carry: ``"identical"`` keeps them
-            only if every source has the same ones, ``"drop"`` none, an index that source's.
+        heads: trained module copies (``modules_to_save``, a classifier head) to carry:
+            ``"merge"`` averages them with the merge weights normalised to sum 1, for every
+            method (a head is a new module with no base value, so there is nothing to trim or
+            rescale; see :mod:`.merge_heads`), and refuses heads of different shapes or label
+            names; ``"identical"`` keeps them only if every source's are equal; ``"drop"``
+            keeps none; an index keeps that source's.
         name: the new delta's name; it becomes the only active delta.
         check: fingerprint check for folder sources: ``"strict"``, ``"warn"`` or ``"off"``.
 
     Returns:
         A :class:`MergeReport`. The result is a LoRA when exact (low-rank sources with
-        linear/cat/metrics) or when ``rank`` is given, else a ``dense`` delta.
+        linear/cat/metrics) or when ``rank`` is given, else a ``dense`` delta. It means what
+        the sources agree on (label names, task; with ``heads=i`` source ``i``'s label
+        names), which :func:`deltatune.save` records; ``report.warning`` says what differed.
 
     Raises:
         FingerprintError: a folder's delta was made for another base.
         MergeError: a source that cannot merge (prefix, prompt, adapter), cat of non-LoRA
-            deltas, heads that differ under ``"identical"``, or a missing metric.
+            deltas, heads of different shapes or label names under ``"merge"`` (or of
+            different values under ``"identical"``), or a missing metric.
         ConfigError: unknown method, bad weights (count, NaN), density, rank or heads.
     """
     check_options(method, density, rank)
@@ -311,12 +315,11 @@ def merge_deltas(
         raise ConfigError("nothing to merge: pass at least one delta folder or name")
     if weights is not None:
         weights = combine.check_weights(weights, len(sources))
-    if heads not in ("identical", "drop") and (isinstance(heads, bool) or not isinstance(heads, int)):
-        raise ConfigError(f"heads must be 'identical', 'drop' or a source index, got {heads!r}")
+    check_policy(heads)
     state = get_state(model)
     if state is not None and name in state.configs:
         raise DeltaStateError(f"a delta named {name!r} already exists; pass another name=")
-    resolved = _resolve_sources(model, sources, check)
+    resolved = _resolve_sources(model, sources, check, heads)
     try:
         if method == "cat":
             for source in resolved:
@@ -324,25 +327,54 @@ def merge_deltas(
                 if kind != "lora":
                     raise MergeError(f"cat concatenates LoRA ranks, so every source must be a LoRA delta; "
                                      f"{source.label!r} is {kind}. Use method='linear' (exact for any weight deltas)")
-        saved, heads_text = _heads(model, resolved, heads)
         if method == "metrics":
             weights = _metric_weights(resolved, metric, penalty)
+        weights = default_weights(method, len(resolved)) if weights is None else weights
+        meanings = [meaning_of(model, source.name) for source in resolved]
+        values = [head_values(model, s.name) for s in resolved]
+        carried = carry_heads([s.label for s in resolved], values, meanings, heads, weights)
         vectors = [TaskVector.from_delta(model, source.name) for source in resolved]
         empty = [s.label for s, v in zip(resolved, vectors) if len(v) == 0]
         if empty:
             raise MergeError(f"{empty[0]!r} changes no base weight (only trained module copies such as a head); "
                              f"there is nothing to merge")
-        weights = default_weights(method, len(vectors)) if weights is None else weights
         merged = merge_task_vectors(vectors, method, weights, density=density, rank=rank, seed=seed)
     finally:
         _cleanup(model, resolved)
-    report = merged.to_delta(model, name, saved_modules=saved)
+    report = merged.to_delta(model, name, saved_modules=carried.values)
+    had_heads = any(v or (s.meta or {}).get("modules_to_save") for s, v in zip(resolved, values))
+    dropped = heads == "drop" and had_heads  # the label names named the outputs of heads now gone
+    meaning, warning = _merged_meaning([s.label for s in resolved], meanings, carried.source, dropped)
+    remember(model, name, meaning)
     options = {"density": density if method in ("ties", "dare_linear", "dare_ties", "magnitude_prune") else None,
                "rank": rank, "seed": seed if method.startswith("dare") else None,
                "penalty": penalty if method == "metrics" else None, "metric": metric if method == "metrics" else None}
     return MergeReport(name=name, method=method, sources=tuple(s.label for s in resolved), weights=tuple(weights),
-                       result=report.method, heads=heads_text, layers=tuple(_layer_rows(merged)), attach=report,
-                       options={k: v for k, v in options.items() if v is not None})
+                       result=report.method, heads=carried.text, layers=tuple(_layer_rows(merged)), attach=report,
+                       options={k: v for k, v in options.items() if v is not None}, labels=meaning.labels,
+                       task=meaning.task, warning=warning)
+
+
+def _merged_meaning(labels: list[str], meanings: list[Meaning], chosen: int | None,
+                    dropped: bool) -> tuple[Meaning, str | None]:
+    """What the merged delta means, and a warning naming what the sources disagree on.
+
+    Label names and task are kept where every source agrees; a chosen head (``heads=i``)
+    brings its source's label names; a delta whose sources' heads were dropped names none.
+    """
+    shared = agreed(meanings) or Meaning()
+    names = shared.labels
+    if chosen is not None:
+        names = meanings[chosen].labels
+    elif dropped:
+        names = None
+    meaning = Meaning(names, shared.task)
+    lost = (names is None and any(m.labels for m in meanings) and not dropped) or \
+        (shared.task is None and any(m.task for m in meanings))
+    if not lost:
+        return meaning, None
+    differs = disagreement(list(zip(labels, meanings)))
+    return meaning, f"{differs}; the merged delta records {meaning.describe_labels()} and task {meaning.task or 'unknown'}"
 
 
 def _layer_rows(vector: TaskVector) -> list[LayerMerge]:

@@ -30,6 +30,8 @@ from ..core.report import AttachReport
 from ..core.slot import get_state
 from ..errors import ConfigError, DeltaStateError, MergeError
 from ..io.artifact import load
+from ..io.meaning import Meaning, agreed, inferred, meaning_of
+from ..methods.head import find_head
 from .convert import attach_entries, check_fits, delta_entries
 from .entries import Entry, LowRankEntry, add_entries, as_entry, entry_dense, low_rank_entry, wide
 
@@ -41,10 +43,14 @@ class TaskVector:
 
     Build one with :meth:`from_delta`, :meth:`from_folder` or :meth:`from_models`, or from a
     dict of entries. Entries are float32 (or float64) and never NaN/inf.
+
+    ``meaning`` is what the delta it came from means (label names, task); arithmetic keeps
+    what the operands agree on and :meth:`to_delta` gives it to the new delta.
     """
 
-    def __init__(self, entries: Mapping[str, Entry]):
+    def __init__(self, entries: Mapping[str, Entry], meaning: Meaning | None = None):
         self._entries: dict[str, Entry] = {key: as_entry(key, value) for key, value in entries.items()}
+        self.meaning = meaning
 
     # -- container -------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Entry:
@@ -88,7 +94,7 @@ class TaskVector:
     def select(self, keep: Callable[[str], bool] | Iterable[str]) -> TaskVector:
         """The entries whose names pass ``keep`` (a predicate, or a collection of names)."""
         wanted = keep if callable(keep) else set(keep).__contains__
-        return TaskVector({k: v for k, v in self._entries.items() if wanted(k)})
+        return TaskVector({k: v for k, v in self._entries.items() if wanted(k)}, self.meaning)
 
     # -- arithmetic ------------------------------------------------------------------------
     def __add__(self, other: TaskVector) -> TaskVector:
@@ -97,7 +103,7 @@ class TaskVector:
         entries = dict(self._entries)
         for key, value in other.items():
             entries[key] = add_entries(key, entries[key], value) if key in entries else value
-        return TaskVector(entries)
+        return TaskVector(entries, agreed([self.meaning, other.meaning]))
 
     def __radd__(self, other: object) -> TaskVector:
         if isinstance(other, (int, float)) and other == 0:  # sum([a, b, c]) starts from 0
@@ -109,7 +115,8 @@ class TaskVector:
             return NotImplemented
         if not math.isfinite(factor):
             raise ConfigError(f"a task vector can only be scaled by a finite number, got {factor!r}")
-        return TaskVector({k: v.scaled(factor) if isinstance(v, LowRankEntry) else v * factor for k, v in self.items()})
+        return TaskVector({k: v.scaled(factor) if isinstance(v, LowRankEntry) else v * factor for k, v in self.items()},
+                          self.meaning)
 
     __rmul__ = __mul__
 
@@ -146,7 +153,7 @@ class TaskVector:
                 f"only matrices can be compressed to low rank; {vectors[:3]} are not (biases or norm scales). "
                 f"Drop them first with .select(lambda name: not name.endswith('bias')), or keep them dense (rank=None)"
             )
-        return TaskVector({key: low_rank_entry(entry, rank) for key, entry in self.items()})
+        return TaskVector({key: low_rank_entry(entry, rank) for key, entry in self.items()}, self.meaning)
 
     # -- building and applying -------------------------------------------------------------
     @classmethod
@@ -190,7 +197,8 @@ class TaskVector:
                                  f"in the fine-tuned model; they must be the same architecture")
             if not torch.equal(old, new):
                 entries[key] = wide(new) - wide(old)
-        return cls(entries)
+        meaning = inferred(finetuned, [find_head(finetuned) or ""])
+        return cls(entries, meaning if meaning.known else None)
 
     def apply_to(self, model: nn.Module, scale: float = 1.0) -> nn.Module:
         """Add ``scale`` times this vector to ``model``'s weights, in place; returns the model.
@@ -244,7 +252,8 @@ def task_vector_of(model: nn.Module, name: str, *, include_saved: bool = False) 
         MergeError: the delta changes activations rather than weights (adapters, prefix and
             prompt tuning), so it has no weight change.
     """
-    return TaskVector(delta_entries(model, name, include_saved=include_saved))
+    meaning = meaning_of(model, name)
+    return TaskVector(delta_entries(model, name, include_saved=include_saved), meaning if meaning.known else None)
 
 
 def attach_task_vector(model: nn.Module, vector: TaskVector, name: str, rank: int | None = None, *,
@@ -255,4 +264,4 @@ def attach_task_vector(model: nn.Module, vector: TaskVector, name: str, rank: in
     if rank is not None and len(vector):
         check_fits(vector, model)
         vector = vector.low_rank(rank)
-    return attach_entries(model, vector, name, saved_modules=saved_modules, activate=activate)
+    return attach_entries(model, vector, name, saved_modules=saved_modules, activate=activate, meaning=vector.meaning)

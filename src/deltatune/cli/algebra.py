@@ -119,7 +119,9 @@ def _base_for(meta: dict, name: str, directory: Path):
         if rows is None:
             print("deltatune: warning: the delta carries no classification head; the folded model keeps the base's "
                   "untrained one", file=sys.stderr)
-        loaded = load_model(name, "classification", rows, _run_labels(directory, rows))
+        recorded = meta.get("labels")
+        labels = list(recorded) if recorded and len(recorded) == rows else _run_labels(directory, rows)
+        loaded = load_model(name, "classification", rows, labels)
         return loaded.model, loaded.tokenizer
     if model_class.endswith(("ForCausalLM", "LMHeadModel")):
         loaded = load_model(name, "causal_lm")

@@ -34,6 +34,9 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"          ... {len(meta['tensors']) - 8} more")
     base = meta["base"]
     print(f"base      {base['model_class']} ({base['model_type']}), fingerprint {base['sha256'][:16]} over {len(base['modules'])} modules")
+    labels = meta.get("labels")
+    print(f"means     task {meta.get('task') or 'unknown'}, "
+          f"{'labels ' + json.dumps(labels) if labels else 'no label names recorded'}")
     if meta.get("metrics"):
         print(f"metrics   {json.dumps(meta['metrics'])}")
     return 0
@@ -41,7 +44,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def add_parsers(commands) -> None:
     commands.add_parser("methods", help="list the registered delta methods").set_defaults(run=_methods)
-    inspect = commands.add_parser("inspect", help="show a saved delta: method, config, tensors, size, base, metrics")
+    inspect = commands.add_parser("inspect", help="show a saved delta: method, config, tensors, size, base, task and "
+                                                  "labels, metrics")
     inspect.add_argument("directory")
     inspect.add_argument("--json", action="store_true", help="print delta.json as it is")
     inspect.set_defaults(run=_inspect)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def _heads(value: str) -> str | int:
-    return int(value) if value.lstrip("-").isdigit() else value
+    from ..algebra.merge_heads import HEAD_POLICIES
+
+    if value.lstrip("-").isdigit():
+        return int(value)
+    if value not in HEAD_POLICIES:
+        raise argparse.ArgumentTypeError(f"--heads takes {', '.join(HEAD_POLICIES)} or a source index (0, 1, ...), "
+                                         f"not {value!r}")
+    return value
 
 
 def load_base_model(meta: dict, model: str | None):
@@ -48,12 +56,15 @@ def _merge(args: argparse.Namespace) -> int:
     from ..algebra.merging import merge_deltas
     from ..io.artifact import read_meta, save
 
-    meta = read_meta(args.deltas[0])
+    chosen = args.heads if isinstance(args.heads, int) and 0 <= args.heads < len(args.deltas) else 0
+    meta = read_meta(args.deltas[chosen])  # the base gets the head shape of the delta whose head is kept
     model_name, model = load_base_model(meta, args.model)
     report = merge_deltas(model, [Path(d) for d in args.deltas], method=args.method, weights=args.weights,
                           density=args.density, rank=args.rank, seed=args.seed, penalty=args.penalty,
                           metric=args.metric, heads=args.heads, name=args.name)
     save(model, args.out, report.name, provenance={"model": model_name, "merge": report.to_dict()})
+    if report.warning:
+        print(f"deltatune: warning: {report.warning}", file=sys.stderr)
     print(report)
     print(json.dumps({"result": report.result, "weights": list(report.weights)}))
     print(f"wrote {args.out}/")
@@ -74,8 +85,11 @@ def add_parsers(commands) -> None:
     merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     merge.add_argument("--penalty", type=float, default=1.0, help="metrics: weights exp(-penalty * metric), normalised")
     merge.add_argument("--metric", default="test.loss", help="metrics: dotted key into each delta.json's metrics")
-    merge.add_argument("--heads", type=_heads, default="identical",
-                       help="trained head copies to keep: identical (only if all equal), drop, or a source index")
+    merge.add_argument("--heads", type=_heads, default="merge", metavar="{merge,identical,drop,INDEX}",
+                       help="trained head copies (modules_to_save) to carry: merge (default: the weighted average "
+                            "of heads with the same shapes and label names, weights normalised to sum 1, for every "
+                            "method), identical (only if all are equal), drop (none), or a source index such as 0 "
+                            "(that delta's head, e.g. to merge deltas of different tasks)")
     merge.add_argument("--model", default=None, help="the base (default: the first delta's provenance.model)")
     merge.add_argument("--name", default="merged", help="name of the merged delta")
     merge.add_argument("--out", required=True, help="output folder for the merged delta")

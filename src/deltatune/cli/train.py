@@ -139,7 +139,11 @@ def _eval(args: argparse.Namespace) -> int:
     from ..train.job import TrainJob, run_eval
 
     run_config = Path(args.delta) / "config.yaml"
-    base = TrainJob.from_yaml(run_config) if run_config.is_file() else TrainJob()
+    if run_config.is_file():  # a training run's folder: evaluate the way it was trained
+        base = TrainJob.from_yaml(run_config)
+    else:  # any other delta (merged, compressed, imported): its method does not matter to evaluation
+        recorded = read_meta(args.delta).get("provenance") or {}
+        base = TrainJob(**{key: recorded[key] for key in ("model", "data") if isinstance(recorded.get(key), str)})
     job = job_from_args(args, base=base)
     print(json.dumps(run_eval(args.delta, job), indent=2))
     return 0

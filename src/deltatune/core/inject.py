@@ -147,6 +147,7 @@ def delete(model: nn.Module, name: str) -> None:
             del slot[name]
             unit.detached(module, model)
     del state.configs[name], state.sites[name], state.saved_modules[name]
+    state.meanings.pop(name, None)
     state.set_active(tuple(n for n in state.active if n != name))
     prune_slots(model)
     if not state.configs:

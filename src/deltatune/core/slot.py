@@ -53,6 +53,9 @@ class DeltaState:
         self.version = 0
         #: names of base parameters that had requires_grad=True before the first attach
         self.originally_trainable: set[str] = set()
+        #: what each delta means (label names, task), as io/meaning.py records it when a delta
+        #: is loaded or derived, so saving it again keeps them; core never reads it
+        self.meanings: dict[str, Any] = {}
 
     @property
     def active(self) -> tuple[str, ...]:

@@ -35,8 +35,11 @@ from ..core.slot import SLOT_ATTR, require_state, slot_sites
 from ..core.unit import Placement
 from ..errors import ConfigError, DeltaError, DeltaFileError
 from ..io.artifact import Check, load, read_meta, resolve_delta_name, save
+from ..io.meaning import Meaning, meaning_of, model_task, remember
 from .peft_files import (
+    MEANING_KEY,
     METADATA_KEY,
+    PEFT_TASKS,
     MODEL_PREFIX,
     PROMPT_LEARNING_PREFIX,
     TASK_SAVED_MODULES,
@@ -113,7 +116,8 @@ def save_peft(model: nn.Module, directory: str | Path, name: str | None = None, 
         **fields,
     }
     directory = Path(directory)
-    write_adapter(directory, peft_config, tensors, {"format": "pt", METADATA_KEY: json.dumps(config.to_dict())})
+    write_adapter(directory, peft_config, tensors, {"format": "pt", METADATA_KEY: json.dumps(config.to_dict()),
+                                                    MEANING_KEY: json.dumps(meaning_of(model, name).to_meta())})
     return directory
 
 
@@ -247,7 +251,33 @@ def load_peft(model: nn.Module, directory: str | Path, name: str = "default", *,
         for placement in rebuilt:
             placement.unit.load_state_dict(by_path[placement.path].unit.state_dict())
         placements = rebuilt
-    return install(model, name, record, placements, activate=activate)
+    report = install(model, name, record, placements, activate=activate)
+    remember(model, name, _adapter_meaning(model, directory, peft_config, metadata))
+    return report
+
+
+def _adapter_meaning(model: nn.Module, directory: str | Path, peft_config: dict[str, Any],
+                     metadata: dict[str, str]) -> Meaning:
+    """What an adapter means: label names from a deltatune export's metadata or a ``config.json``
+    in the adapter folder, else none; the task from the metadata, peft's task type or the model."""
+    try:
+        recorded = json.loads(metadata.get(MEANING_KEY) or "{}")
+    except ValueError:
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
+    labels = recorded.get("labels") or _folder_labels(Path(directory))
+    task = recorded.get("task") or PEFT_TASKS.get(peft_config.get("task_type") or "") or model_task(model)
+    return Meaning.of(labels if isinstance(labels, list) else None, task)
+
+
+def _folder_labels(directory: Path) -> list[str] | None:
+    """Label names of a transformers ``config.json`` saved next to the adapter, unless the default ``LABEL_i``."""
+    try:
+        id2label = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("id2label") or {}
+        names = [str(id2label[str(i)]) for i in range(len(id2label))]
+    except (OSError, ValueError, AttributeError, KeyError):
+        return None
+    return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
 
 
 def _build(model: nn.Module, config, sites: list[str], codec: PeftCodec) -> list[Placement]:
@@ -307,7 +337,8 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model: nn.Module, 
     """Convert a peft adapter folder into a deltatune delta folder for the base ``model``.
 
     ``delta.json`` records ``model``'s fingerprint, so load the delta onto the same base
-    weights. ``model`` is left as it was.
+    weights, and the adapter's label names when its folder has them (a deltatune export's
+    metadata, or a ``config.json``), else none. ``model`` is left as it was.
     """
     peft_config = read_peft_config(adapter_dir)
     load_peft(model, adapter_dir, name, activate=False)

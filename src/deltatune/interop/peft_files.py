@@ -26,6 +26,10 @@ MODEL_PREFIX = "base_model.model."
 PROMPT_LEARNING_PREFIX = "base_model."
 #: safetensors metadata entry holding the deltatune config an export came from
 METADATA_KEY = "deltatune_config"
+#: safetensors metadata entry holding what the exported delta means (label names, task)
+MEANING_KEY = "deltatune_meaning"
+#: deltatune's task for peft's task types that have one
+PEFT_TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}
 #: modules peft's task-specific models always add to modules_to_save
 TASK_SAVED_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                       "QUESTION_ANS": ("qa_outputs",)}

@@ -32,6 +32,7 @@ from ..errors import ConfigError, DeltaFileError, DeltaStateError, FingerprintEr
 from .atomic import atomic_path, write_text_atomic
 from .compressed import decode as decode_compressed
 from .fingerprint import WHOLE_BASE, combine, module_fingerprint, whole_base_fingerprint
+from .meaning import from_meta, meaning_of, remember
 
 TENSORS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
@@ -100,8 +101,16 @@ def save(
     *,
     metrics: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
+    task: str | None = None,
 ) -> Path:
     """Write delta ``name`` (default: the only or the active one) to ``directory``.
+
+    ``delta.json`` records what the delta means: ``labels`` (its head's label names, in output
+    order) and ``task`` (``"classification"`` or ``"causal_lm"``). Given here they win; else
+    they are what the delta was loaded or derived with; else the model's (its config's
+    ``id2label`` when the delta carries the classification head and the names are not the
+    default ``LABEL_i``; the task from the model's structure); else ``None``.
 
     Returns:
         the directory.
@@ -117,6 +126,7 @@ def save(
         if not torch.isfinite(value).all():
             raise DeltaFileError(f"delta {name!r} tensor {key!r} holds NaN or inf; not saved (training diverged?)")
     config = state.configs[name].for_saving()
+    meaning = meaning_of(model, name, labels, task)
     tensor_file = directory / TENSORS_FILE
     with atomic_path(tensor_file) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={"format": FORMAT, "method": config.method, "name": name})
@@ -133,6 +143,7 @@ def save(
         "num_parameters": sum(v.numel() for v in tensors.values()),
         "tensors_sha256": file_sha256(tensor_file),
         "base": base_fingerprint(model, name),
+        **meaning.to_meta(),
         "metrics": metrics or {},
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(), **(provenance or {})},
     }
@@ -159,6 +170,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     for field in ("name", "config", "sites", "tensors", "tensors_sha256", "base"):
         if field not in meta:
             raise DeltaFileError(f"{meta_file} lacks the field {field!r}; the file is incomplete, save the delta again")
+    meta.setdefault("labels", None)  # older files do not record what the delta means
+    meta.setdefault("task", None)
     return meta
 
 
@@ -233,6 +246,7 @@ def load(
     *,
     check: Check = "strict",
     activate: bool = True,
+    saved_modules: bool = True,
 ) -> AttachReport:
     """Rebuild a saved delta on ``model`` (a fresh base) and load its tensors.
 
@@ -242,6 +256,8 @@ def load(
         name: the name to give it on this model (default: its saved name).
         check: ``"strict"`` refuses a base whose fingerprint differs, ``"warn"`` warns, ``"off"`` skips.
         activate: make it the only active delta.
+        saved_modules: ``False`` leaves out the modules the delta trains whole (its head), so
+            a delta of another task's label count loads for its body alone (e.g. to merge it).
 
     Raises:
         FingerprintError: the delta was made for another base (``check="strict"``).
@@ -252,6 +268,10 @@ def load(
     check_name_free(model, name)
     tensors = read_tensors(directory, meta)
     check_fingerprint(model, meta, check)
+    carried = meta.get("modules_to_save", []) if saved_modules else []
+    if not saved_modules:
+        left_out = tuple(f"{path}." for path in meta.get("modules_to_save", []))
+        tensors = {key: value for key, value in tensors.items() if not key.startswith(left_out)}
     config = config_from_dict(meta["config"])
     sites = [p for p in meta["sites"] if p]
     exact = config.replace(
@@ -259,7 +279,7 @@ def load(
         target_types=() if sites else config.target_types,
         layers=None if sites else config.layers,
         exclude=(),
-        modules_to_save=_exact(meta.get("modules_to_save", [])),
+        modules_to_save=_exact(carried),
     )
     try:
         placements = build_placements(model, exact)
@@ -277,7 +297,9 @@ def load(
         by_unit.setdefault(id(unit), {})[local] = tensors[key]
     for placement in placements:
         placement.unit.load_saved(by_unit.get(id(placement.unit), {}))
-    return install(model, name, config, placements, activate=activate)
+    report = install(model, name, config, placements, activate=activate)
+    remember(model, name, from_meta(meta))
+    return report
 
 
 def head_rows(meta: dict[str, Any]) -> int | None:

@@ -260,7 +260,7 @@ class Engine:
         return out
 
     def label_names(self, delta: str | None) -> list[str]:
-        """The delta's label names (from its run folder), else the base config's."""
+        """The delta's label names (its ``delta.json``, else its run folder), else the base config's."""
         count = self.model.config.num_labels
         names = self.library.labels(delta) if delta is not None else None
         if names is None or len(names) != count:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 from ..errors import DeltaFileError
 from ..io.artifact import META_FILE, TENSORS_FILE, read_meta
+from ..io.meaning import run_folder_meaning
 from .errors import ApiError
 
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -74,18 +74,15 @@ class DeltaLibrary:
         return meta
 
     def labels(self, name: str) -> list[str] | None:
-        """Label names of a classification delta: ``metrics.json``'s ``data.labels`` of its run
-        folder, else ``labels`` in ``delta.json``'s metrics or provenance; ``None`` if unknown."""
-        folder = self.folder(name)
-        run_metrics = folder / "metrics.json"
-        if run_metrics.is_file():
-            try:
-                labels = json.loads(run_metrics.read_text(encoding="utf-8")).get("data", {}).get("labels")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                labels = None
-            if labels:
-                return [str(label) for label in labels]
+        """Label names of a classification delta: ``labels`` in its ``delta.json``, else (older
+        deltas) its run folder's ``metrics.json``, else ``labels`` in ``delta.json``'s metrics or
+        provenance; ``None`` if unknown."""
         meta = self.meta(name)
+        if meta.get("labels"):
+            return [str(label) for label in meta["labels"]]
+        run = run_folder_meaning(self.folder(name))
+        if run is not None and run.labels:
+            return list(run.labels)
         for section in ("metrics", "provenance"):
             labels = (meta.get(section) or {}).get("labels")
             if labels:
@@ -93,7 +90,7 @@ class DeltaLibrary:
         return None
 
     def describe(self, name: str) -> dict[str, Any]:
-        """What ``GET /v1/deltas`` shows of one delta: method, size, fingerprint, metrics."""
+        """What ``GET /v1/deltas`` shows of one delta: method, size, fingerprint, task, labels, metrics."""
         try:
             meta = self.meta(name)
         except DeltaFileError as error:
@@ -106,6 +103,8 @@ class DeltaLibrary:
             "num_parameters": meta.get("num_parameters"),
             "fingerprint": meta["base"].get("sha256"),
             "base_class": meta["base"].get("model_class"),
+            "task": meta.get("task"),
+            "labels": self.labels(name),
             "metrics": meta.get("metrics") or {},
             "provenance": meta.get("provenance") or {},
         }

@@ -202,18 +202,53 @@ def _write_result(model, job: TrainJob, out: Path, metrics: dict, config: DeltaC
         staging.rename(out / "model")
         return sum(f.stat().st_size for f in (out / "model").glob("*.safetensors"))
     summary = {k: metrics[k] for k in ("test", "steps", "seed", "train_seconds")}
-    save(model, out, job.method, metrics=summary, provenance={"model": job.model, "data": job.data})
+    save(model, out, job.method, metrics=summary, provenance={"model": job.model, "data": job.data},
+         labels=metrics["data"]["labels"] or None, task=metrics["task"])
     return (out / TENSORS_FILE).stat().st_size
 
 
 def run_eval(delta_dir: str | Path, job: TrainJob) -> dict[str, Any]:
-    """Evaluate a saved delta on a dataset's test split (the same split as training with the same seed)."""
+    """Evaluate a saved delta on a dataset's test split (the same split as training with the same seed).
+
+    Any saved delta evaluates, whatever made it (training, merging, compression, import):
+    ``job.method`` is not used. The delta's recorded label names (``delta.json``) give the
+    order of its head's outputs, and the dataset's labels are mapped onto them.
+
+    Raises:
+        DataError: the folder holds no delta, or the delta's task or labels do not fit the dataset.
+    """
     delta_dir = Path(delta_dir)
     if not (delta_dir / META_FILE).exists() and (delta_dir / "config.yaml").exists():
         raise DataError(f"{delta_dir} holds no delta (a full fine-tune?); evaluate the model folder instead")
     meta = read_meta(delta_dir)
-    splits, loaded = prepare(job)
+    check_model_name(job.model)
+    splits = load_dataset(job.data, job.seed, text_column=job.text_column, label_column=job.label_column,
+                          completion_column=job.completion_column, limit=job.limit)
+    labels = eval_labels(meta, splits, delta_dir)
+    torch.manual_seed(job.seed)
+    loaded = load_model(job.model, splits.task, len(labels) or None, labels or None)
     load(loaded.model, delta_dir)
-    encoded = encode(splits.test, loaded.tokenizer, splits.task, job.max_length, splits.labels)
+    encoded = encode(splits.test, loaded.tokenizer, splits.task, job.max_length, labels)
     return {"delta": str(delta_dir), "method": meta["method"], "data": splits.describe(),
-            "test": evaluate(loaded.model, encoded, num_labels=max(2, len(splits.labels)))}
+            "test": evaluate(loaded.model, encoded, num_labels=max(2, len(labels)))}
+
+
+def eval_labels(meta: dict[str, Any], splits: Splits, delta_dir: Path) -> list[str]:
+    """The label names in the order of the delta's head outputs: its recorded ones, else the dataset's.
+
+    Raises:
+        DataError: the delta was made for another task, or the dataset has labels the delta does not know.
+    """
+    recorded_task = meta.get("task")
+    if recorded_task and recorded_task != splits.task:
+        raise DataError(f"delta {str(delta_dir)!r} is a {recorded_task} delta but dataset {splits.name!r} is a "
+                        f"{splits.task} task; evaluate it on {recorded_task} data (--data, --completion-column)")
+    recorded = meta.get("labels")
+    if splits.task != "classification" or not recorded:
+        return list(splits.labels)
+    unknown = [label for label in splits.labels if label not in recorded]
+    if unknown:
+        raise DataError(f"delta {str(delta_dir)!r} was trained with labels {list(recorded)}, but dataset "
+                        f"{splits.name!r} has labels {splits.labels} ({unknown} unknown to the delta); evaluate it on "
+                        f"data with the delta's labels (--data, --label-column)")
+    return [str(label) for label in recorded]

@@ -273,7 +273,8 @@ def run_multi(jobs: dict[str, TrainJob], out: str | Path) -> dict[str, Any]:
                    "steps": result["steps"], "seed": shared.seed, "train_seconds": summary["train_seconds"],
                    "trained_with": sorted(jobs)}
         save(model, folder, name, metrics={k: metrics[k] for k in ("test", "steps", "seed", "train_seconds")},
-             provenance={"model": shared.model, "data": job.data, "multi": sorted(jobs)})
+             provenance={"model": shared.model, "data": job.data, "multi": sorted(jobs)},
+             labels=splits[name].labels or None, task=splits[name].task)
         metrics["delta_bytes"] = (folder / TENSORS_FILE).stat().st_size
         write_text_atomic(folder / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_text_atomic(folder / "config.yaml", yaml.safe_dump(asdict(dataclasses.replace(job, out=str(folder))),
