@@ -8,11 +8,19 @@ from pathlib import Path
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from ..core.registry import get_method, method_names
+    """Every registered method with what it declares about itself."""
+    from ..core.registry import method_specs
 
-    for name in method_names():
-        spec = get_method(name)
-        print(f"{name:8s} {'mergeable' if spec.mergeable else 'not mergeable':14s} {spec.summary}")
+    rows = [("method", "merge", "mixed batch", "compose", "peft", "lr", "what trains")]
+    for spec in method_specs():
+        rows.append((spec.name, "yes" if spec.mergeable else "no", spec.mixing.mode + ("" if spec.mixing.with_base else
+                     ", own batch") if not spec.mixing.group_by else f"{spec.mixing.mode} by {', '.join(spec.mixing.group_by)}",
+                     "stack only" if spec.stack_only else "fusion" if spec.fuses else "any block",
+                     spec.peft.peft_type if spec.peft is not None else "-",
+                     f"{spec.default_lr:g}" if spec.default_lr is not None else "API", spec.summary))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     return 0
 
 
