@@ -22,7 +22,7 @@ from deltatune.algebra.compress import compress
 from deltatune.algebra.extract import extract_lora
 from deltatune.interop import export_peft, import_peft
 from deltatune.io.artifact import read_meta
-from deltatune.io.cache import replace
+from deltatune.swap import replace
 
 BERT, LLAMA = MODELS["bert"], MODELS["llama"]
 LABELS = ["negative", "positive", "neutral"]

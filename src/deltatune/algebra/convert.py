@@ -105,7 +105,7 @@ def attach_entries(
     check_fits(vector, model)
     saved_modules = dict(saved_modules or {})
     _check_saved_modules(model, saved_modules)
-    if all(isinstance(entry, LowRankEntry) for entry in vector.values()):
+    if all(isinstance(entry, LowRankEntry) for _, entry in vector.items()):
         report = _attach_lora(model, vector, name, saved_modules, activate)
     else:
         report = _attach_dense(model, vector, name, saved_modules, activate)

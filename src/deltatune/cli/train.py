@@ -136,6 +136,7 @@ def _train_multi(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from ..io.artifact import read_meta
     from ..train.job import TrainJob, run_eval
 
     run_config = Path(args.delta) / "config.yaml"
