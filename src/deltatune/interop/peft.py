@@ -34,7 +34,7 @@ from ..core.saved_module import SavedModule
 from ..core.slot import SLOT_ATTR, require_state, slot_sites
 from ..core.unit import Placement
 from ..errors import ConfigError, DeltaError, DeltaFileError
-from ..io.artifact import Check, load, read_meta, resolve_delta_name, save
+from ..io.artifact import Check, load, read_config, read_meta, resolve_delta_name, save
 from .peft_files import (
     METADATA_KEY,
     MODEL_PREFIX,
@@ -294,7 +294,7 @@ def export_peft(delta_dir: str | Path, out_dir: str | Path, model: nn.Module, *,
         FingerprintError: the delta was made for another base (``check="strict"``).
     """
     meta = read_meta(delta_dir)
-    check_exportable(config_from_dict(meta["config"]))
+    check_exportable(read_config(delta_dir, meta))
     name = _free_name(model, meta["name"])
     load(model, delta_dir, name, check=check, activate=False)
     try:
