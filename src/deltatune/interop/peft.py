@@ -193,7 +193,7 @@ def _original(model: nn.Module, metadata: dict[str, str], codec: PeftCodec, deri
     """The deltatune config recorded at export and its placements, if it still describes this adapter."""
     try:
         original = config_from_dict(json.loads(metadata[METADATA_KEY]))
-    except (KeyError, ValueError, TypeError, DeltaError):
+    except (KeyError, ValueError, TypeError, RecursionError, DeltaError):
         return None
     if original.method != derived.method or any(
             (getattr(original, f, None) or None) != (getattr(derived, f, None) or None) for f in codec.carried):

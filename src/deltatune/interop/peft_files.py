@@ -88,7 +88,7 @@ def read_peft_config(directory: str | Path) -> dict[str, Any]:
         raise DeltaFileError(f"{path} not found; a peft adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, too deep, a number too long
         raise DeltaFileError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise DeltaFileError(f"{path} is not a peft adapter config (it has no 'peft_type')")

@@ -156,7 +156,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, too deep, a number too long
         raise DeltaFileError(f"{meta_file} is not valid JSON ({error}); the file is corrupt, save the delta again") from None
     if not isinstance(meta, dict):
         raise DeltaFileError(f"{meta_file} holds {type(meta).__name__} JSON, not a JSON object; {FIX}")
