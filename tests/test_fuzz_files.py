@@ -59,6 +59,8 @@ KINDS = [
     ("tensor checksum", r"does not match the checksum"),
     ("description seal", r"description_sha256"),
     ("safetensors header or data", r"cannot be read as safetensors"),
+    ("module not in this model", r"does not fit this|does not have"),
+    ("unsupported peft option", r"is not supported"),
     ("config value", r"Config|config"),
     ("tensor list, shape or dtype", r"shape|dtype|differ from the list|do not fit|missing|unexpected|rank"),
     ("compressed parts", r"compressed|quantisation|ternary|elements, expected|lacks the tensor"),
