@@ -103,7 +103,7 @@ def test_deltatune_modules_are_never_targets(bert):
 def test_config_validation_names_the_field():
     with pytest.raises(dt.ConfigError, match="rank r must be a positive integer"):
         dt.LoRAConfig(r=0)
-    with pytest.raises(dt.ConfigError, match="placement must be one of"):
+    with pytest.raises(dt.ConfigError, match="field 'placement' must be one of 'houlsby', 'pfeiffer', 'parallel', got 'sideways'"):
         dt.AdapterConfig(placement="sideways")
     with pytest.raises(dt.ConfigError, match="unknown field.*'rank'"):
         dt.LoRAConfig.from_dict({"method": "lora", "rank": 4})

@@ -25,6 +25,7 @@ from ..io.artifact import FORMAT, META_FILE, TENSORS_FILE, file_sha256, read_met
 from ..io.atomic import atomic_path, write_text_atomic
 from ..io.compressed import PACKING, CompressedTensor, encode
 from ..io.meaning import Meaning, from_meta, run_folder_meaning
+from ..io.schema import check_seal, seal
 
 #: ternary threshold as a multiple of the mean magnitude (Li & Liu 2016, "Ternary Weight Networks")
 TERNARY_THRESHOLD = 0.7
@@ -192,6 +193,7 @@ def compress(
     source, out = Path(source), Path(out)
     meta = read_meta(source)
     tensors = read_tensors(source, meta)
+    check_seal(meta, source / META_FILE)  # compressing a changed description would seal the change
     stored, compressed, kept = {}, [], []
     error_energy = total_energy = 0.0
     for key, value in tensors.items():
@@ -221,7 +223,7 @@ def compress(
                         "bytes_after": bytes_after, "relative_error": relative_error},
         "provenance": {**meta.get("provenance", {}), "compressed_from": str(source)},
     }
-    write_text_atomic(out / META_FILE, json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / META_FILE, json.dumps(seal(meta), indent=2) + "\n")
     if (source / RUN_CONFIG).is_file() and source.resolve() != out.resolve():
         write_text_atomic(out / RUN_CONFIG, (source / RUN_CONFIG).read_text(encoding="utf-8"))
     return CompressionReport(out, density, bits, bytes_before, bytes_after, relative_error, tuple(compressed), tuple(kept))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+from .typecheck import check_field_types, tuple_fields
 
 SCHEMA_VERSION = 1
 
@@ -14,12 +16,12 @@ SCHEMA_VERSION = 1
 ALL_LINEAR = "all-linear"
 
 
-def _as_tuple(value: Any) -> tuple | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, int)):
-        return (value,)
-    return tuple(value)
+def _as_tuple(value: Any) -> Any:
+    """A pattern or index list as a tuple (one pattern or index alone becomes a 1-tuple); a value
+    that is no list at all (a number, an object) is returned as it is, for the type check to name."""
+    if value is None or isinstance(value, Mapping) or not isinstance(value, Iterable):
+        return (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,12 @@ class DeltaConfig:
     modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("targets", "target_types", "layers", "exclude", "modules_to_save"):
+        for name in tuple_fields(type(self)):
             value = _as_tuple(getattr(self, name))
-            if value is None and name not in ("targets", "layers"):
+            if value is None and name in ("target_types", "exclude", "modules_to_save"):
                 value = ()
             object.__setattr__(self, name, value)
+        check_field_types(self)
         if self.targets is not None and len(self.targets) == 0:
             raise ConfigError("targets=() selects nothing; pass None for the method's default or name modules")
         if self.targets is not None and ALL_LINEAR in self.targets and len(self.targets) > 1:
@@ -78,10 +81,15 @@ class DeltaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DeltaConfig":
-        """Build a config from :meth:`to_dict` output; unknown fields are an error."""
+        """Build a config from :meth:`to_dict` output; unknown fields and values of the wrong
+        type (``r="8"``, ``targets=3.5``) are a :class:`ConfigError` naming the field."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a {cls.__name__} is read from a JSON object of its fields, got {data!r}")
         data = dict(data)
         method = data.pop("method", cls.method)
         version = data.pop("schema_version", SCHEMA_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ConfigError(f"{cls.__name__}: field 'schema_version' must be an integer, got {version!r}")
         if version > SCHEMA_VERSION:
             raise ConfigError(
                 f"config schema version {version} is newer than this deltatune understands "

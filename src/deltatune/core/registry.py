@@ -147,8 +147,12 @@ def method_specs() -> list[MethodSpec]:
 
 def config_from_dict(data: dict) -> DeltaConfig:
     """Rebuild any method's config from its ``to_dict`` form."""
-    if not isinstance(data, dict) or "method" not in data:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a delta config is a JSON object with a 'method' field, got {data!r}")
+    if "method" not in data:
         raise ConfigError("config dict has no 'method' field")
+    if not isinstance(data["method"], str):
+        raise ConfigError(f"config field 'method' must be a method name (a string), got {data['method']!r}")
     return get_method(data["method"]).config_class.from_dict(data)
 
 

@@ -34,7 +34,7 @@ from ..core.saved_module import SavedModule
 from ..core.slot import SLOT_ATTR, require_state, slot_sites
 from ..core.unit import Placement
 from ..errors import ConfigError, DeltaError, DeltaFileError
-from ..io.artifact import Check, load, read_meta, resolve_delta_name, save
+from ..io.artifact import Check, load, read_config, read_meta, resolve_delta_name, save
 from ..io.meaning import Meaning, meaning_of, model_task, remember
 from .peft_files import (
     MEANING_KEY,
@@ -197,7 +197,7 @@ def _original(model: nn.Module, metadata: dict[str, str], codec: PeftCodec, deri
     """The deltatune config recorded at export and its placements, if it still describes this adapter."""
     try:
         original = config_from_dict(json.loads(metadata[METADATA_KEY]))
-    except (KeyError, ValueError, TypeError, DeltaError):
+    except (KeyError, ValueError, TypeError, RecursionError, DeltaError):
         return None
     if original.method != derived.method or any(
             (getattr(original, f, None) or None) != (getattr(derived, f, None) or None) for f in codec.carried):
@@ -324,7 +324,7 @@ def export_peft(delta_dir: str | Path, out_dir: str | Path, model: nn.Module, *,
         FingerprintError: the delta was made for another base (``check="strict"``).
     """
     meta = read_meta(delta_dir)
-    check_exportable(config_from_dict(meta["config"]))
+    check_exportable(read_config(delta_dir, meta))
     name = _free_name(model, meta["name"])
     load(model, delta_dir, name, check=check, activate=False)
     try:

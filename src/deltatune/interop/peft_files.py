@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import safetensors
 import safetensors.torch
 import torch
+from pydantic import BaseModel, Field, ValidationError
 from torch import nn
 
+from ..core.typecheck import STRICT, validation_message
 from ..errors import DeltaFileError
 from ..io.atomic import atomic_path, write_text_atomic
 
@@ -51,17 +53,54 @@ def task_type(model: nn.Module) -> str | None:
     return None
 
 
+class PeftAdapterConfig(BaseModel):
+    """The fields of ``adapter_config.json`` an import reads, with the types peft writes. Other
+    fields are peft options, each accepted or refused by name (``PeftCodec.check_options``)."""
+
+    model_config = STRICT
+
+    peft_type: str
+    task_type: str | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    modules_to_save: list[str] | None = None
+    # LoRA
+    r: Annotated[int, Field(gt=0)] = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
+    # (IA)3
+    feedforward_modules: str | list[str] | None = None
+    # prompt tuning
+    num_virtual_tokens: int | None = None
+    num_transformer_submodules: int | None = None
+    prompt_tuning_init_text: str | None = None
+
+
 def read_peft_config(directory: str | Path) -> dict[str, Any]:
-    """The parsed ``adapter_config.json`` of a peft adapter folder."""
+    """The parsed ``adapter_config.json`` of a peft adapter folder, checked against :class:`PeftAdapterConfig`.
+
+    Raises:
+        DeltaFileError: the file is missing, not JSON, not a peft config, or a field it needs has
+            the wrong type (the message names it).
+    """
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise DeltaFileError(f"{path} not found; a peft adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, too deep, a number too long
         raise DeltaFileError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise DeltaFileError(f"{path} is not a peft adapter config (it has no 'peft_type')")
+    try:
+        PeftAdapterConfig.model_validate(config)
+    except ValidationError as error:
+        raise DeltaFileError(validation_message(error, PeftAdapterConfig, config, str(path),
+                                                "the file is corrupt or was edited by hand; save the adapter again")) from None
     return config
 
 

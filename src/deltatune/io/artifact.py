@@ -20,8 +20,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ..core.config import SCHEMA_VERSION, DeltaConfig
 from ..version import __version__
-from ..core.config import SCHEMA_VERSION
 from ..core.inject import build_placements, check_name_free, install
 from ..core.params import tensor_key
 from ..core.registry import config_from_dict
@@ -33,10 +33,10 @@ from .atomic import atomic_path, write_text_atomic
 from .compressed import decode as decode_compressed
 from .fingerprint import WHOLE_BASE, combine, module_fingerprint, whole_base_fingerprint
 from .meaning import from_meta, meaning_of, remember
+from .schema import FORMAT, FIX, check_meta, check_seal, seal
 
 TENSORS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
-FORMAT = "deltatune.delta"
 Check = Literal["strict", "warn", "off"]
 
 
@@ -147,12 +147,18 @@ def save(
         "metrics": metrics or {},
         "provenance": {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(), **(provenance or {})},
     }
-    write_text_atomic(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(directory / META_FILE, json.dumps(seal(meta), indent=2) + "\n")
     return directory
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The parsed ``delta.json`` of a delta folder, checked for format and version."""
+    """The parsed ``delta.json`` of a delta folder, checked for format, version and schema
+    (:mod:`deltatune.io.schema`): every field has the type :func:`save` writes.
+
+    Raises:
+        DeltaFileError: the file is missing, not JSON, not a delta description, newer than this
+            deltatune, or a field is missing or of the wrong type (the message names it).
+    """
     directory = Path(directory)
     meta_file = directory / META_FILE
     if not meta_file.is_file():
@@ -161,15 +167,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, too deep, a number too long
         raise DeltaFileError(f"{meta_file} is not valid JSON ({error}); the file is corrupt, save the delta again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DeltaFileError(f"{meta_file} is not a deltatune delta description (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("schema_version", 0) > SCHEMA_VERSION:
-        raise DeltaFileError(f"{meta_file} has schema version {meta['schema_version']}; upgrade deltatune to read it")
-    for field in ("name", "config", "sites", "tensors", "tensors_sha256", "base"):
-        if field not in meta:
-            raise DeltaFileError(f"{meta_file} lacks the field {field!r}; the file is incomplete, save the delta again")
+    if not isinstance(meta, dict):
+        raise DeltaFileError(f"{meta_file} holds {type(meta).__name__} JSON, not a JSON object; {FIX}")
+    if meta.get("format") != FORMAT:
+        raise DeltaFileError(f"{meta_file} is not a deltatune delta description (format {meta.get('format')!r})")
+    version = meta.get("schema_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise DeltaFileError(f"{meta_file} has schema version {version}; upgrade deltatune to read it")
+    check_meta(meta, meta_file)
     meta.setdefault("labels", None)  # older files do not record what the delta means
     meta.setdefault("task", None)
     return meta
@@ -189,7 +196,7 @@ def read_tensors(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch
         tensors = safetensors.torch.load_file(str(tensor_file))
     except Exception as error:  # safetensors raises its own error types
         raise DeltaFileError(f"{tensor_file} cannot be read as safetensors: {error}") from None
-    if "compression" in meta:  # written by deltatune.algebra.compress
+    if meta.get("compression") is not None:  # written by deltatune.algebra.compress
         tensors = decode_compressed(tensors, meta)
     listed = meta["tensors"]
     if set(listed) != set(tensors):
@@ -199,9 +206,23 @@ def read_tensors(directory: str | Path, meta: dict[str, Any]) -> dict[str, torch
     for key, value in tensors.items():
         if list(value.shape) != listed[key]["shape"]:
             raise DeltaFileError(f"tensor {key!r} has shape {list(value.shape)} but {META_FILE} says {listed[key]['shape']}")
+        if str(value.dtype).removeprefix("torch.") != listed[key]["dtype"]:
+            raise DeltaFileError(f"tensor {key!r} has dtype {value.dtype} but {META_FILE} says {listed[key]['dtype']}; {FIX}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise DeltaFileError(f"tensor {key!r} in {tensor_file} holds NaN or inf; the delta is unusable")
     return tensors
+
+
+def read_config(directory: str | Path, meta: dict[str, Any]) -> DeltaConfig:
+    """The delta's config, built from ``meta["config"]`` by its method's config class.
+
+    Raises:
+        DeltaFileError: an unknown method, an unknown field or a value of the wrong type (named).
+    """
+    try:
+        return config_from_dict(meta["config"])
+    except ConfigError as error:
+        raise DeltaFileError(f"{Path(directory) / META_FILE}: field 'config' is invalid: {error}; {FIX}") from None
 
 
 def _exact(paths: list[str]) -> tuple[str, ...]:
@@ -226,9 +247,12 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> N
         }
         if combine(here) == recorded["sha256"]:
             return
-        first = next(p for p in sorted(here) if here[p][:16] != recorded["modules"][p])
-        where = "its base tensors differ" if first == WHOLE_BASE else f"module {first!r} holds different weights"
-        problem = f"{where} (fingerprint {here[first][:16]} vs {recorded['modules'][first]})"
+        first = next((p for p in sorted(here) if here[p][:16] != recorded["modules"][p]), None)
+        if first is None:  # every module digest agrees, the combined one does not
+            problem = f"its per-module digests match but the combined fingerprint does not; {FIX}"
+        else:
+            where = "its base tensors differ" if first == WHOLE_BASE else f"module {first!r} holds different weights"
+            problem = f"{where} (fingerprint {here[first][:16]} vs {recorded['modules'][first]})"
     message = (
         f"delta {meta['name']!r} was made for another base ({recorded.get('model_class')}, fingerprint "
         f"{recorded['sha256'][:16]}): {problem}. Load the base it was trained on, or pass check='warn' "
@@ -261,7 +285,8 @@ def load(
 
     Raises:
         FingerprintError: the delta was made for another base (``check="strict"``).
-        DeltaFileError: files missing, corrupt, truncated, or with missing/extra/misshapen/non-finite tensors.
+        DeltaFileError: files missing, corrupt, truncated, or with missing/extra/misshapen/non-finite tensors;
+            a ``delta.json`` field missing or of the wrong type; sealed fields changed after saving.
     """
     meta = read_meta(directory)
     name = name or meta["name"]
@@ -272,7 +297,7 @@ def load(
     if not saved_modules:
         left_out = tuple(f"{path}." for path in meta.get("modules_to_save", []))
         tensors = {key: value for key, value in tensors.items() if not key.startswith(left_out)}
-    config = config_from_dict(meta["config"])
+    config = read_config(directory, meta)
     sites = [p for p in meta["sites"] if p]
     exact = config.replace(
         targets=_exact(sites) if sites else config.targets,
@@ -285,16 +310,19 @@ def load(
         placements = build_placements(model, exact)
     except TargetError as error:
         raise DeltaFileError(f"delta {meta['name']!r} does not fit this {type(model).__name__}: {error}") from None
-    expected = {tensor_key(p.path, k): (p.unit, k, v.shape) for p in placements for k, v in p.unit.saved_tensors().items()}
+    expected = {tensor_key(p.path, k): (p.unit, k, v) for p in placements for k, v in p.unit.saved_tensors().items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise DeltaFileError(f"delta tensors do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
     by_unit: dict[int, dict[str, torch.Tensor]] = {}
-    for key, (unit, local, shape) in expected.items():
-        if tensors[key].shape != shape:
-            raise DeltaFileError(f"tensor {key!r} has shape {list(tensors[key].shape)}, the model needs {list(shape)}")
+    for key, (unit, local, needed) in expected.items():
+        if tensors[key].shape != needed.shape:
+            raise DeltaFileError(f"tensor {key!r} has shape {list(tensors[key].shape)}, the model needs {list(needed.shape)}")
+        if tensors[key].is_floating_point() != needed.is_floating_point():
+            raise DeltaFileError(f"tensor {key!r} has dtype {tensors[key].dtype}, the model needs {needed.dtype}")
         by_unit.setdefault(id(unit), {})[local] = tensors[key]
+    check_seal(meta, Path(directory) / META_FILE)  # last: the checks above name what is wrong more precisely
     for placement in placements:
         placement.unit.load_saved(by_unit.get(id(placement.unit), {}))
     report = install(model, name, config, placements, activate=activate)

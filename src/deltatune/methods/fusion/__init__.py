@@ -43,10 +43,6 @@ class FusionConfig(DeltaConfig):
     fused: tuple[str, ...] = ()
     temperature: float = 1.0
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "fused", (self.fused,) if isinstance(self.fused, str) else tuple(self.fused))
-        super().__post_init__()
-
     def validate(self) -> None:
         check(all(isinstance(n, str) and n for n in self.fused),
               f"fusion fused must be delta names, got {list(self.fused)!r}")

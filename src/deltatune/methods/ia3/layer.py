@@ -31,12 +31,7 @@ class IA3Config(DeltaConfig):
 
     method = "ia3"
 
-    feedforward: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.feedforward is not None:
-            object.__setattr__(self, "feedforward", tuple([self.feedforward] if isinstance(self.feedforward, str) else self.feedforward))
-        super().__post_init__()
+    feedforward: tuple[str, ...] | None = None  # one pattern alone becomes a 1-tuple (DeltaConfig)
 
 
 def _row_scales(units, module, routing):

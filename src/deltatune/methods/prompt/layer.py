@@ -6,6 +6,7 @@ Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,10 @@ class PromptConfig(DeltaConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.init_token_ids is not None:
-            object.__setattr__(self, "init_token_ids", tuple(int(i) for i in self.init_token_ids))
+        ids = self.init_token_ids
+        if isinstance(ids, Iterable) and not isinstance(ids, (str, dict)):  # ids from numpy or torch as plain ints
+            object.__setattr__(self, "init_token_ids", tuple(
+                int(i) if hasattr(i, "__index__") and not isinstance(i, (bool, str)) else i for i in ids))
         super().__post_init__()
 
     def validate(self) -> None:
