@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.core.roles import find_roles
 from deltatune.methods.head import find_head
 from tiny_models import ARCHITECTURES, HOMEMADE, small_config
 

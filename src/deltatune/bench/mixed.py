@@ -13,7 +13,9 @@ import time
 
 import torch
 
+import deltatune as dt
 from .workers import ALPHA, MODELS, R, attach, build_model, make_batch, peak_rss_mib, summary
+
 
 #: (rows, deltas) of issue #4
 CASES = [(32, 1), (32, 4), (32, 16), (64, 64)]
@@ -26,8 +28,6 @@ def _attach_many(lib: str, base, count: int, spec):
     generator = torch.Generator().manual_seed(1)
     model = attach(lib, "lora", copy.deepcopy(base), spec, inference=True)  # adds "bench" / "default"
     if lib == "deltatune":
-        import deltatune as dt
-
         config = dt.get_config(model, "bench")
         dt.delete(model, "bench")
         for i in range(count):
@@ -78,7 +78,6 @@ def _runner(lib: str, model, inputs: dict, names: list[str]):
         return lambda: model(**inputs)
     if lib == "peft":
         return lambda: model(**inputs, adapter_names=names)
-    import deltatune as dt
 
     if lib == "deltatune":
         return lambda: model(**inputs, delta_ids=names)

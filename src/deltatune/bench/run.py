@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+import deltatune
 from . import report
 from .workers import MODELS
+
 
 METHODS = ["lora", "dora", "ia3", "prompt", "prefix"]
 THREADS = 2
@@ -49,8 +51,6 @@ def versions() -> dict:
     import peft
     import torch
     import transformers
-
-    import deltatune
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "deltatune": deltatune.__version__, "python": platform.python_version()}

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from deltatune.swap import DeltaCache, delta_bytes, replace
+
+import deltatune as dt
 from .workers import MODELS, build_model, make_batch, setup, summary
 
 
@@ -34,9 +37,6 @@ def _timed(action: Callable[[int], Any], repeats: int, warmup: int = 2) -> dict:
 
 def swap_costs(name: str = "minilm", repeats: int = 20, threads: int = 2) -> dict:
     """Median (and quartile) times of each way to switch deltas, in milliseconds."""
-    import deltatune as dt
-    from deltatune.swap import DeltaCache, delta_bytes, replace
-
     setup(threads)
     spec = MODELS[name]
     model = build_model(name).eval()

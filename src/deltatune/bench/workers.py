@@ -28,6 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from deltatune.models.load import load_model
+
+import deltatune as dt
 
 R, ALPHA, TOKENS, LR = 8, 16, 20, 1e-3
 
@@ -82,7 +85,6 @@ def build_model(name: str, seed: int = 0):
         config = transformers.LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128)
         return transformers.LlamaForCausalLM(config)
-    from deltatune.models.load import load_model
 
     return load_model(name, MODELS[name].task, 2).model
 
@@ -139,8 +141,6 @@ def attach(lib: str, method: str, model, spec: BenchModel, inference: bool = Fal
 
 
 def _attach_deltatune(method: str, model, spec: BenchModel, head: list[str], inference: bool):
-    import deltatune as dt
-
     if method in ("lora", "dora"):
         cls = dt.DoRAConfig if method == "dora" else dt.LoRAConfig
         if inference:
@@ -225,8 +225,6 @@ def _train_losses(model, steps: int, batches: list[dict]) -> list[float]:
 
 def equivalence(args: dict) -> dict:
     """LoRA: deltatune's initial A/B copied into peft's parameters; the first ``steps`` losses."""
-    import deltatune as dt
-
     name, steps, seed = args.get("model", "minilm"), args.get("steps", 50), args.get("seed", 0)
     mine = attach("deltatune", "lora", build_model(name, seed), MODELS[name])
     batches = [batch_for(args, mine, i) for i in range(5)]
@@ -285,8 +283,6 @@ def inference(args: dict) -> dict:
     out: dict = {"kind": "inference", "lib": lib, "adapted_modules": adapted}
     batches = {b: batch_for({**args, "batch": b}, model) for b in (1, args.get("batch", spec.batch))}
     if lib == "deltatune":
-        import deltatune as dt
-
         merge, unmerge = (lambda: dt.merge(model)), (lambda: dt.unmerge(model))
     else:
         merge, unmerge = model.merge_adapter, model.unmerge_adapter

@@ -10,6 +10,8 @@ import sys
 
 import os
 
+from ..core.registry import PLUGIN_ENV, load_plugins
+from ..errors import DeltaError
 from . import algebra, bench, compare, demo, generate, info, interop, merge, serve, train
 
 
@@ -34,9 +36,6 @@ def _plugins(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltatune`` console script; exit code 2 for bad input."""
-    from ..core.registry import PLUGIN_ENV, load_plugins
-    from ..errors import DeltaError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     plugins = _plugins(argv)
     try:

@@ -8,14 +8,19 @@ import shutil
 import sys
 from pathlib import Path
 
+import deltatune as dt
+from ..algebra.compress import compress
+from ..algebra.extract import extract_lora
+from ..data.datasets import load_dataset
+from ..errors import ConfigError, DeltaError
+from ..io.artifact import head_rows, read_meta
+from ..methods.head import find_head
+from ..models.load import load_model, model_folder
+from ..train.job import TrainJob
+
 
 def _extract(args: argparse.Namespace) -> int:
     import torch
-
-    import deltatune as dt
-
-    from ..algebra.extract import extract_lora
-    from ..methods.head import find_head
 
     finetuned, model_class = _load_finetuned(Path(args.finetuned))
     torch.manual_seed(args.seed)  # a head the fine-tune has and the base lacks starts random; carry it
@@ -39,8 +44,6 @@ def _load_finetuned(directory: Path):
     """A full fine-tune saved with ``save_pretrained`` (or a ``train --method full`` folder) and its class name."""
     import transformers
 
-    from ..errors import ConfigError
-
     folder = directory if (directory / "config.json").is_file() else directory / "model"
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{directory} holds no config.json (nor model/config.json); --finetuned takes a "
@@ -58,8 +61,6 @@ def _load_like(name: str, model_class: str, config):
     """The base model ``name`` (packaged name or folder) as ``model_class``, with ``config``'s labels."""
     import transformers
 
-    from ..models.load import model_folder
-
     kwargs = {}
     if model_class.endswith("ForSequenceClassification"):
         kwargs = {"num_labels": config.num_labels, "id2label": config.id2label, "label2id": config.label2id}
@@ -67,18 +68,11 @@ def _load_like(name: str, model_class: str, config):
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from ..algebra.compress import compress
-
     print(compress(args.directory, args.out, density=args.density, bits=args.bits))
     return 0
 
 
 def _fold(args: argparse.Namespace) -> int:
-    import deltatune as dt
-
-    from ..errors import ConfigError
-    from ..io.artifact import read_meta
-
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not empty; pass a new folder to --out (or remove it)")
@@ -108,10 +102,6 @@ def _base_for(meta: dict, name: str, directory: Path):
     import torch
     import transformers
 
-    from ..errors import ConfigError
-    from ..io.artifact import head_rows
-    from ..models.load import load_model, model_folder
-
     model_class = meta["base"].get("model_class") or ""
     torch.manual_seed(0)
     if model_class.endswith("ForSequenceClassification"):
@@ -136,10 +126,6 @@ def _base_for(meta: dict, name: str, directory: Path):
 
 def _run_labels(directory: Path, rows: int | None) -> list[str] | None:
     """The label names of the training run the delta came from (its ``config.yaml``), if known."""
-    from ..data.datasets import load_dataset
-    from ..errors import DeltaError
-    from ..train.job import TrainJob
-
     if not (directory / "config.yaml").is_file():
         return None
     try:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench import run as bench_run
+
 
 def add_parsers(commands) -> None:
-    from ..bench.run import __doc__ as doc
-    from ..bench.run import add_arguments
-
     parser = commands.add_parser("bench", help="benchmark deltatune against peft (writes bench/results.*)",
-                                 description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+                                 description=bench_run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_run.add_arguments(parser)
     parser.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..bench.run import run
-
-    return run(args)
+    return bench_run.run(args)

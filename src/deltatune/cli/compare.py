@@ -10,10 +10,13 @@ from pathlib import Path
 
 import yaml
 
+from ..core.registry import get_method, method_specs
+from ..errors import DeltaError
+from ..io.atomic import write_text_atomic
+from .train import add_job_flags, job_from_args
+
 def compared_methods() -> list[str]:
     """Every method a training job builds from flags, in registration order."""
-    from ..core.registry import method_specs
-
     return [spec.name for spec in method_specs() if spec.trainable_from_flags]
 
 
@@ -22,10 +25,6 @@ def run_compare(base, out: Path, results: Path, methods=None, targets=None) -> i
 
     ``targets`` (when given) go to every method that takes targets; the others use their own.
     """
-    from ..core.registry import get_method
-    from ..errors import DeltaError
-    from ..io.atomic import write_text_atomic
-
     methods = compared_methods() if methods is None else methods
     rows = []
     for i, method in enumerate(methods, 1):
@@ -90,16 +89,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _compare(args) -> int:
-    from .train import job_from_args
-
     base = job_from_args(args)
     return run_compare(base, Path(args.out or base.out), Path(args.results), methods=args.methods,
                        targets=base.targets)
 
 
 def add_parsers(commands) -> None:
-    from .train import add_job_flags
-
     compare = commands.add_parser("compare", help="train several methods on the same data, budget and seed; "
                                                   "write a table and a chart of accuracy against parameters")
     add_job_flags(compare)

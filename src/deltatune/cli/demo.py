@@ -6,20 +6,19 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from ..train.job import TrainJob, run_train
+from .compare import run_compare
+
 
 #: LoRA on all four attention projections of each MiniLM layer: 0.65% of the parameters
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..train.job import TrainJob, run_train
-
     out = Path(args.out)
     base = TrainJob(model="minilm", data="movie-reviews", steps=args.steps, batch_size=32, max_length=48,
                     eval_every=max(1, args.steps // 4), seed=args.seed)
     if args.compare:
-        from .compare import run_compare
-
         return run_compare(base, out, Path(args.results), targets=args.targets)
     print(f"1/2  frozen MiniLM + trained head only ({args.steps} steps)")
     head = run_train(dataclasses.replace(base, method="head", out=str(out / "head")))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import deltatune as dt
+from ..errors import DeltaError
+from ..models.generate import generate_text
+from ..models.load import check_model_name, load_model
+
 
 def _generate(args: argparse.Namespace) -> int:
-    import deltatune as dt
-
-    from ..errors import DeltaError
-    from ..models.load import check_model_name, load_model
-    from ..models.generate import generate_text
-
     if args.max_new_tokens < 1:
         raise DeltaError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:

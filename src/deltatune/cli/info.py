@@ -6,11 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from ..core.registry import method_specs
+from ..io.artifact import TENSORS_FILE, read_meta
+
 
 def _methods(args: argparse.Namespace) -> int:
     """Every registered method with what it declares about itself."""
-    from ..core.registry import method_specs
-
     rows = [("method", "merge", "mixed batch", "compose", "peft", "lr", "what trains")]
     for spec in method_specs():
         rows.append((spec.name, "yes" if spec.mergeable else "no", spec.mixing.mode + ("" if spec.mixing.with_base else
@@ -25,8 +26,6 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ..io.artifact import TENSORS_FILE, read_meta
-
     meta = read_meta(args.directory)
     if args.json:
         print(json.dumps(meta, indent=2))

@@ -12,6 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
+from ..core.registry import config_from_dict
+from ..errors import ConfigError
+from ..interop.peft import export_peft, import_peft
+from ..interop.peft_files import ADAPTER_WEIGHTS, read_peft_config
+from ..interop.peft_methods import check_exportable, codec_for_peft_type
+from ..io.artifact import read_meta
+from ..models.load import MODELS, model_folder
+
 FORMATS = ("peft",)
 #: the transformers class peft's task type stands for
 TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
@@ -36,9 +44,6 @@ def load_base(name: str, class_name: str, labels: int | None):
     import transformers
     from transformers.utils import logging
 
-    from ..errors import ConfigError
-    from ..models.load import model_folder
-
     folder = model_folder(name)
     model_class = getattr(transformers, class_name, None)
     if model_class is None or not hasattr(model_class, "from_pretrained"):
@@ -50,9 +55,6 @@ def load_base(name: str, class_name: str, labels: int | None):
 
 
 def _base_name(given: str | None, recorded: str | None, where: str) -> str:
-    from ..errors import ConfigError
-    from ..models.load import MODELS
-
     name = given or recorded
     if name and (given or name in MODELS or (Path(name) / "config.json").is_file()):
         return name
@@ -62,12 +64,6 @@ def _base_name(given: str | None, recorded: str | None, where: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..core.registry import config_from_dict
-    from ..interop.peft import export_peft
-    from ..interop.peft_methods import check_exportable
-    from ..io.artifact import read_meta
-    from ..models.load import model_folder
-
     meta = read_meta(args.directory)
     codec = check_exportable(config_from_dict(meta["config"]))  # refuse before loading any model
     name = _base_name(args.model, meta.get("provenance", {}).get("model"), f"{args.directory}/delta.json")
@@ -82,10 +78,6 @@ def _export(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     import safetensors
-
-    from ..interop.peft import import_peft
-    from ..interop.peft_files import ADAPTER_WEIGHTS, read_peft_config
-    from ..interop.peft_methods import codec_for_peft_type
 
     peft_config = read_peft_config(args.directory)
     codec_for_peft_type(peft_config.get("peft_type")).check_options(peft_config)  # refuse before loading any model
@@ -110,8 +102,6 @@ def _import(args: argparse.Namespace) -> int:
 
 def _architecture(name: str) -> str:
     """The class a model folder's config names, else ``AutoModel``."""
-    from ..models.load import model_folder
-
     config = json.loads((model_folder(name) / "config.json").read_text())
     return (config.get("architectures") or ["AutoModel"])[0]
 

@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from ..algebra.merge_heads import HEAD_POLICIES
+from ..algebra.merging import METHODS, merge_deltas
+from ..io.artifact import read_meta, save
+from ..models.load import ModelError, model_folder
+
 
 def _heads(value: str) -> str | int:
-    from ..algebra.merge_heads import HEAD_POLICIES
-
     if value.lstrip("-").isdigit():
         return int(value)
     if value not in HEAD_POLICIES:
@@ -28,8 +31,6 @@ def load_base_model(meta: dict, model: str | None):
     """
     import torch
     import transformers
-
-    from ..models.load import ModelError, model_folder
 
     name = model or meta.get("provenance", {}).get("model")
     if not name:
@@ -53,9 +54,6 @@ def load_base_model(meta: dict, model: str | None):
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from ..algebra.merging import merge_deltas
-    from ..io.artifact import read_meta, save
-
     chosen = args.heads if isinstance(args.heads, int) and 0 <= args.heads < len(args.deltas) else 0
     meta = read_meta(args.deltas[chosen])  # the base gets the head shape of the delta whose head is kept
     model_name, model = load_base_model(meta, args.model)
@@ -72,8 +70,6 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def add_parsers(commands) -> None:
-    from ..algebra.merging import METHODS
-
     merge = commands.add_parser("merge", help="merge saved deltas into one (linear, cat, svd, ties, dare, ...)")
     merge.add_argument("deltas", nargs="+", help="delta folders, all made for the same base")
     merge.add_argument("--method", default="linear",

@@ -7,22 +7,25 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..core.options import config_options, parse_value
+from ..core.registry import method_specs
+from ..errors import ConfigError, DeltaFileError
+from ..io.artifact import read_meta
+from ..train.distributed import is_main
+from ..train.job import TrainJob, run_eval, run_train
+from ..train.multi import run_multi
+
 #: TrainJob fields set by their own flags (nargs) or not from the command line
 _SPECIAL = {"targets", "options", "progress"}
 
 
 def _job_fields() -> list[dataclasses.Field]:
-    from ..train.job import TrainJob
-
     return [f for f in dataclasses.fields(TrainJob) if f.name not in _SPECIAL]
 
 
 def _field_type(field: dataclasses.Field):
     """The flag type of a job field: its annotation without ``| None``."""
     import typing
-
-    from ..core.options import parse_value
-    from ..train.job import TrainJob
 
     annotation = typing.get_type_hints(TrainJob)[field.name]
     return lambda text: parse_value(annotation, text, field.name)
@@ -34,9 +37,6 @@ def method_flags() -> dict[str, tuple[str, list[str], str]]:
     An option named like a job field (prompt tuning's ``seed``) gets the flag
     ``--<method>-<option>`` so it cannot shadow the job's flag.
     """
-    from ..core.options import config_options
-    from ..core.registry import method_specs
-
     job = {f.name for f in _job_fields()} | _SPECIAL
     flags: dict[str, tuple[str, list[str], str]] = {}
     for spec in method_specs():
@@ -55,8 +55,6 @@ def _dest(flag: str) -> str:
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
-    from ..core.registry import method_specs
-
     for field in _job_fields():
         flag = "--" + field.name.replace("_", "-")
         text = field.metadata.get("help", "")
@@ -75,8 +73,6 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
 
 def job_from_args(args: argparse.Namespace, base=None):
     """A TrainJob from defaults, then ``--config``, then the flags given."""
-    from ..train.job import TrainJob
-
     job = base or (TrainJob.from_yaml(args.config) if args.config else TrainJob())
     changes = {f.name: getattr(args, f.name) for f in _job_fields() if getattr(args, f.name, None) is not None}
     if args.targets:
@@ -92,22 +88,17 @@ def job_from_args(args: argparse.Namespace, base=None):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..train.job import TrainJob, run_train
-
     if args.multi:
         return _train_multi(args)
     if args.resume:
         config = Path(args.resume) / "config.yaml"
         if not config.is_file():
-            from ..errors import DeltaFileError
-
             raise DeltaFileError(f"{config} not found; --resume takes the --out folder of an earlier run")
         job = job_from_args(args, base=TrainJob.from_yaml(config))
         job = dataclasses.replace(job, out=str(args.resume))
     else:
         job = job_from_args(args)
     metrics = run_train(job, resume=bool(args.resume))
-    from ..train.distributed import is_main
 
     if not is_main():  # under torchrun / accelerate launch only rank 0 reports
         return 0
@@ -119,10 +110,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_multi(args: argparse.Namespace) -> int:
     """``train --multi a.yaml b.yaml``: one delta per task config, trained in shared mixed batches."""
-    from ..errors import ConfigError
-    from ..train.job import TrainJob
-    from ..train.multi import run_multi
-
     if args.resume or args.config or not args.out:
         raise ConfigError("--multi takes task YAML files and --out DIR; it cannot be combined with --resume or --config")
     jobs = {Path(path).stem: job_from_args(args, base=TrainJob.from_yaml(path)) for path in args.multi}
@@ -136,9 +123,6 @@ def _train_multi(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..io.artifact import read_meta
-    from ..train.job import TrainJob, run_eval
-
     run_config = Path(args.delta) / "config.yaml"
     if run_config.is_file():  # a training run's folder: evaluate the way it was trained
         base = TrainJob.from_yaml(run_config)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, ClassVar
+from typing import Any
 
-import torch
-
-from ...core.codec import NO_EQUIVALENT, PeftCodec, Tensors, exact_selector, unsupported_unit, whole_number
-from ...errors import ConfigError, DeltaFileError
+from ...core.codec import PeftCodec, Tensors, exact_selector, unsupported_unit
+from ...errors import DeltaFileError
 from .layer import IA3Config, IA3Input, IA3Output
 
 

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Any, ClassVar
-
-import torch
-
-from ...core.codec import NO_EQUIVALENT, PeftCodec, Tensors, exact_selector, unsupported_unit, whole_number
+from ...core.codec import PeftCodec, unsupported_unit
 from ...errors import ConfigError, DeltaFileError
 from .layer import PromptConfig, SoftPrompt
 
