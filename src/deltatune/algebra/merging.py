@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,19 +26,63 @@ from . import combine
 from .merge_heads import carry_heads, check_policy, check_shapes, head_values, meta_shapes, shapes_of
 from .task_vector import LowRankEntry, TaskVector, entry_dense
 
-#: method -> what it does, for listings and error messages
-METHODS = {
-    "linear": "weighted sum of the updates (exact; LoRAs stay factored)",
-    "cat": "LoRA ranks concatenated (exact; LoRA sources only)",
-    "svd": "weighted sum re-compressed to rank r by truncated SVD",
-    "ties": "trim to top density, elect sign, disjoint mean (Yadav et al., 2023)",
-    "dare_linear": "random drop with rescale, then weighted sum (Yu et al., 2023)",
-    "dare_ties": "random drop with rescale, then TIES sign election and disjoint mean",
-    "magnitude_prune": "each update trimmed to its top density by magnitude, then weighted sum",
-    "metrics": "weighted sum with weights exp(-penalty * metric) from each delta.json, normalised",
+#: an element-wise merge of one parameter: (dense changes, weights, density, generator) -> merged change
+Elementwise = Callable[[list[torch.Tensor], list[float], float, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How one merge method combines the sources' updates.
+
+    Args:
+        description: what it does, for listings and error messages.
+        elementwise: merges each parameter's dense changes (TIES, DARE, pruning); ``None``
+            is the exact weighted sum, which keeps LoRA entries factored.
+        unit_weights: default weights are all 1 (stacking, or a disjoint mean that already
+            averages) instead of 1/N.
+        factored_only: every source's update must be low rank (ranks concatenate).
+        needs_rank: the result is compressed to ``rank``, which must be given.
+        uses_density, random, metric_weights: whether ``density``, ``seed`` and the metric
+            options mean anything to it.
+    """
+
+    description: str
+    elementwise: Elementwise | None = None
+    unit_weights: bool = False
+    factored_only: bool = False
+    needs_rank: bool = False
+    uses_density: bool = False
+    random: bool = False
+    metric_weights: bool = False
+
+
+def _seeded(merge: Callable) -> Elementwise:
+    return lambda deltas, weights, density, generator: merge(deltas, weights, density, generator)
+
+
+def _unseeded(merge: Callable) -> Elementwise:
+    return lambda deltas, weights, density, generator: merge(deltas, weights, density)
+
+
+#: merge method -> how it combines
+COMBINATIONS: dict[str, Combination] = {
+    "linear": Combination("weighted sum of the updates (exact; LoRAs stay factored)"),
+    "cat": Combination("LoRA ranks concatenated (exact; low-rank sources only)", unit_weights=True,
+                       factored_only=True),
+    "svd": Combination("weighted sum re-compressed to rank r by truncated SVD", needs_rank=True),
+    "ties": Combination("trim to top density, elect sign, disjoint mean (Yadav et al., 2023)",
+                        _unseeded(combine.ties), unit_weights=True, uses_density=True),
+    "dare_linear": Combination("random drop with rescale, then weighted sum (Yu et al., 2023)",
+                               _seeded(combine.dare_linear), uses_density=True, random=True),
+    "dare_ties": Combination("random drop with rescale, then TIES sign election and disjoint mean",
+                             _seeded(combine.dare_ties), unit_weights=True, uses_density=True, random=True),
+    "magnitude_prune": Combination("each update trimmed to its top density by magnitude, then weighted sum",
+                                   _unseeded(combine.magnitude_prune), uses_density=True),
+    "metrics": Combination("weighted sum with weights exp(-penalty * metric) from each delta.json, normalised",
+                           metric_weights=True),
 }
-#: methods whose default weights are all 1 (stacking, or a disjoint mean that already averages)
-UNIT_WEIGHT_METHODS = ("cat", "ties", "dare_ties")
+#: method -> what it does, for listings and error messages
+METHODS = {name: combination.description for name, combination in COMBINATIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -107,18 +151,18 @@ class MergeReport:
 
 def check_options(method: str, density: float, rank: int | None) -> None:
     """Raise :class:`ConfigError` for an unknown method, a density outside (0, 1] or a bad rank."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
+    if method not in COMBINATIONS:
+        raise ConfigError(f"unknown merge method {method!r}; available: {', '.join(COMBINATIONS)}")
     combine.check_density(density)
-    if method == "svd" and rank is None:
-        raise ConfigError("the svd merge compresses to a rank: pass rank=r (e.g. 8)")
+    if COMBINATIONS[method].needs_rank and rank is None:
+        raise ConfigError(f"the {method} merge compresses to a rank: pass rank=r (e.g. 8)")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
 
 
 def default_weights(method: str, count: int) -> list[float]:
     """1 each for cat, ties and dare_ties; the mean (1/N each) for the others."""
-    return [1.0] * count if method in UNIT_WEIGHT_METHODS else [1.0 / count] * count
+    return [1.0] * count if COMBINATIONS[method].unit_weights else [1.0 / count] * count
 
 
 def merge_task_vectors(
@@ -145,33 +189,27 @@ def merge_task_vectors(
     if not vectors:
         raise ConfigError("nothing to merge: pass at least one task vector")
     weights = combine.check_weights(default_weights(method, len(vectors)) if weights is None else weights, len(vectors))
-    if method == "cat":
+    combination = COMBINATIONS[method]
+    if combination.factored_only:
         dense = [key for vector in vectors for key, entry in vector.items() if not isinstance(entry, LowRankEntry)]
         if dense:
-            raise MergeError(f"cat concatenates LoRA ranks, so every entry must be low rank; {dense[0]!r} is dense. "
-                             f"Use method='linear', which adds any weight changes exactly")
-    if method in ("linear", "cat", "svd", "metrics"):
+            raise MergeError(f"{method} concatenates LoRA ranks, so every entry must be low rank; {dense[0]!r} is "
+                             f"dense. Use method='linear', which adds any weight changes exactly")
+    if combination.elementwise is None:
         merged = sum((w * v for w, v in zip(weights, vectors)), TaskVector({}))
     else:
-        merged = TaskVector({key: _elementwise(method, key, vectors, weights, density, seed)
+        merged = TaskVector({key: _elementwise(combination.elementwise, key, vectors, weights, density, seed)
                              for key in dict.fromkeys(k for v in vectors for k in v)},
                             agreed(v.meaning for v in vectors))
     return merged.low_rank(rank) if rank is not None else merged
 
 
-def _elementwise(method: str, key: str, vectors: Sequence[TaskVector], weights: list[float], density: float,
+def _elementwise(merge: Elementwise, key: str, vectors: Sequence[TaskVector], weights: list[float], density: float,
                  seed: int) -> torch.Tensor:
     present = {index: entry_dense(v[key]) for index, v in enumerate(vectors) if key in v}
     like = next(iter(present.values()))
     deltas = [present[index] if index in present else torch.zeros_like(like) for index in range(len(vectors))]
-    if method == "ties":
-        return combine.ties(deltas, weights, density)
-    if method == "magnitude_prune":
-        return combine.magnitude_prune(deltas, weights, density)
-    generator = combine.generator_for(seed, key)
-    if method == "dare_linear":
-        return combine.dare_linear(deltas, weights, density, generator)
-    return combine.dare_ties(deltas, weights, density, generator)
+    return merge(deltas, weights, density, combine.generator_for(seed, key))
 
 
 @dataclass
@@ -321,19 +359,19 @@ def merge_deltas(
         raise DeltaStateError(f"a delta named {name!r} already exists; pass another name=")
     resolved = _resolve_sources(model, sources, check, heads)
     try:
-        if method == "cat":
-            for source in resolved:
-                kind = get_config(model, source.name).method
-                if kind != "lora":
-                    raise MergeError(f"cat concatenates LoRA ranks, so every source must be a LoRA delta; "
-                                     f"{source.label!r} is {kind}. Use method='linear' (exact for any weight deltas)")
-        if method == "metrics":
+        combination = COMBINATIONS[method]
+        if combination.metric_weights:
             weights = _metric_weights(resolved, metric, penalty)
         weights = default_weights(method, len(resolved)) if weights is None else weights
         meanings = [meaning_of(model, source.name) for source in resolved]
         values = [head_values(model, s.name) for s in resolved]
         carried = carry_heads([s.label for s in resolved], values, meanings, heads, weights)
         vectors = [TaskVector.from_delta(model, source.name) for source in resolved]
+        for source, vector in zip(resolved, vectors):
+            if combination.factored_only and not all(isinstance(entry, LowRankEntry) for _, entry in vector.items()):
+                raise MergeError(f"{method} concatenates LoRA ranks, so every source must be a low-rank delta; "
+                                 f"{source.label!r} is {get_config(model, source.name).method}, whose change is not "
+                                 f"low rank. Use method='linear' (exact for any weight deltas)")
         empty = [s.label for s, v in zip(resolved, vectors) if len(v) == 0]
         if empty:
             raise MergeError(f"{empty[0]!r} changes no base weight (only trained module copies such as a head); "
@@ -346,9 +384,11 @@ def merge_deltas(
     dropped = heads == "drop" and had_heads  # the label names named the outputs of heads now gone
     meaning, warning = _merged_meaning([s.label for s in resolved], meanings, carried.source, dropped)
     remember(model, name, meaning)
-    options = {"density": density if method in ("ties", "dare_linear", "dare_ties", "magnitude_prune") else None,
-               "rank": rank, "seed": seed if method.startswith("dare") else None,
-               "penalty": penalty if method == "metrics" else None, "metric": metric if method == "metrics" else None}
+    combination = COMBINATIONS[method]
+    options = {"density": density if combination.uses_density else None, "rank": rank,
+               "seed": seed if combination.random else None,
+               "penalty": penalty if combination.metric_weights else None,
+               "metric": metric if combination.metric_weights else None}
     return MergeReport(name=name, method=method, sources=tuple(s.label for s in resolved), weights=tuple(weights),
                        result=report.method, heads=carried.text, layers=tuple(_layer_rows(merged)), attach=report,
                        options={k: v for k, v in options.items() if v is not None}, labels=meaning.labels,
