@@ -22,17 +22,22 @@ def plain_copy(module: nn.Module) -> nn.Module:
             raise TargetError(
                 f"cannot train a copy of {type(module).__name__}: deltas are attached inside it at {name!r}"
             )
-    saved = {SLOT_ATTR: module._modules.pop(SLOT_ATTR, None)}
+    slot = module._modules.pop(SLOT_ATTR, None)
     hooks = {attr: getattr(module, attr) for attr in _HOOK_DICTS}
+    wrapper = module.__dict__.pop("forward", None) if isinstance(slot, DeltaSlot) else None
     try:
         for attr in _HOOK_DICTS:
             setattr(module, attr, type(hooks[attr])())
+        if wrapper is not None and wrapper.inner is not None:
+            module.__dict__["forward"] = wrapper.inner
         return copy.deepcopy(module)
     finally:
         for attr, value in hooks.items():
             setattr(module, attr, value)
-        if saved[SLOT_ATTR] is not None:
-            module._modules[SLOT_ATTR] = saved[SLOT_ATTR]
+        if wrapper is not None:
+            module.__dict__["forward"] = wrapper
+        if slot is not None:
+            module._modules[SLOT_ATTR] = slot
 
 
 class SavedModule(DeltaUnit):
@@ -48,6 +53,9 @@ class SavedModule(DeltaUnit):
 
     def forward_post(self, module, args, kwargs, output):
         return self.copy(*args, **kwargs)
+
+    def run(self, module, own, args, kwargs):
+        return self.copy(*args, **kwargs)  # the copy replaces the module: no need to run it too
 
     def merge_params(self, module: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.copy.named_parameters()}

@@ -92,9 +92,42 @@ class DeltaState:
         self.version += 1
 
 
+class SlotForward:
+    """The ``forward`` of a module that has a slot: it hands every call to the plan in force,
+    which runs the module's own forward with the deltas around it (or computes the result in
+    one go, see :meth:`DeltaUnit.run`).
+
+    Set on the module instance (``module.forward``), so the module keeps its class, its
+    attributes and its state-dict names, a call costs one Python call more than the bare
+    module (forward hooks would cost two and force torch's slow call path), and forward hooks
+    that others register on the module see the adapted output. ``inspect.signature`` sees the
+    module's own signature (transformers and Trainer read it).
+    """
+
+    def __init__(self, slot: DeltaSlot, module: nn.Module, inner: Any) -> None:
+        self.slot = slot
+        self.module = module
+        #: an instance-level forward that was there before (another library's wrapper), else None
+        self.inner = inner
+
+    def own(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's forward without the deltas."""
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self.inner if self.inner is not None else type(self.module).forward.__get__(self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        slot = self.slot
+        return slot._delta_state.plan.forward(slot, self.module, self.own, args, kwargs)
+
+
 class DeltaSlot(nn.ModuleDict):
-    """The units of every delta at one module, run from that module's forward hooks, which
-    hand each call to the plan in force.
+    """The units of every delta at one module, run from that module's forward (a
+    :class:`SlotForward`), which hands each call to the plan in force.
 
     Installed as the child ``deltas`` of the module it serves; keys are delta names.
     """
@@ -102,7 +135,7 @@ class DeltaSlot(nn.ModuleDict):
     def __init__(self, state: DeltaState) -> None:
         super().__init__()
         self._delta_state = state
-        self._handles: list[Any] = []
+        self._wrapper: SlotForward | None = None
         self._resolved: tuple[Any, int, Any] = (None, -1, None)
         #: stacked per-delta weights of the last mixed batch (see rows.gathered)
         self.mixed_cache: dict[str, Any] = {}
@@ -113,18 +146,22 @@ class DeltaSlot(nn.ModuleDict):
     def state(self) -> DeltaState:
         return self._delta_state
 
-    def install(self, module: nn.Module, *, root: bool = False) -> None:
-        """Hook into ``module``. At the model root (``root``) the output hook goes first, so it
-        runs before the root hook that ends a ``model(..., delta_ids=...)`` call."""
-        self._handles = [
-            module.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            module.register_forward_hook(self._post_hook, with_kwargs=True, prepend=root),
-        ]
+    def install(self, module: nn.Module) -> None:
+        """Serve ``module``: its ``forward`` becomes a :class:`SlotForward` over this slot. At the
+        model root this runs inside the call, so before the root hook that ends a
+        ``model(..., delta_ids=...)`` call."""
+        self._wrapper = SlotForward(self, module, module.__dict__.get("forward"))
+        module.__dict__["forward"] = self._wrapper
 
-    def uninstall(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def uninstall(self, module: nn.Module) -> None:
+        """Give ``module`` back its own forward (or the wrapper that was there before)."""
+        wrapper = self._wrapper
+        if wrapper is not None and module.__dict__.get("forward") is wrapper:
+            if wrapper.inner is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = wrapper.inner
+        self._wrapper = None
 
     def resolved(self, plan: Plan) -> Any:
         """``plan.resolve(self)``, computed once per plan and version of the model's deltas."""
@@ -141,12 +178,6 @@ class DeltaSlot(nn.ModuleDict):
         rather than from its hooks (prefix tuning). A batch that mixes deltas per row cannot
         be served this way, so it raises."""
         return self._delta_state.plan.units(self)
-
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        return self._delta_state.plan.pre(self, module, args, kwargs)
-
-    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        return self._delta_state.plan.post(self, module, args, kwargs, output)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The identity. A slot is driven by its module's hooks; this only matters for
@@ -188,14 +219,14 @@ def ensure_slot(module: nn.Module, state: DeltaState) -> DeltaSlot:
     slot = DeltaSlot(state)
     slot.train(module.training)
     module.add_module(SLOT_ATTR, slot)
-    slot.install(module, root=module.__dict__.get(STATE_ATTR) is state)
+    slot.install(module)
     return slot
 
 
 def remove_slot(module: nn.Module) -> None:
     slot = get_slot(module)
     if slot is not None:
-        slot.uninstall()
+        slot.uninstall(module)
         del module._modules[SLOT_ATTR]
 
 

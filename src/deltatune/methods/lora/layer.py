@@ -21,9 +21,17 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B
     One ``addmm`` instead of matmul, scale and add: one pass over the ``(tokens, out)``
     activations rather than three, and no extra full-size tensor kept for backward.
     """
-    rows = x.reshape(-1, x.shape[-1])
-    hidden = rows @ lora_A.T
+    hidden = F.linear(x.reshape(-1, x.shape[-1]), lora_A)
     return torch.addmm(output.reshape(-1, output.shape[-1]), hidden, lora_B.T, alpha=scaling).view(output.shape)
+
+
+def add_lora_(output: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B_t: torch.Tensor, scaling: float) -> torch.Tensor:
+    """:func:`add_lora` written into ``output`` (no grad, ``output`` fresh from the module):
+    no new ``(tokens, out)`` tensor. ``lora_B_t`` is ``B^T``, contiguous: BLAS runs the
+    rank-``r`` product several times faster on it than on the transposed view."""
+    hidden = F.linear(x.reshape(-1, x.shape[-1]), lora_A)
+    output.view(-1, output.shape[-1]).addmm_(hidden, lora_B_t, alpha=scaling)
+    return output
 
 
 def _mixed_lora(units, module, x, output, routing) -> torch.Tensor:
@@ -44,6 +52,12 @@ def _mixed_lora(units, module, x, output, routing) -> torch.Tensor:
     return torch.baddbmm(as_rows(output, batch).to(lora_A.dtype), hidden, lora_B.transpose(1, 2))
 
 
+def _fresh_output(module: nn.Module, unit: LoRALinear) -> bool:
+    """Whether ``module``'s output is a tensor it just made (``nn.Linear``, GPT-2 ``Conv1D``),
+    so it may be written in place; a subclass with its own forward might return a shared one."""
+    return type(module) is nn.Linear or unit.fan_in_fan_out
+
+
 class LoRALinear(DeltaUnit):
     """``y = W x + b + s * B A dropout(x)`` (Hu et al., 2021), ``A: (r, in)``, ``B: (out, r)``."""
 
@@ -53,15 +67,29 @@ class LoRALinear(DeltaUnit):
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        #: (version, address, B^T contiguous) for inference; rebuilt when B is written
+        self._lora_B_t: tuple[int, int, torch.Tensor] | None = None
         if config.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / config.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.dropout is None else self.dropout(x)
+
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x.to(self.lora_A.dtype))
+        x = self.dropped(x.to(self.lora_A.dtype))
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def lora_B_t(self) -> torch.Tensor:
+        """``B^T`` as a contiguous ``(r, out)`` tensor, cached until ``B`` changes (no grad only)."""
+        B = self.lora_B
+        cached = self._lora_B_t
+        if cached is None or cached[0] != B._version or cached[1] != B.data_ptr():
+            cached = (B._version, B.data_ptr(), B.detach().T.contiguous())
+            self._lora_B_t = cached
+        return cached[2]
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` as an ``(out, in)`` matrix."""
@@ -71,7 +99,14 @@ class LoRALinear(DeltaUnit):
         x = first_input(args, kwargs)
         if output.dtype != self.lora_A.dtype:
             return output + self.lora_output(x).to(output.dtype)
-        return add_lora(output, self.dropout(x), self.lora_A, self.lora_B, self.scaling)
+        return add_lora(output, self.dropped(x), self.lora_A, self.lora_B, self.scaling)
+
+    def run(self, module, own, args, kwargs):
+        output = own(*args, **kwargs)
+        if torch.is_grad_enabled() or output.dtype != self.lora_A.dtype or not _fresh_output(module, self):
+            return self.forward_post(module, args, kwargs, output)
+        # inference, alone at a Linear whose output is a new tensor: add in place
+        return add_lora_(output, first_input(args, kwargs), self.lora_A, self.lora_B_t(), self.scaling)
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
@@ -92,6 +127,8 @@ class DoRALinear(LoRALinear):
     The row norm is detached from the graph, as the paper recommends (section 4.3).
     """
 
+    run = DeltaUnit.run  # LoRA's in-place kernel does not apply the magnitude
+
     def __init__(self, module: nn.Module, in_features: int, out_features: int, config: LoRAConfig, fan_in_fan_out: bool):
         super().__init__(in_features, out_features, config, fan_in_fan_out)
         with torch.no_grad():
@@ -111,7 +148,7 @@ class DoRALinear(LoRALinear):
         base = output - bias if bias is not None else output
         x = first_input(args, kwargs)
         if output.dtype == self.lora_A.dtype:
-            direction = add_lora(base, self.dropout(x), self.lora_A, self.lora_B, self.scaling)
+            direction = add_lora(base, self.dropped(x), self.lora_A, self.lora_B, self.scaling)
         else:
             direction = base + self.lora_output(x).to(output.dtype)
         return direction * scale + bias if bias is not None else direction * scale
