@@ -48,8 +48,31 @@ def test_train_step_same_trainable_count_in_both_libraries():
 def test_report_lists_missed_targets():
     row = {"model": "tiny", "method": "lora", "metric": "train_step", "deltatune": 11.0, "peft": 10.0,
            "ratio": 1.1, "unit": "ms", "floor": 10.0, "floor_ratio": 1.1, "peft_floor_ratio": 1.0}
-    met = {name: ok for name, ok, _ in report.targets([row])}
-    assert met == {"LoRA train step deltatune/peft <= 1.00": False, "LoRA train step <= 1.05 x frozen floor": False}
+    found = {name: (ok, detail) for name, ok, detail in report.targets([row])}
+    assert {name: ok for name, (ok, _) in found.items()} == {
+        "`tiny` LoRA train step deltatune/peft <= 1.00": False, "`tiny` LoRA train step / frozen floor <= 1.05": False}
+    assert "missed by 5.0 points" in found["`tiny` LoRA train step / frozen floor <= 1.05"][1]
+
+
+def test_interleaved_rounds_alternate_order_and_pair_ratios():
+    from deltatune.bench.interleave import interleaved
+
+    calls = []
+    timings = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up round, then alternating order
+    assert [len(v) for v in timings.seconds.values()] == [3, 3]
+    timings.seconds = {"a": [2.0, 4.0, 9.0], "b": [1.0, 4.0, 3.0]}  # per-round ratios 2, 1, 3
+    assert timings.ratio("a", "b") == {"median": 2.0, "min": 1.0, "q1": 1.0, "q3": 3.0, "n": 3}
+    assert timings.ms("b")["median"] == 3000.0
+
+
+def test_interleaved_stops_on_budget_after_the_minimum():
+    import time
+
+    from deltatune.bench.interleave import interleaved
+
+    timings = interleaved({"slow": lambda: time.sleep(0.01)}, repeats=50, warmup=0, budget_s=0.001, min_repeats=4)
+    assert len(timings.seconds["slow"]) == 4
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
@@ -61,39 +84,57 @@ def test_causal_lm_train_step_same_trainable_count_in_both_libraries(method):
 
 
 def test_bench_command_writes_results(tmp_path):
-    # each measurement is a fresh process (~5 s to import torch, transformers and peft): keep this small
+    # each worker is a fresh process (~5 s to import torch, transformers and peft): keep this small
     assert main(["bench", "--models", "tiny-llama", "--methods", "lora", "--repeats", "1", "--warmup", "0",
-                 "--only", "train", "--out", str(tmp_path)]) == 0
+                 "--only", "train,decode", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert list(data["settings"]["models"]) == ["tiny-llama"]
     train = [r for r in data["rows"] if r["metric"] == "train_step"]
     assert [(r["model"], r["method"]) for r in train] == [("tiny-llama", m) for m in ("floor", "full", "lora")]
-    assert all(r["deltatune"] > 0 and r["floor"] > 0 for r in train)
-    assert all(r["peft"] > 0 for r in train if r["method"] not in ("floor", "full"))
-    assert "## tiny-llama" in (tmp_path / "results.md").read_text()
+    assert all(r["deltatune"] > 0 for r in train)
+    lora = train[-1]
+    assert lora["peft"] > 0 and lora["floor_ratio"] > 0 and lora["ratio"] > 0 and len(lora["spread"]) == 2
+    decode = [r["metric"] for r in data["rows"] if r["metric"].startswith("decode_")]
+    assert decode == ["decode_1x1", "decode_8x4"]
+    text = (tmp_path / "results.md").read_text()
+    assert "## tiny-llama" in text and "greedy decode, 8 prompts over 4 deltas / base" in text
     assert (tmp_path / "results.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("lib", ["base", "deltatune", "split", "peft"])
-def test_mixed_batch_worker_times_every_case(lib):
+def test_mixed_batch_worker_interleaves_every_case():
     from deltatune.bench.mixed import mixed
 
-    result = _roundtrip(mixed({**TINY, "lib": lib, "cases": [[4, 1], [4, 4]], "repeats": 2}))
+    result = _roundtrip(mixed({**TINY, "cases": [[4, 1], [4, 4]], "repeats": 2}))
     assert result["kind"] == "mixed" and list(result["cases"]) == ["4x1", "4x4"]
-    assert all(c["n"] == 2 and c["median"] > 0 for c in result["cases"].values())
+    for case in result["cases"].values():
+        assert set(case["ms"]) == {"base", "deltatune", "split", "peft"}
+        assert all(t["n"] == 2 and t["median"] > 0 for t in case["ms"].values())
+        assert case["ratios"]["deltatune_over_base"]["median"] > 0
+
+
+def test_mixed_train_worker_compares_one_step_with_one_after_another():
+    from deltatune.bench.ratios import mixed_train
+
+    result = _roundtrip(mixed_train({**TINY, "repeats": 2, "deltas": 2}))
+    assert result["deltas"] == 2 and set(result["ms"]) == {"one_step", "one_after_another"}
+    assert result["ratio"]["n"] == 2 and result["ratio"]["median"] > 0
 
 
 def test_mixed_batch_rows_and_targets():
     from deltatune.bench.run import mixed_rows
 
-    raw = {lib: {"cases": {"32x16": {"median": ms}, "64x64": {"median": 2 * ms}}}
-           for lib, ms in (("base", 10.0), ("deltatune", 11.0), ("peft", 15.0), ("split", 40.0))}
-    rows = mixed_rows("tiny", raw)
-    assert rows[0]["base_ratio"] == pytest.approx(1.1) and rows[0]["ratio"] == pytest.approx(11 / 15)
-    assert rows[1]["split_ratio"] == pytest.approx(11 / 40)
+    def case(ours, theirs):
+        ratios = {"deltatune_over_base": {"median": ours, "q1": ours, "q3": ours, "n": 15},
+                  "peft_over_base": {"median": theirs, "q1": theirs, "q3": theirs, "n": 15},
+                  "deltatune_over_split": {"median": 0.5, "q1": 0.5, "q3": 0.5, "n": 15}}
+        return {"ms": {k: {"median": 10.0} for k in ("base", "deltatune", "peft", "split")}, "ratios": ratios}
+
+    rows = mixed_rows("tiny", {"cases": {"32x16": case(1.1, 1.5), "64x64": case(1.3, 2.0)}})
+    assert rows[0]["deltatune"] == pytest.approx(1.1) and rows[0]["ratio"] == pytest.approx(1.1 / 1.5)
+    assert rows[1]["split_ratio"] == pytest.approx(0.5)
     met = {name: ok for name, ok, _ in report.targets(rows)}
-    assert met == {"mixed batch of 32 rows over 16 deltas within 1.20 x the base alone": True,
-                   "mixed batch of 64 rows over 64 deltas within 1.30 x the base alone": True}
+    assert met == {"`tiny` mixed batch, 32 rows over 16 deltas / base alone <= 1.15": True,
+                   "`tiny` mixed batch, 64 rows over 64 deltas / base alone <= 1.20": False}
 
 
 def test_swap_worker_reports_each_switching_cost():

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import sys
 
+from .decode import decode
 from .mixed import mixed
+from .ratios import inference_ratios, mixed_train, train_ratios
 from .serve import serve_rows
 from .swap import swap_costs
-from .workers import equivalence, inference, setup, train_step
+from .workers import equivalence, setup, train_step
 
 
 def _swap(args: dict) -> dict:
@@ -24,8 +26,9 @@ def _serve(args: dict) -> dict:
     return {"rows": serve_rows(args.get("model", "minilm"), threads=1)}
 
 
-KINDS = {"train_step": train_step, "equivalence": equivalence, "inference": inference, "mixed": mixed,
-         "swap": _swap, "serve": _serve}
+KINDS = {"train_step": train_step, "train_ratios": train_ratios, "equivalence": equivalence,
+         "inference_ratios": inference_ratios, "mixed": mixed, "mixed_train": mixed_train,
+         "decode": decode, "swap": _swap, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> None:

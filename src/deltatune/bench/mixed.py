@@ -1,25 +1,25 @@
 """Mixed-batch worker: one batch whose rows use different LoRA deltas (r=8 on every Linear of
 the body), timed as a forward pass without grad.
 
-``lib``: ``base`` (the plain model, no deltas, same rows), ``deltatune`` (``delta_ids``),
-``split`` (deltatune, each delta's rows run as their own batch with ``using``) or ``peft``
-(``adapter_names``). Row ``i`` uses delta ``i % deltas``.
+Per case, interleaved in one process: ``base`` (the plain model, no deltas, same rows),
+``deltatune`` (``delta_ids``), ``split`` (deltatune, each delta's rows run as their own
+batch with ``using``) and ``peft`` (``adapter_names``). Row ``i`` uses delta ``i % deltas``.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 
 import deltatune as dt
-from .workers import ALPHA, MODELS, R, attach, build_model, make_batch, peak_rss_mib, summary
+from .interleave import interleaved
+from .workers import ALPHA, MODELS, R, attach, build_model, make_batch, peak_rss_mib
 
 
 #: (rows, deltas) of issue #4
 CASES = [(32, 1), (32, 4), (32, 16), (64, 64)]
-#: a case whose timed runs pass ``budget_s`` stops after this many (peft's 64 x 64 takes seconds per batch)
+#: a case whose timed rounds pass ``budget_s`` stops after this many (peft's 64 x 64 takes seconds per batch)
 MIN_REPEATS = 5
 
 
@@ -45,29 +45,31 @@ def _attach_many(lib: str, base, count: int, spec):
 
 
 def mixed(args: dict) -> dict:
-    lib, name, seed = args["lib"], args.get("model", "minilm"), args.get("seed", 0)
-    repeats, warmup, spec = args.get("repeats", 20), args.get("warmup", 3), MODELS[name]
+    """Each case timed with its references interleaved in one process: the base alone on
+    the same rows, deltatune's mixed batch, deltatune splitting the rows per delta, peft."""
+    name, seed = args.get("model", "minilm"), args.get("seed", 0)
+    repeats, warmup, spec = args.get("repeats", 15), args.get("warmup", 2), MODELS[name]
     budget = args.get("budget_s", 90.0)
     cases = [tuple(c) for c in args.get("cases", CASES)]
     base = build_model(name, seed).eval()
     most = max(d for _, d in cases)
-    model = base if lib == "base" else _attach_many("peft" if lib == "peft" else "deltatune", base, most, spec)
-    out: dict = {"kind": "mixed", "lib": lib, "cases": {}}
+    models = {"base": base, "deltatune": _attach_many("deltatune", base, most, spec),
+              "peft": _attach_many("peft", base, most, spec)}
+    out: dict = {"kind": "mixed", "cases": {}}
     for rows, deltas in cases:
-        batch = make_batch(model, rows, args.get("seq", spec.seq), seed)
+        batch = make_batch(base, rows, args.get("seq", spec.seq), seed)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         names = [f"d{i % deltas}" for i in range(rows)]
-        run = _runner(lib, model, inputs, names)
-        times: list[float] = []
+        runs = {lib: _runner(lib, models["deltatune" if lib == "split" else lib], inputs, names)
+                for lib in ("base", "deltatune", "split", "peft")}
         with torch.no_grad():
-            for i in range(warmup + repeats):
-                start = time.perf_counter()
-                run()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-                if len(times) >= MIN_REPEATS and sum(times) > budget:
-                    break  # a very slow configuration: fewer repeats, recorded as n
-        out["cases"][f"{rows}x{deltas}"] = summary(times)
+            timings = interleaved(runs, repeats, warmup, budget, MIN_REPEATS)
+        out["cases"][f"{rows}x{deltas}"] = {
+            "ms": timings.as_dict(),
+            "ratios": {"deltatune_over_base": timings.ratio("deltatune", "base"),
+                       "peft_over_base": timings.ratio("peft", "base"),
+                       "deltatune_over_peft": timings.ratio("deltatune", "peft"),
+                       "deltatune_over_split": timings.ratio("deltatune", "split")}}
     out["peak_rss_mib"] = peak_rss_mib()
     out["lora"] = {"r": R, "alpha": ALPHA}
     return out

@@ -13,51 +13,58 @@ def _num(value, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _ratio(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _ratio(value, spread=None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{spread[0]:.2f}, {spread[1]:.2f}]" if spread else "")
 
 
 def _find(rows: list[dict], metric: str, method: str | None = None) -> dict | None:
     return next((r for r in rows if r["metric"] == metric and (method is None or r["method"] == method)), None)
 
 
+def _limit(name: str, value: float, limit: float, detail: str) -> tuple[str, bool, str]:
+    ok = value <= limit
+    return name, ok, f"{value:.3f} {detail}" + ("" if ok else f"; missed by {100 * (value - limit):.1f} points")
+
+
+#: (metric, field, limit, target) of issue #11, for the model whose rows have the metric
+RATIO_TARGETS = (
+    ("unmerged_over_merged_b1", "deltatune", 1.10, "unmerged / merged LoRA latency, batch 1"),
+    ("unmerged_over_merged_b32", "deltatune", 1.08, "unmerged / merged LoRA latency, batch 32"),
+    ("mixed_batch_32x16", "deltatune", 1.15, "mixed batch, 32 rows over 16 deltas / base alone"),
+    ("mixed_batch_64x64", "deltatune", 1.20, "mixed batch, 64 rows over 64 deltas / base alone"),
+    ("decode_1x1", "deltatune", 1.05, "greedy decode, batch 1, unmerged LoRA / base"),
+    ("decode_8x4", "deltatune", 1.15, "greedy decode, 8 prompts over 4 deltas / base"),
+)
+
+
 def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
-    """(target, met?, detail) for each target of issue #4; None where it was not measured."""
+    """(target, met?, detail) for each target measured in ``rows``."""
     out = []
-    lora = _find(rows, "train_step", "lora")
+    lora = next((r for r in rows if r["metric"] == "train_step" and r["method"] == "lora"), None)
     if lora:
-        r = lora["ratio"]
-        out.append(("LoRA train step deltatune/peft <= 1.00", r <= 1.00,
-                    f"{r:.3f} ({lora['deltatune']:.1f} vs {lora['peft']:.1f} ms)"
-                    + ("" if r <= 1.00 else f": missed by {100 * (r - 1):.1f}%")))
-        f = lora["floor_ratio"]
-        out.append(("LoRA train step <= 1.05 x frozen floor", f <= 1.05,
-                    f"{f:.3f} x floor ({lora['floor']:.1f} ms); peft {lora['peft_floor_ratio']:.3f} x"
-                    + ("" if f <= 1.05 else f": missed by {100 * (f - 1.05):.1f} points")))
+        model = f"`{lora['model']}`"
+        out.append(_limit(f"{model} LoRA train step deltatune/peft <= 1.00", lora["ratio"], 1.00,
+                          f"({lora['deltatune']:.1f} vs {lora['peft']:.1f} ms)"))
+        out.append(_limit(f"{model} LoRA train step / frozen floor <= 1.05", lora["floor_ratio"], 1.05,
+                          f"x floor; peft {lora['peft_floor_ratio']:.3f} x"))
+    for metric, field, limit, name in RATIO_TARGETS:
+        for row in (r for r in rows if r["metric"] == metric):
+            peft = f"; peft {row['peft']:.3f}" if row.get("peft") is not None else ""
+            spread = row.get("spread")
+            detail = (f"[{spread[0]:.2f}, {spread[1]:.2f}]" if spread else "") + peft
+            out.append(_limit(f"`{row['model']}` {name} <= {limit:.2f}", row[field], limit, detail))
     mem = [r for r in rows if r["metric"] == "peak_rss" and r["peft"] is not None]
     if mem:
         worse = [r for r in mem if r["deltatune"] > r["peft"]]
-        detail = ", ".join(f"{r['method']} {r['deltatune']:.0f} vs {r['peft']:.0f} MiB (+{r['deltatune'] - r['peft']:.0f})"
-                           for r in worse) or "all methods at or below peft"
+        detail = ", ".join(f"{r['model']} {r['method']} {r['deltatune']:.0f} vs {r['peft']:.0f} MiB "
+                           f"(+{r['deltatune'] - r['peft']:.0f})" for r in worse) or "every method at or below peft"
         out.append(("peak memory no higher than peft's", not worse, detail))
-    inf = _find(rows, "unmerged_over_merged_b32")
-    if inf:
-        x = inf["deltatune"]
-        out.append(("unmerged inference within 10% of merged at batch 32", x <= 1.10,
-                    f"deltatune {x:.3f} x merged, peft {inf['peft']:.3f} x"
-                    + ("" if x <= 1.10 else f": missed by {100 * (x - 1.10):.1f} points")))
     eq = next((r for r in rows if r["metric"].startswith("loss_max_rel_diff")), None)
     if eq:
         out.append(("LoRA losses match peft within 1e-4 relative (guard)", eq["deltatune"] <= 1e-4,
                     f"max relative difference {eq['deltatune']:.2e}"))
-    for case, limit in (("32x16", 1.20), ("64x64", 1.30)):
-        mix = _find(rows, f"mixed_batch_{case}")
-        if mix:
-            x = mix["base_ratio"]
-            rows_, deltas = case.split("x")
-            out.append((f"mixed batch of {rows_} rows over {deltas} deltas within {limit:.2f} x the base alone",
-                        x <= limit, f"deltatune {x:.3f} x base, peft {mix['peft_base_ratio']:.3f} x"
-                        + ("" if x <= limit else f": missed by {100 * (x - limit):.1f} points")))
     return out
 
 
@@ -67,58 +74,86 @@ def _header(data: dict) -> list[str]:
                        for name, m in s["models"].items())
     lines = [
         "# deltatune vs peft benchmark", "",
-        f"Models: {models}; fixed seeds, {s['dtype']}, {data['threads']} threads, median of {s['repeats']} runs "
-        f"after {s['warmup']} warm-ups, each library and configuration in its own fresh process. LoRA {s['lora']}; "
+        f"Models: {models}; fixed seeds, {s['dtype']}, {data['threads']} threads. LoRA {s['lora']}; "
         f"{s['virtual_tokens']} virtual tokens for prompt / prefix; {s['optimizer']}.", "",
+        f"**Ratios** come from the cases run interleaved in one process: {s['warmup']} warm-up rounds, then "
+        f"up to {s['repeats']} rounds in which every case runs once (order alternating between rounds); a ratio "
+        "is the median over rounds of the per-round ratio, `[q1, q3]` its quartiles. **Peak memory** comes from "
+        "one fresh process per library and method.", "",
         f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}, deltatune {v['deltatune']}, "
         f"Python {v['python']}; {data['machine']['platform']}, {data['machine']['cpu_count']} CPUs. "
         f"Run {data['started']}, {data['duration_s']:.0f} s. Regenerate with `make bench` (`deltatune bench`).", "",
     ]
-    loads = [x for model in data.get("raw", {}).values() for r in model.get("train_step", [])
-             for x in r.get("loadavg_1min", [])]
+    loads = [x for model in data.get("raw", {}).values() for part in model.values() if isinstance(part, dict)
+             for x in part.get("loadavg_1min", [])]
     if loads:
-        lines += [f"1-minute load average around the train-step workers: {min(loads):.2f} to {max(loads):.2f} "
-                  f"(on {data['machine']['cpu_count']} CPUs; above ~0.5 means other work shared the cores and "
-                  "the times are noisier).", ""]
-    if s["repeats"] < 20:
-        lines += [f"**Short run: {s['repeats']} timed repeats (issue #4 asks for at least 20), "
-                  f"{s['warmup']} warm-up(s)**; `make bench` defaults to 20.", ""]
+        lines += [f"1-minute load average around the workers: {min(loads):.2f} to {max(loads):.2f} "
+                  f"(on {data['machine']['cpu_count']} CPUs; above ~2 means other work shared the cores).", ""]
+    if s["repeats"] < 15:
+        lines += [f"**Short run: {s['repeats']} timed rounds (issue #11 asks for at least 15)**; "
+                  "`make bench` defaults to 15.", ""]
     return lines
 
 
-def _model_section(name: str, rows: list[dict], raw: dict) -> list[str]:
-    lines = []
+def _train_section(name: str, rows: list[dict]) -> list[str]:
     train = [r for r in rows if r["metric"] == "train_step"]
-    if train:
-        lines += ["", f"### {name}: train step (forward + backward + AdamW step)", "",
-                  "`floor`: no delta, everything frozen, backward to `inputs_embeds` (no optimizer step). "
-                  "`full`: every parameter trains. A classifier's head trains in every delta run, in both libraries.",
-                  "", "| method | deltatune ms | peft ms | deltatune/peft | deltatune/floor | peft/floor | "
-                  "deltatune/full | trainable (dt / peft) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in train:
-            trainable = f"{r['trainable']:,}" + (f" / {r['peft_trainable']:,}" if r.get("peft_trainable") is not None else "")
-            lines.append(f"| {r['method']} | {_num(r['deltatune'])} | {_num(r['peft'])} | {_ratio(r['ratio'])} | "
-                         f"{_ratio(r['floor_ratio'])} | {_ratio(r.get('peft_floor_ratio'))} | "
-                         f"{_ratio(r['full_ratio'])} | {trainable} |")
+    if not train:
+        return []
+    lines = ["", f"### {name}: train step (forward + backward + AdamW step), interleaved", "",
+             "`floor`: no delta, everything frozen, backward to `inputs_embeds` (no optimizer step). "
+             "`full`: every parameter trains. A classifier's head trains in every delta run, in both libraries.",
+             "", "| method | deltatune ms | peft ms | deltatune/peft | deltatune/floor | peft/floor | "
+             "deltatune/full | trainable (dt / peft) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in train:
+        trainable = f"{r['trainable']:,}" + (f" / {r['peft_trainable']:,}" if r.get("peft_trainable") is not None else "")
+        lines.append(f"| {r['method']} | {_num(r['deltatune'])} | {_num(r['peft'])} | "
+                     f"{_ratio(r['ratio'], r.get('spread'))} | {_ratio(r['floor_ratio'], r.get('floor_spread'))} | "
+                     f"{_ratio(r.get('peft_floor_ratio'))} | {_ratio(r.get('full_ratio'))} | {trainable} |")
+    return lines
+
+
+def _memory_section(name: str, rows: list[dict]) -> list[str]:
     mem = [r for r in rows if r["metric"] == "peak_rss"]
-    if mem:
-        lines += ["", f"### {name}: peak memory (ru_maxrss of the fresh worker, model load included)", "",
-                  "| method | deltatune MiB | peft MiB | deltatune/peft | deltatune/floor |",
-                  "|---|---:|---:|---:|---:|"]
-        for r in mem:
-            lines.append(f"| {r['method']} | {_num(r['deltatune'], 0)} | {_num(r['peft'], 0)} | "
-                         f"{_ratio(r['ratio'])} | {_ratio(r['floor_ratio'])} |")
-    mixed = [r for r in rows if r["metric"].startswith("mixed_batch_")]
-    if mixed:
-        lines += ["", f"### {name}: mixed batches (forward, no grad; row i uses LoRA delta i mod deltas)", "",
-                  "`base`: the plain model on the same rows. `split`: deltatune running each delta's rows as "
-                  "their own batch. peft: `adapter_names`.", "",
-                  "| rows x deltas | deltatune ms | peft ms | base ms | split ms | deltatune/base | peft/base | "
-                  "deltatune/peft | deltatune/split |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in mixed:
-            lines.append(f"| {r['metric'].removeprefix('mixed_batch_')} | {_num(r['deltatune'])} | {_num(r['peft'])} | "
-                         f"{_num(r['base'])} | {_num(r['split'])} | {_ratio(r['base_ratio'])} | "
-                         f"{_ratio(r['peft_base_ratio'])} | {_ratio(r['ratio'])} | {_ratio(r['split_ratio'])} |")
+    if not mem:
+        return []
+    lines = ["", f"### {name}: peak memory of a training process (ru_maxrss of a fresh worker, model load included)",
+             "", "| method | deltatune MiB | peft MiB | deltatune/peft | deltatune/floor |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {_num(r['deltatune'], 0)} | {_num(r['peft'], 0)} | {_ratio(r['ratio'])} | "
+              f"{_ratio(r['floor_ratio'])} |" for r in mem]
+    return lines
+
+
+def _ratio_section(title: str, note: str, rows: list[dict], prefix: str, columns: list[tuple[str, str]]) -> list[str]:
+    chosen = [r for r in rows if r["metric"].startswith(prefix)]
+    if not chosen:
+        return []
+    head = "| case | deltatune | peft |" + "".join(f" {c} |" for c, _ in columns)
+    lines = ["", title, "", note, "", head, "|---|---:|---:|" + "---:|" * len(columns)]
+    for r in chosen:
+        extra = "".join(f" {_num(r.get(key), 3 if 'ratio' in key else 1)} |" for _, key in columns)
+        lines.append(f"| {r['metric'].removeprefix(prefix)} | {_ratio(r['deltatune'], r.get('spread'))} | "
+                     f"{_ratio(r['peft'], r.get('peft_spread'))} |{extra}")
+    return lines
+
+
+def _model_section(name: str, rows: list[dict]) -> list[str]:
+    lines = _train_section(name, rows) + _memory_section(name, rows)
+    lines += _ratio_section(
+        f"### {name}: unmerged / merged latency (LoRA r=8 on every Linear of the body), interleaved",
+        "Each library's unmerged model over its own merged model.", rows, "unmerged_over_merged_", [])
+    lines += _ratio_section(
+        f"### {name}: mixed batches / the base alone on the same rows (forward, no grad; row i uses delta i mod deltas)",
+        "peft: `adapter_names`. `split`: deltatune running each delta's rows as their own batch.", rows,
+        "mixed_batch_", [("base ms", "base_ms"), ("deltatune ms", "deltatune_ms"), ("peft ms", "peft_ms"),
+                         ("split ms", "split_ms"), ("deltatune/split", "split_ratio")])
+    lines += _ratio_section(
+        f"### {name}: training several deltas in one step / one after the other",
+        "LoRA r=8 on q, k, v, o; the batch's rows split among the deltas; one AdamW step either way.", rows,
+        "mixed_train_", [("one step ms", "one_step_ms"), ("one after another ms", "one_after_another_ms")])
+    lines += _ratio_section(
+        f"### {name}: greedy decode with unmerged LoRA / the base on the same prompts (prompts x deltas)",
+        "Batch 1: each library's active adapter; 8x4: deltatune `delta_ids`, peft `adapter_names`.", rows,
+        "decode_", [("base ms", "base_ms"), ("deltatune ms", "deltatune_ms"), ("peft ms", "peft_ms")])
     swap = [r for r in rows if r["method"] == "lora-qkvo+head"]
     if swap:
         lines += ["", f"### {name}: switching deltas on a live model (two LoRA deltas + heads, medians)", "",
@@ -129,18 +164,15 @@ def _model_section(name: str, rows: list[dict], raw: dict) -> list[str]:
         lines += ["", f"### {name}: `deltatune serve` under load ({served[0]['case'].replace('_', ' ')}; "
                   "HTTP clients in the same process, 1 torch thread)", "", "| metric | value | unit |", "|---|---:|---|"]
         lines += [f"| {r['metric']} | {_num(r['deltatune'])} | {r['unit']} |" for r in served]
-    other = [r for r in rows if r["metric"] not in ("train_step", "peak_rss") and not r["metric"].startswith("mixed_")
+    other = [r for r in rows if r["unit"] in ("ms", "KiB", "relative") and r["metric"] != "train_step"
              and r not in swap and r not in served]
     if other:
-        lines += ["", f"### {name}: equivalence guard and inference (LoRA r=8 on every Linear of the body)", "",
+        lines += ["", f"### {name}: equivalence guard, latency and file operations (LoRA r=8 on every Linear)", "",
                   "| method | metric | deltatune | peft | deltatune/peft | unit |", "|---|---|---:|---:|---:|---|"]
         for r in other:
-            digits = 3 if r["unit"] in ("x", "ms") and (r["deltatune"] or 0) < 10 else 1
-            lines.append(f"| {r['method']} | {r['metric']} | {_num(r['deltatune'], digits)} | "
-                         f"{_num(r['peft'], digits)} | {_ratio(r['ratio'])} | {r['unit']} |")
-    eq = raw.get("equivalence")
-    if eq and eq["steps"] < 50:
-        lines += ["", f"**The equivalence guard ran {eq['steps']} steps, not 50.**"]
+            lines.append(f"| {r['method']} | {r['metric']} | {_num(r['deltatune'], 3 if (r['deltatune'] or 0) < 10 else 1)} | "
+                         f"{_num(r['peft'], 3 if (r['peft'] or 0) < 10 else 1)} | {_ratio(r['ratio'], r.get('spread'))} | "
+                         f"{r['unit']} |")
     return lines
 
 
@@ -148,13 +180,13 @@ def markdown(data: dict) -> str:
     rows = data["rows"]
     models = list(data["settings"]["models"])
     lines = _header(data)
-    lines += [f"## Targets (issue #4, on `{models[0]}`)", "", "| target | met | measured |", "|---|---|---|"]
-    for name, ok, detail in targets([r for r in rows if r["model"] == models[0]]):
+    lines += ["## Targets", "", "| target | met | measured |", "|---|---|---|"]
+    for name, ok, detail in targets(rows):
         lines.append(f"| {name} | {'yes' if ok else 'NO'} | {detail} |")
     for model in models:
         lines += ["", f"## {model}"]
-        lines += _model_section(model, [r for r in rows if r["model"] == model], data.get("raw", {}).get(model, {}))
-    lines += ["", "`delta_load_time` excludes copying the base model; `delta_file_size` is the tensor file plus "
+        lines += _model_section(model, [r for r in rows if r["model"] == model])
+    lines += ["", "`load_time` excludes copying the base model; `delta_file_size` is the tensor file plus "
               "its JSON description (deltatune's JSON also carries the base fingerprint). "
               "The equivalence guard runs both libraries in one process (dropout off, same batches, "
               "deltatune's initial A/B copied into peft's parameters) because it compares values, not times."]
@@ -162,33 +194,32 @@ def markdown(data: dict) -> str:
 
 
 def chart(data: dict, path: Path) -> None:
+    """Per model: the interleaved ratios of deltatune and peft against their references."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(data["settings"]["models"])
-    fig, axes = plt.subplots(len(models), 3, figsize=(16.5, 4.2 * len(models)), squeeze=False)
-    for row_axes, model in zip(axes, models):
-        rows = [r for r in data["rows"] if r["model"] == model]
-        panels = ((lambda r: r["metric"] == "train_step", "train step", "ms"),
-                  (lambda r: r["metric"] == "peak_rss", "peak RSS", "MiB"),
-                  (lambda r: r["metric"].startswith("latency_"), "inference latency (LoRA all Linear)", "ms"))
-        for ax, (keep, title, unit) in zip(row_axes, panels):
-            items = [r for r in rows if keep(r)]
-            if not items:
-                ax.axis("off")
-                continue
-            labels = [r["method"] if r["metric"] in ("train_step", "peak_rss") else r["metric"].removeprefix("latency_")
-                      for r in items]
-            xs = range(len(items))
-            ax.bar([x - 0.2 for x in xs], [r["deltatune"] for r in items], 0.4, label="deltatune")
-            ax.bar([x + 0.2 for x in xs], [r["peft"] or 0 for r in items], 0.4, label="peft")
-            ax.set_xticks(list(xs), labels, rotation=30, ha="right")
-            ax.set_title(f"{model}: {title}")
-            ax.set_ylabel(unit)
-            ax.legend()
-    fig.suptitle(f"deltatune vs peft, {data['threads']} threads, median")
+    fig, axes = plt.subplots(len(models), 1, figsize=(13, 4.2 * len(models)), squeeze=False)
+    for (ax,), model in zip(axes, models):
+        items = [(f"{r['method']} step/floor", r["floor_ratio"], r.get("peft_floor_ratio"))
+                 for r in data["rows"] if r["model"] == model and r["metric"] == "train_step"
+                 and r["method"] not in ("floor", "full")]
+        items += [(r["metric"], r["deltatune"], r["peft"]) for r in data["rows"] if r["model"] == model
+                  and r["unit"] == "x" and not r["metric"].startswith("mixed_train")]
+        if not items:
+            ax.axis("off")
+            continue
+        xs = range(len(items))
+        ax.bar([x - 0.2 for x in xs], [i[1] for i in items], 0.4, label="deltatune")
+        ax.bar([x + 0.2 for x in xs], [i[2] or 0 for i in items], 0.4, label="peft")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(list(xs), [i[0] for i in items], rotation=30, ha="right")
+        ax.set_title(f"{model}: time over its reference (1.0 = no overhead)")
+        ax.set_ylabel("x")
+        ax.legend()
+    fig.suptitle(f"deltatune vs peft, {data['threads']} threads, interleaved medians")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

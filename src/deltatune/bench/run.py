@@ -1,13 +1,16 @@
-"""Run every measurement in its own Python process and write bench/results.{json,md,png}.
+"""Run the measurements and write bench/results.{json,md,png}.
 
-    deltatune bench                     # MiniLM and SmolLM2, 20 timed repeats after 3 warm-ups
+    deltatune bench                     # MiniLM and SmolLM2, 15 timed rounds after 2 warm-ups
     deltatune bench --models minilm     # one model
-    deltatune bench --tiny              # tiny random BERT and Llama, 3 repeats (smoke run)
-    deltatune bench --only train        # train|memory|equivalence|inference|mixed|swap|serve
+    deltatune bench --tiny              # tiny random BERT and Llama, 3 rounds (smoke run)
+    deltatune bench --only train        # train|memory|equivalence|inference|mixed|mixed_train|decode|swap|serve
 
-Each (library, method) runs in a fresh ``sys.executable`` with OMP_NUM_THREADS=2 and
-``torch.set_num_threads(2)``, so its peak RSS is its own and no library warms the other's
-caches. The system load average is recorded next to every measurement.
+Every ratio (deltatune / peft, / the frozen floor, / merged, / the base) comes from its cases
+run interleaved in one process (interleave.py: alternating order, warm-up rounds, median of
+the per-round ratios with quartiles as the spread). Peak memory comes from one fresh process
+per library and method, so each peak is that configuration's own. Every worker process runs
+``sys.executable`` with OMP_NUM_THREADS=2 and ``torch.set_num_threads(2)``; the system load
+average is recorded next to each.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .workers import MODELS
 
 
 METHODS = ["lora", "dora", "ia3", "prompt", "prefix"]
+PARTS = ["train", "memory", "equivalence", "inference", "mixed", "mixed_train", "decode", "swap", "serve"]
 THREADS = 2
 
 
@@ -60,74 +64,102 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _x(summary: dict) -> dict:
+    """A ratio summary as a row's fields: the median and its quartiles."""
+    return {"value": summary["median"], "spread": [summary["q1"], summary["q3"]], "n": summary["n"]}
+
+
+def ratio_row(model: str, method: str, metric: str, ours: dict | None, theirs: dict | None = None,
+              unit: str = "x", **extra) -> dict:
+    """A row whose values are interleaved ratios (medians over rounds, quartiles as spread)."""
+    a, b = (_x(ours) if ours else None), (_x(theirs) if theirs else None)
+    return {"model": model, "method": method, "metric": metric, "deltatune": a and a["value"],
+            "peft": b and b["value"], "ratio": ratio(a and a["value"], b and b["value"]), "unit": unit,
+            "spread": a and a["spread"], "peft_spread": b and b["spread"], "n": a and a["n"], **extra}
+
+
+def time_row(model: str, method: str, metric: str, ms: dict, vs_peft: dict | None = None) -> dict:
+    """A row of absolute times (ms medians) from one interleaved run, with the dt/peft ratio."""
+    return {"model": model, "method": method, "metric": metric, "deltatune": ms["deltatune"]["median"],
+            "peft": ms["peft"]["median"] if "peft" in ms else None,
+            "ratio": vs_peft["median"] if vs_peft else None, "spread": [vs_peft["q1"], vs_peft["q3"]] if vs_peft else None,
+            "unit": "ms", "n": ms["deltatune"]["n"]}
+
+
 def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
             methods: list[str] = METHODS) -> tuple[list[dict], dict]:
     """Run the workers; return (rows, raw worker outputs)."""
     rows: list[dict] = []
     raw: dict = {}
     common = {"model": model, "repeats": repeats, "warmup": warmup, "threads": THREADS}
-    if parts & {"train", "memory"}:
-        train = {}
-        for method in ["floor", "full"] + methods:
-            libs = ["deltatune", "peft"] if method in methods else ["none"]
-            for lib in libs:
-                train[(lib, method)] = run_worker("train_step", {**common, "lib": lib, "method": method})
-        raw["train_step"] = [v for v in train.values()]
-        floor = train[("none", "floor")]["step_ms"]["median"]
-        full = train[("none", "full")]["step_ms"]["median"]
-        for method in ["floor", "full"] + methods:
-            ours = train.get(("deltatune", method), train.get(("none", method)))
-            theirs = train.get(("peft", method))
-            dt_ms, pf_ms = ours["step_ms"]["median"], theirs["step_ms"]["median"] if theirs else None
-            if "train" in parts:
-                rows.append({"model": model, "method": method, "metric": "train_step", "deltatune": dt_ms,
-                             "peft": pf_ms, "ratio": ratio(dt_ms, pf_ms), "unit": "ms", "floor": floor,
-                             "floor_ratio": ratio(dt_ms, floor), "peft_floor_ratio": ratio(pf_ms, floor),
-                             "full": full, "full_ratio": ratio(dt_ms, full), "peft_full_ratio": ratio(pf_ms, full),
-                             "trainable": ours["trainable"], "peft_trainable": theirs["trainable"] if theirs else None})
-            if "memory" in parts:
-                dt_mem = ours["peak_rss_mib"]
-                pf_mem = theirs["peak_rss_mib"] if theirs else None
-                rows.append({"model": model, "method": method, "metric": "peak_rss", "deltatune": dt_mem,
-                             "peft": pf_mem, "ratio": ratio(dt_mem, pf_mem), "unit": "MiB",
-                             "floor": train[("none", "floor")]["peak_rss_mib"],
-                             "floor_ratio": ratio(dt_mem, train[("none", "floor")]["peak_rss_mib"])})
+    spec = MODELS[model]
+    if "train" in parts:
+        raw["train"] = tr = run_worker("train_ratios", {**common, "methods": methods}, timeout=7200)
+        for method in ["floor", "full", *methods]:
+            key = method if method in ("floor", "full") else f"deltatune:{method}"
+            r = tr["ratios"].get(method, {})
+            rows.append({"model": model, "method": method, "metric": "train_step", "unit": "ms",
+                         "deltatune": tr["ms"][key]["median"], "peft": tr["ms"].get(f"peft:{method}", {}).get("median"),
+                         "ratio": r.get("peft", {}).get("median"), "spread": _spread(r.get("peft")),
+                         "floor_ratio": r.get("floor", {}).get("median"), "floor_spread": _spread(r.get("floor")),
+                         "peft_floor_ratio": r.get("peft_floor", {}).get("median"),
+                         "full_ratio": r.get("full", {}).get("median"), "trainable": tr["trainable"][key],
+                         "peft_trainable": tr["trainable"].get(f"peft:{method}"), "n": tr["ms"][key]["n"]})
+    if "memory" in parts:  # peak RSS is a process's own: one fresh process per library and method
+        memory = {}
+        for method in ["floor", "full", *methods]:
+            for lib in (["none"] if method in ("floor", "full") else ["deltatune", "peft"]):
+                memory[(lib, method)] = run_worker("train_step", {**common, "lib": lib, "method": method,
+                                                                  "repeats": 2, "warmup": 1})
+        raw["memory"] = list(memory.values())
+        floor = memory[("none", "floor")]["peak_rss_mib"]
+        for method in ["floor", "full", *methods]:
+            ours = memory.get(("deltatune", method), memory.get(("none", method)))["peak_rss_mib"]
+            theirs = memory[("peft", method)]["peak_rss_mib"] if ("peft", method) in memory else None
+            rows.append({"model": model, "method": method, "metric": "peak_rss", "deltatune": ours, "peft": theirs,
+                         "ratio": ratio(ours, theirs), "unit": "MiB", "floor": floor, "floor_ratio": ratio(ours, floor)})
     if "equivalence" in parts:
         eq = run_worker("equivalence", {"model": model, "steps": steps, "threads": THREADS})
         raw["equivalence"] = eq
         rows.append({"model": model, "method": "lora", "metric": f"loss_max_rel_diff_{steps}_steps",
                      "deltatune": eq["max_rel_diff"], "peft": None, "ratio": None, "unit": "relative"})
     if "inference" in parts:
-        inf = {lib: run_worker("inference", {**common, "lib": lib}) for lib in ("deltatune", "peft")}
-        raw["inference"] = inf
-        big = MODELS[model].batch
-        metrics = [("unmerged_b1", "latency_unmerged_b1", "ms"), ("merged_b1", "latency_merged_b1", "ms"),
-                   (f"unmerged_b{big}", f"latency_unmerged_b{big}", "ms"), (f"merged_b{big}", f"latency_merged_b{big}", "ms"),
-                   ("merge", "merge_time", "ms"), ("unmerge", "unmerge_time", "ms"), ("save", "save_time", "ms"),
-                   ("load", "delta_load_time", "ms")]
-        for key, metric, unit in metrics:
-            a, b = inf["deltatune"][key]["median"], inf["peft"][key]["median"]
-            rows.append({"model": model, "method": "lora-all-linear", "metric": metric, "deltatune": a, "peft": b,
-                         "ratio": ratio(a, b), "unit": unit})
-        for b in (1, big):
-            a = ratio(inf["deltatune"][f"unmerged_b{b}"]["median"], inf["deltatune"][f"merged_b{b}"]["median"])
-            p = ratio(inf["peft"][f"unmerged_b{b}"]["median"], inf["peft"][f"merged_b{b}"]["median"])
-            rows.append({"model": model, "method": "lora-all-linear", "metric": f"unmerged_over_merged_b{b}",
-                         "deltatune": a, "peft": p, "ratio": ratio(a, p), "unit": "x"})
-        for key, metric in (("file_bytes", "delta_file_size"), ("tensor_file_bytes", "delta_tensor_file_size")):
-            a, b = inf["deltatune"][key] / 1024, inf["peft"][key] / 1024
-            rows.append({"model": model, "method": "lora-all-linear", "metric": metric, "deltatune": a, "peft": b,
-                         "ratio": ratio(a, b), "unit": "KiB"})
-    if "mixed" in parts and MODELS[model].task == "classification":
-        raw["mixed"] = {lib: run_worker("mixed", {**common, "lib": lib}) for lib in ("base", "deltatune", "split", "peft")}
+        raw["inference"] = inf = run_worker("inference_ratios", common, timeout=3600)
+        for b in (1, spec.batch):
+            r = inf[f"b{b}"]["ratios"]
+            rows.append(ratio_row(model, "lora-all-linear", f"unmerged_over_merged_b{b}",
+                                  r["deltatune_unmerged_over_merged"], r["peft_unmerged_over_merged"]))
+            rows.append(time_row(model, "lora-all-linear", f"latency_unmerged_b{b}",
+                                 {k.split(":")[0]: v for k, v in inf[f"b{b}"]["ms"].items() if k.endswith(":unmerged")},
+                                 r["unmerged_deltatune_over_peft"]))
+        for key in ("merge_unmerge", "save", "load"):
+            rows.append(time_row(model, "lora-all-linear", f"{key}_time", inf[key]["ms"], inf[key]["ratio"]))
+        size = inf["file_bytes"]
+        rows.append({"model": model, "method": "lora-all-linear", "metric": "delta_file_size", "unit": "KiB",
+                     "deltatune": size["deltatune"] / 1024, "peft": size["peft"] / 1024,
+                     "ratio": ratio(size["deltatune"], size["peft"])})
+    if "mixed" in parts and spec.task == "classification":
+        raw["mixed"] = run_worker("mixed", common, timeout=3600)
         rows += mixed_rows(model, raw["mixed"])
-    if "swap" in parts and MODELS[model].task == "classification":
+    if "mixed_train" in parts and spec.task == "classification":
+        raw["mixed_train"] = mt = run_worker("mixed_train", common, timeout=3600)
+        rows.append(ratio_row(model, "lora-qkvo", f"mixed_train_{mt['rows']}x{mt['deltas']}", mt["ratio"],
+                              one_step_ms=mt["ms"]["one_step"]["median"],
+                              one_after_another_ms=mt["ms"]["one_after_another"]["median"]))
+    if "decode" in parts and spec.task == "causal_lm":
+        raw["decode"] = run_worker("decode", common, timeout=7200)
+        rows += decode_rows(model, raw["decode"])
+    if "swap" in parts and spec.task == "classification":
         raw["swap"] = run_worker("swap", common)
         rows += swap_rows(model, raw["swap"])
-    if "serve" in parts and MODELS[model].task == "classification":
+    if "serve" in parts and spec.task == "classification" and spec.packaged:
         raw["serve"] = run_worker("serve", common)
         rows += raw["serve"]["rows"]
     return rows, raw
+
+
+def _spread(summary: dict | None) -> list[float] | None:
+    return [summary["q1"], summary["q3"]] if summary else None
 
 
 SWAP_METRICS = (("set_active_ms", "switch_set_active"), ("replace_in_place_ms", "switch_replace_in_place"),
@@ -142,15 +174,27 @@ def swap_rows(model: str, raw: dict) -> list[dict]:
 
 
 def mixed_rows(model: str, raw: dict) -> list[dict]:
-    """One row per (rows, deltas) case: deltatune's mixed batch against peft's, the base alone
-    on the same rows, and each delta's rows run as their own batch."""
+    """One row per (rows, deltas) case: deltatune's mixed batch and peft's over the base alone
+    on the same rows, and deltatune over running each delta's rows as their own batch."""
     out = []
-    for case in raw["deltatune"]["cases"]:
-        base, ours, theirs, split = (raw[lib]["cases"][case]["median"] for lib in ("base", "deltatune", "peft", "split"))
-        out.append({"model": model, "method": "lora-all-linear", "metric": f"mixed_batch_{case}", "deltatune": ours,
-                    "peft": theirs, "ratio": ratio(ours, theirs), "unit": "ms", "base": base,
-                    "base_ratio": ratio(ours, base), "peft_base_ratio": ratio(theirs, base), "split": split,
-                    "split_ratio": ratio(ours, split)})
+    for case, result in raw["cases"].items():
+        ms, r = result["ms"], result["ratios"]
+        out.append(ratio_row(model, "lora-all-linear", f"mixed_batch_{case}", r["deltatune_over_base"],
+                             r["peft_over_base"], base_ms=ms["base"]["median"], deltatune_ms=ms["deltatune"]["median"],
+                             peft_ms=ms["peft"]["median"], split_ms=ms["split"]["median"],
+                             split_ratio=r["deltatune_over_split"]["median"]))
+    return out
+
+
+def decode_rows(model: str, raw: dict) -> list[dict]:
+    """One row per decode case: deltatune and peft over the base on the same prompts."""
+    out = []
+    for case, result in raw["cases"].items():
+        ms, r = result["ms"], result["ratios"]
+        out.append(ratio_row(model, "lora-all-linear", f"decode_{case}", r["deltatune_over_base"], r["peft_over_base"],
+                             base_ms=ms["base"]["median"], deltatune_ms=ms["deltatune"]["median"],
+                             peft_ms=ms["peft"]["median"], tokens_per_s=result["tokens_per_s"],
+                             new_tokens=raw["new_tokens"]))
     return out
 
 
@@ -158,11 +202,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, help="comma list of " + ", ".join(MODELS) + " (default minilm,smollm2)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of delta methods to time")
     parser.add_argument("--tiny", action="store_true", help="tiny random BERT and Llama, 3 repeats (smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20; 3 with --tiny)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; 3 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50, help="equivalence-guard training steps (first model only)")
-    parser.add_argument("--only", default="train,memory,equivalence,inference,mixed,swap,serve",
-                        help="comma list of parts (mixed, swap and serve run on classification models only)")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help="comma list of parts (mixed, mixed_train, swap and serve run on classification models, "
+                             "decode on causal LMs)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 
@@ -173,7 +218,7 @@ def run(opts: argparse.Namespace) -> int:
         unknown = [m for m in given if m not in known]
         if unknown:
             raise SystemExit(f"unknown bench {what} {unknown[0]!r}; use {', '.join(known)}")
-    repeats = opts.repeats or (3 if opts.tiny else 20)
+    repeats = opts.repeats or (3 if opts.tiny else 15)
     parts = set(opts.only.split(","))
     start = time.time()
     rows, raw, settings = [], {}, {}

@@ -1,10 +1,9 @@
 """The measurements of ``make bench``, each run in a fresh process by ``bench/measure.py``.
 
-Kinds: ``train_step`` (one library and method: median forward + backward + AdamW step, and
-the process's peak RSS), ``equivalence`` (LoRA losses of deltatune vs peft from identical
-weights), ``inference`` (unmerged / merged latency, merge / unmerge, save, file size, load),
-``mixed`` (a batch whose rows use different deltas; see mixed.py), ``swap`` (switching and
-loading deltas on a live model; see swap.py), ``serve`` (the HTTP server under load; serve.py).
+Kinds here: ``train_step`` (one library and method in a fresh process: its peak RSS, and a
+train step time that is not used for ratios) and ``equivalence`` (LoRA losses of deltatune
+vs peft from identical weights). The interleaved ratio kinds are in ratios.py, mixed.py and
+decode.py; ``swap`` (switching deltas on a live model) in swap.py, ``serve`` in serve.py.
 
 Every worker builds its model from a fixed seed, so two workers with the same arguments
 start from the same weights and see the same batches. ``"model": "tiny"`` swaps the packaged
@@ -13,16 +12,12 @@ MiniLM for a small random BERT (used by the tests).
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import resource
-import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,6 +26,7 @@ import torch
 from deltatune.models.load import load_model
 
 import deltatune as dt
+from .interleave import spread
 
 R, ALPHA, TOKENS, LR = 8, 16, 20, 1e-3
 
@@ -46,6 +42,7 @@ class BenchModel:
     ia3: str  # regex of IA3's modules (keys, values, feed-forward output)
     ia3_feedforward: str  # the subset whose input IA3 scales
     inference_exclude: tuple[str, ...]  # Linear modules the all-Linear inference LoRA leaves alone
+    packaged: bool = True  # a packaged model the server can load by name (not a random test model)
 
 
 _BERT_LIKE = {"lora": ("query", "key", "value", "attention.output.dense"),
@@ -57,8 +54,8 @@ _LLAMA_LIKE = {"lora": ("q_proj", "k_proj", "v_proj", "o_proj"),
 MODELS = {
     "minilm": BenchModel("classification", 32, 64, **_BERT_LIKE),
     "smollm2": BenchModel("causal_lm", 8, 128, **_LLAMA_LIKE),
-    "tiny": BenchModel("classification", 4, 16, **_BERT_LIKE),  # random BERT, for tests
-    "tiny-llama": BenchModel("causal_lm", 2, 16, **_LLAMA_LIKE),  # random Llama, for tests
+    "tiny": BenchModel("classification", 4, 16, **_BERT_LIKE, packaged=False),  # random BERT, for tests
+    "tiny-llama": BenchModel("causal_lm", 2, 16, **_LLAMA_LIKE, packaged=False),  # random Llama, for tests
 }
 # kept for the tests and the equivalence worker's messages
 LORA_TARGETS = list(MODELS["minilm"].lora)
@@ -166,9 +163,8 @@ def peak_rss_mib() -> float:
 
 
 def summary(times: list[float]) -> dict:
-    ms = sorted(t * 1000 for t in times)
-    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    return {"median": statistics.median(ms), "min": ms[0], "q1": q[0], "q3": q[2], "n": len(ms)}
+    """Median, quartiles, minimum and count of ``times`` (seconds), in milliseconds."""
+    return spread([t * 1000 for t in times])
 
 
 def train_step(args: dict) -> dict:
@@ -245,78 +241,3 @@ def equivalence(args: dict) -> dict:
     rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours, peft_losses)]
     return {"kind": "equivalence", "steps": steps, "copied_tensors": copied, "max_rel_diff": max(rel),
             "deltatune_losses": ours, "peft_losses": peft_losses}
-
-
-def _latency(model, batch: dict, repeats: int, warmup: int) -> dict:
-    times = []
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return summary(times)
-
-
-def _timed(fn, repeats: int) -> dict:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return summary(times)
-
-
-def inference(args: dict) -> dict:
-    """LoRA r=8 on every Linear of the body (not the head): latency unmerged and merged at batch
-    1 and the model's batch, merge / unmerge, save, file size, load."""
-    lib, name, seed = args.get("lib", "deltatune"), args.get("model", "minilm"), args.get("seed", 0)
-    repeats, warmup, spec = args.get("repeats", 20), args.get("warmup", 3), MODELS[name]
-    base = build_model(name, seed).eval()
-    model = attach(lib, "lora", copy.deepcopy(base), spec, inference=True).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # a non-zero B, as after training
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(0.01 * torch.randn(p.shape, generator=generator))
-    adapted = sum(1 for pname, _ in model.named_parameters() if "lora_A" in pname)
-    out: dict = {"kind": "inference", "lib": lib, "adapted_modules": adapted}
-    batches = {b: batch_for({**args, "batch": b}, model) for b in (1, args.get("batch", spec.batch))}
-    if lib == "deltatune":
-        merge, unmerge = (lambda: dt.merge(model)), (lambda: dt.unmerge(model))
-    else:
-        merge, unmerge = model.merge_adapter, model.unmerge_adapter
-    for b, batch in batches.items():
-        out[f"unmerged_b{b}"] = _latency(model, batch, repeats, warmup)
-    merge_t, unmerge_t = [], []
-    for _ in range(args.get("merge_repeats", 10)):
-        start = time.perf_counter(); merge(); merge_t.append(time.perf_counter() - start)
-        start = time.perf_counter(); unmerge(); unmerge_t.append(time.perf_counter() - start)
-    out["merge"], out["unmerge"] = summary(merge_t), summary(unmerge_t)
-    merge()
-    for b, batch in batches.items():
-        out[f"merged_b{b}"] = _latency(model, batch, repeats, warmup)
-    unmerge()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "delta"
-        if lib == "deltatune":
-            out["save"] = _timed(lambda: dt.save(model, folder), 3)
-            files = [folder / "delta.safetensors", folder / "delta.json"]
-
-            def load():
-                dt.load(copy.deepcopy(base), folder)
-        else:
-            import peft
-
-            out["save"] = _timed(lambda: model.save_pretrained(folder), 3)
-            files = [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
-
-            def load():
-                peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
-        out["file_bytes"] = sum(f.stat().st_size for f in files)
-        out["tensor_file_bytes"] = files[0].stat().st_size
-        copy_t = _timed(lambda: copy.deepcopy(base), 5)["median"]  # subtracted: the base copy is not the load
-        load_s = _timed(load, args.get("load_repeats", 5))
-        out["load"] = {k: (v - copy_t if k in ("median", "min", "q1", "q3") else v) for k, v in load_s.items()}
-    out["peak_rss_mib"] = peak_rss_mib()
-    return out

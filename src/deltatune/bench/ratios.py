@@ -1,0 +1,174 @@
+"""The ratio measurements of ``make bench``: every case and its references in one process,
+interleaved (see interleave.py), so a ratio compares runs that shared the machine's state.
+
+Kinds (each run by ``bench/measure.py`` in a fresh process per model):
+
+- ``train_ratios``: the train step (forward + backward + AdamW) of each method in both
+  libraries, the frozen floor (forward + backward to the input embeddings) and full
+  fine-tuning, all on their own copy of the base;
+- ``inference_ratios``: LoRA r=8 on every Linear of the body, unmerged and merged, in both
+  libraries, at batch 1 and the model's batch; merge + unmerge, save and load;
+- ``mixed_train``: several LoRA deltas trained in one step with ``delta_ids`` against the
+  same deltas trained one after the other on their own rows.
+
+Mixed-batch inference is in mixed.py, decoding in decode.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+import deltatune as dt
+from .interleave import interleaved
+from .workers import LR, MODELS, attach, batch_for, build_model, make_batch, peak_rss_mib
+
+#: timed rounds stop once they have taken this long (and at least 5 are in)
+BUDGET_S = 600.0
+
+
+def _train_step(model, method: str, batch: dict):
+    """One training step of ``model`` (the floor: backward to the input embeddings, no optimizer)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR) if params else None
+    if method == "floor":
+        with torch.no_grad():
+            embeds0 = model.get_input_embeddings()(batch["input_ids"])
+        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+
+    def step() -> None:
+        if method == "floor":
+            embeds = embeds0.detach().requires_grad_(True)
+            model(inputs_embeds=embeds, **inputs).loss.backward()
+            return
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+def train_ratios(args: dict) -> dict:
+    """Every method's train step in both libraries, with the floor and full fine-tuning, interleaved."""
+    name, methods = args.get("model", "minilm"), args.get("methods", ["lora"])
+    spec = MODELS[name]
+    base = build_model(name, args.get("seed", 0))
+    cases, trainable = {}, {}
+    for method in ["floor", "full", *methods]:
+        for lib in (["none"] if method in ("floor", "full") else ["deltatune", "peft"]):
+            model = attach(lib, method, copy.deepcopy(base), spec).train()
+            key = method if lib == "none" else f"{lib}:{method}"
+            cases[key], trainable[key] = _train_step(model, method, batch_for(args, model))
+    timings = interleaved(cases, args.get("repeats", 15), args.get("warmup", 2), args.get("budget_s", BUDGET_S))
+    out = {"kind": "train_ratios", "ms": timings.as_dict(), "trainable": trainable, "ratios": {}}
+    for method in methods:
+        ours, theirs = f"deltatune:{method}", f"peft:{method}"
+        out["ratios"][method] = {"peft": timings.ratio(ours, theirs), "floor": timings.ratio(ours, "floor"),
+                                 "peft_floor": timings.ratio(theirs, "floor"), "full": timings.ratio(ours, "full")}
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def _with_trained_lora(lib: str, base, spec, seed: int):
+    """``base`` copied, with LoRA r=8 on every Linear of the body and a non-zero B (as after training)."""
+    model = attach(lib, "lora", copy.deepcopy(base), spec, inference=True).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.copy_(0.01 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def inference_ratios(args: dict) -> dict:
+    """Unmerged against merged latency in both libraries, at batch 1 and the model's batch,
+    and merge + unmerge, save and load times, each set of cases interleaved."""
+    name, seed = args.get("model", "minilm"), args.get("seed", 0)
+    spec, repeats, warmup = MODELS[name], args.get("repeats", 15), args.get("warmup", 2)
+    base = build_model(name, seed).eval()
+    models = {}
+    for lib in ("deltatune", "peft"):
+        models[f"{lib}:unmerged"] = _with_trained_lora(lib, base, spec, seed)
+        models[f"{lib}:merged"] = copy.deepcopy(models[f"{lib}:unmerged"])
+    dt.merge(models["deltatune:merged"])
+    models["peft:merged"].merge_adapter()
+    out: dict = {"kind": "inference_ratios", "adapted_modules": sum(
+        1 for pname, _ in models["deltatune:unmerged"].named_parameters() if "lora_A" in pname)}
+    for b in (1, args.get("batch", spec.batch)):
+        batch = batch_for({**args, "batch": b}, base)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            timings = interleaved({k: (lambda m=m: m(**inputs)) for k, m in models.items()}, repeats, warmup,
+                                  args.get("budget_s", BUDGET_S))
+        out[f"b{b}"] = {"ms": timings.as_dict(), "ratios": {
+            "deltatune_unmerged_over_merged": timings.ratio("deltatune:unmerged", "deltatune:merged"),
+            "peft_unmerged_over_merged": timings.ratio("peft:unmerged", "peft:merged"),
+            "unmerged_deltatune_over_peft": timings.ratio("deltatune:unmerged", "peft:unmerged"),
+            "merged_deltatune_over_peft": timings.ratio("deltatune:merged", "peft:merged")}}
+    ours, theirs = models["deltatune:unmerged"], models["peft:unmerged"]
+    merges = interleaved({"deltatune": lambda: (dt.merge(ours), dt.unmerge(ours)),
+                          "peft": lambda: (theirs.merge_adapter(), theirs.unmerge_adapter())}, repeats, warmup)
+    out["merge_unmerge"] = {"ms": merges.as_dict(), "ratio": merges.ratio("deltatune", "peft")}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {"deltatune": Path(tmp) / "dt", "peft": Path(tmp) / "peft"}
+        saves = interleaved({"deltatune": lambda: dt.save(ours, folders["deltatune"]),
+                             "peft": lambda: theirs.save_pretrained(folders["peft"])}, repeats, warmup)
+        out["save"] = {"ms": saves.as_dict(), "ratio": saves.ratio("deltatune", "peft")}
+        out["file_bytes"] = {"deltatune": sum((folders["deltatune"] / f).stat().st_size
+                                              for f in ("delta.safetensors", "delta.json")),
+                             "peft": sum((folders["peft"] / f).stat().st_size
+                                         for f in ("adapter_model.safetensors", "adapter_config.json"))}
+        import peft
+
+        fresh = [copy.deepcopy(base) for _ in range(2 * (repeats + warmup) + 2)]  # copying the base is not the load
+        loads = interleaved({"deltatune": lambda: dt.load(fresh.pop(), folders["deltatune"]),
+                             "peft": lambda: peft.PeftModel.from_pretrained(fresh.pop(), folders["peft"])},
+                            repeats, warmup)
+        out["load"] = {"ms": loads.as_dict(), "ratio": loads.ratio("deltatune", "peft")}
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def mixed_train(args: dict) -> dict:
+    """``deltas`` LoRA deltas (r=8 on q, k, v, o) trained in one step over a batch whose rows
+    are split among them, against the same deltas trained one after the other, each on its
+    own rows (same rows, same optimizer, same number of parameter updates)."""
+    name, deltas, seed = args.get("model", "minilm"), args.get("deltas", 4), args.get("seed", 0)
+    spec = MODELS[name]
+    base = build_model(name, seed)
+    rows = args.get("batch", spec.batch)
+    batch = make_batch(base, rows, args.get("seq", spec.seq), seed, spec.task)
+    names = [f"d{i}" for i in range(deltas)]
+    row_names = [names[i % deltas] for i in range(rows)]
+    groups = {n: torch.tensor([i for i, m in enumerate(row_names) if m == n]) for n in names}
+
+    def model_with_deltas():
+        model = copy.deepcopy(base).train()
+        config = dt.LoRAConfig(r=8, alpha=16, targets=list(spec.lora))
+        for n in names:
+            dt.attach(model, config, name=n)
+        dt.set_trainable(model, names)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    together, opt_together = model_with_deltas()
+    apart, opt_apart = model_with_deltas()
+
+    def one_step() -> None:
+        together(**batch, delta_ids=row_names).loss.backward()
+        opt_together.step()
+        opt_together.zero_grad(set_to_none=True)
+
+    def one_after_another() -> None:
+        for n, idx in groups.items():
+            with dt.using(apart, n):
+                apart(**{k: v[idx] for k, v in batch.items()}).loss.backward()
+        opt_apart.step()
+        opt_apart.zero_grad(set_to_none=True)
+
+    timings = interleaved({"one_step": one_step, "one_after_another": one_after_another},
+                          args.get("repeats", 15), args.get("warmup", 2), args.get("budget_s", BUDGET_S))
+    return {"kind": "mixed_train", "deltas": deltas, "rows": rows, "ms": timings.as_dict(),
+            "ratio": timings.ratio("one_step", "one_after_another"), "peak_rss_mib": peak_rss_mib()}
