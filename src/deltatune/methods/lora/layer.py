@@ -34,22 +34,26 @@ def add_lora_(output: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_
     return output
 
 
-def _mixed_lora(units, module, x, output, routing) -> torch.Tensor:
+def _mixed_lora(units, module, x, output, routing, in_place: bool = False) -> torch.Tensor:
     """``output + s_i B_i A_i x`` for each row ``i`` with its own delta's A, B and scaling,
     as ``(batch, tokens, out)``: two batched products over the per-row gathered factors
-    (ranks padded with zeros to the largest; the base's rows get zero factors)."""
+    (ranks padded with zeros to the largest; the base's rows get zero factors), both stacked
+    transposed so each product reads contiguous factors. ``in_place``: add into ``output``
+    (no grad, and ``output`` is a tensor nothing else holds)."""
     batch = routing.index.numel()
     cache = get_slot(module).mixed_cache
-    lora_A = gathered(units, routing.index, lambda u: u.lora_A, 0.0, cache, "lora_A")  # (batch, r, in)
-    lora_B = gathered(units, routing.index, lambda u: u.lora_B * u.scaling, 0.0, cache, "lora_B")  # (batch, out, r)
-    x = as_rows(x, batch).to(lora_A.dtype)
+    lora_A_t = gathered(units, routing.index, lambda u: u.lora_A.T, 0.0, cache, "lora_A_t")  # (batch, in, r)
+    lora_B_t = gathered(units, routing.index, lambda u: u.lora_B.T * u.scaling, 0.0, cache, "lora_B_t")  # (batch, r, out)
+    x = as_rows(x, batch).to(lora_A_t.dtype)
     present = [u for u in units if u is not None]
     if present[0].training and any(isinstance(u.dropout, nn.Dropout) for u in present):
         rates = torch.tensor([u.dropout.p if isinstance(u.dropout, nn.Dropout) else 0.0 for u in units] + [0.0])
         rate = rates[routing.index].to(x.device, x.dtype).view(batch, 1, 1)
         x = x * (torch.rand_like(x) >= rate) / (1 - rate)
-    hidden = torch.bmm(x, lora_A.transpose(1, 2))
-    return torch.baddbmm(as_rows(output, batch).to(lora_A.dtype), hidden, lora_B.transpose(1, 2))
+    hidden = torch.bmm(x, lora_A_t)
+    if in_place and output.dtype == lora_A_t.dtype and not torch.is_grad_enabled():
+        return as_rows(output, batch).baddbmm_(hidden, lora_B_t)
+    return torch.baddbmm(as_rows(output, batch).to(lora_A_t.dtype), hidden, lora_B_t)
 
 
 def _fresh_output(module: nn.Module, unit: LoRALinear) -> bool:
@@ -110,7 +114,8 @@ class LoRALinear(DeltaUnit):
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
-        direction = _mixed_lora(units, module, first_input(args, kwargs), output, routing)
+        fresh = _fresh_output(module, next(u for u in units if u is not None))
+        direction = _mixed_lora(units, module, first_input(args, kwargs), output, routing, in_place=fresh)
         return direction.view(output.shape).to(output.dtype)
 
     def low_rank_update(self):
@@ -159,7 +164,8 @@ class DoRALinear(LoRALinear):
         scale = gathered(units, routing.index, lambda u: u._magnitude_scale(module), 1.0, cache, "dora_scale")
         bias = getattr(module, "bias", None)
         base = output - bias if bias is not None else output
-        direction = _mixed_lora(units, module, first_input(args, kwargs), base, routing) * scale.unsqueeze(1)
+        direction = _mixed_lora(units, module, first_input(args, kwargs), base, routing,
+                                in_place=bias is not None) * scale.unsqueeze(1)  # base: a new tensor
         direction = direction.view(output.shape).to(output.dtype)
         return direction + bias if bias is not None else direction
 
