@@ -29,7 +29,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/deltatune demo
 
-# deltatune vs peft on MiniLM and SmolLM2, each measurement in its own process -> bench/results.{json,md,png}
+# deltatune vs peft on MiniLM and SmolLM2: ratios interleaved in one process, peak memory in fresh ones -> bench/results.{json,md,png}
 bench: $(STAMP)
 	$(BIN)/deltatune bench --out bench
 

@@ -24,31 +24,10 @@ import torch
 
 import deltatune as dt
 from .interleave import interleaved
-from .workers import LR, MODELS, attach, batch_for, build_model, make_batch, peak_rss_mib
+from .workers import LR, MODELS, attach, batch_for, build_model, make_batch, make_train_step, peak_rss_mib
 
 #: timed rounds stop once they have taken this long (and at least 5 are in)
 BUDGET_S = 600.0
-
-
-def _train_step(model, method: str, batch: dict):
-    """One training step of ``model`` (the floor: backward to the input embeddings, no optimizer)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR) if params else None
-    if method == "floor":
-        with torch.no_grad():
-            embeds0 = model.get_input_embeddings()(batch["input_ids"])
-        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
-
-    def step() -> None:
-        if method == "floor":
-            embeds = embeds0.detach().requires_grad_(True)
-            model(inputs_embeds=embeds, **inputs).loss.backward()
-            return
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, sum(p.numel() for p in params)
 
 
 def train_ratios(args: dict) -> dict:
@@ -61,7 +40,7 @@ def train_ratios(args: dict) -> dict:
         for lib in (["none"] if method in ("floor", "full") else ["deltatune", "peft"]):
             model = attach(lib, method, copy.deepcopy(base), spec).train()
             key = method if lib == "none" else f"{lib}:{method}"
-            cases[key], trainable[key] = _train_step(model, method, batch_for(args, model))
+            cases[key], trainable[key] = make_train_step(model, method, batch_for(args, model))
     timings = interleaved(cases, args.get("repeats", 15), args.get("warmup", 2), args.get("budget_s", BUDGET_S))
     out = {"kind": "train_ratios", "ms": timings.as_dict(), "trainable": trainable, "ratios": {}}
     for method in methods:

@@ -167,13 +167,9 @@ def summary(times: list[float]) -> dict:
     return spread([t * 1000 for t in times])
 
 
-def train_step(args: dict) -> dict:
-    """Median train step of one library and method (``floor``: all frozen, backward to the
-    input embeddings; ``full``: every parameter trains)."""
-    lib, method, name = args.get("lib", "deltatune"), args["method"], args.get("model", "minilm")
-    model = attach(lib, method, build_model(name, args.get("seed", 0)), MODELS[name])
-    model.train()
-    batch = batch_for(args, model)
+def make_train_step(model, method: str, batch: dict):
+    """``(step, trainable count)``: one training step of ``model`` (forward, backward, AdamW);
+    the ``floor`` does forward and backward to the input embeddings, with no optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR) if params else None
     if method == "floor":
@@ -181,19 +177,25 @@ def train_step(args: dict) -> dict:
             embeds0 = model.get_input_embeddings()(batch["input_ids"])
         inputs = {k: v for k, v in batch.items() if k != "input_ids"}
 
-    def step() -> float:
+    def step() -> None:
         if method == "floor":
             embeds = embeds0.detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, **inputs).loss
-            loss.backward()
-            assert embeds.grad is not None
-        else:
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+            model(inputs_embeds=embeds, **inputs).loss.backward()
+            return
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
+    return step, sum(p.numel() for p in params)
+
+
+def train_step(args: dict) -> dict:
+    """One library and method in its own process: its peak RSS, and a median train step
+    (``floor``: all frozen, backward to the input embeddings; ``full``: everything trains)."""
+    lib, method, name = args.get("lib", "deltatune"), args["method"], args.get("model", "minilm")
+    model = attach(lib, method, build_model(name, args.get("seed", 0)), MODELS[name])
+    model.train()
+    step, trainable = make_train_step(model, method, batch_for(args, model))
     for _ in range(args.get("warmup", 3)):
         step()
     times = []
@@ -202,7 +204,7 @@ def train_step(args: dict) -> dict:
         step()
         times.append(time.perf_counter() - start)
     return {"kind": "train_step", "lib": lib, "method": method, "step_ms": summary(times),
-            "trainable": sum(p.numel() for p in params), "peak_rss_mib": peak_rss_mib(),
+            "trainable": trainable, "peak_rss_mib": peak_rss_mib(),
             "threads": torch.get_num_threads()}
 
 
