@@ -28,6 +28,8 @@ from .workers import LR, MODELS, attach, batch_for, build_model, make_batch, mak
 
 #: timed rounds stop once they have taken this long (and at least 5 are in)
 BUDGET_S = 600.0
+#: timed rounds of loading a delta (each needs its own copy of the base in memory)
+LOAD_ROUNDS = 5
 
 
 def train_ratios(args: dict) -> dict:
@@ -102,10 +104,13 @@ def inference_ratios(args: dict) -> dict:
                                          for f in ("adapter_model.safetensors", "adapter_config.json"))}
         import peft
 
-        fresh = [copy.deepcopy(base) for _ in range(2 * (repeats + warmup) + 2)]  # copying the base is not the load
+        # each load needs a fresh copy of the base, made before the timing: few rounds, so that
+        # SmolLM2's copies stay within a few GiB
+        rounds = min(repeats, LOAD_ROUNDS)
+        fresh = [copy.deepcopy(base) for _ in range(2 * (rounds + 1))]
         loads = interleaved({"deltatune": lambda: dt.load(fresh.pop(), folders["deltatune"]),
                              "peft": lambda: peft.PeftModel.from_pretrained(fresh.pop(), folders["peft"])},
-                            repeats, warmup)
+                            rounds, 1)
         out["load"] = {"ms": loads.as_dict(), "ratio": loads.ratio("deltatune", "peft")}
     out["peak_rss_mib"] = peak_rss_mib()
     return out
