@@ -25,7 +25,7 @@ def _roundtrip(result: dict) -> dict:
 def test_equivalence_worker_matches_peft():
     result = _roundtrip(workers.equivalence({**TINY, "steps": 5}))
     assert result["kind"] == "equivalence" and result["steps"] == 5
-    assert result["copied_tensors"] == 2 * 2 * len(workers.LORA_TARGETS)  # A and B, 2 layers
+    assert result["delta_tensors"] == 2 * 4 * 2 + 2  # A and B on q, k, v, o of 2 layers; the head's weight and bias
     assert len(result["deltatune_losses"]) == len(result["peft_losses"]) == 5
     assert result["max_rel_diff"] <= 1e-4
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
-import deltatune as dt
 from .interleave import interleaved
-from .mixed import _attach_many
-from .workers import MODELS, build_model, peak_rss_mib
+from .cases import MODELS, build_model, trained_copies
+from .workers import peak_rss_mib
 
 #: (prompts, deltas) of issue #11
 CASES = [(1, 1), (8, 4)]
@@ -28,10 +27,7 @@ def decode(args: dict) -> dict:
     new_tokens, prompt_len = args.get("new_tokens", 16), args.get("prompt_tokens", 16)
     base = build_model(name, seed).eval()
     most = max(d for _, d in CASES)
-    models = {"base": base, "deltatune": _attach_many("deltatune", base, most, spec),
-              "peft": _attach_many("peft", base, most, spec)}
-    dt.set_active(models["deltatune"], "d0")
-    models["peft"].set_adapter("d0")
+    models = {"base": base, **dict(zip(("deltatune", "peft"), trained_copies(base, most, spec)))}
     out: dict = {"kind": "decode", "new_tokens": new_tokens, "prompt_tokens": prompt_len, "cases": {}}
     generator = torch.Generator().manual_seed(seed)
     for prompts, deltas in CASES:

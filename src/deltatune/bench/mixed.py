@@ -8,40 +8,18 @@ batch with ``using``) and ``peft`` (``adapter_names``). Row ``i`` uses delta ``i
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import deltatune as dt
 from .interleave import interleaved
-from .workers import ALPHA, MODELS, R, attach, build_model, make_batch, peak_rss_mib
+from .cases import ALPHA, MODELS, R, build_model, make_batch, trained_copies
+from .workers import peak_rss_mib
 
 
 #: (rows, deltas) of issue #4
 CASES = [(32, 1), (32, 4), (32, 16), (64, 64)]
 #: a case whose timed rounds pass ``budget_s`` stops after this many (peft's 64 x 64 takes seconds per batch)
 MIN_REPEATS = 5
-
-
-def _attach_many(lib: str, base, count: int, spec):
-    """``base`` with ``count`` LoRA deltas ``d0..`` whose B are random (as after training)."""
-    generator = torch.Generator().manual_seed(1)
-    model = attach(lib, "lora", copy.deepcopy(base), spec, inference=True)  # adds "bench" / "default"
-    if lib == "deltatune":
-        config = dt.get_config(model, "bench")
-        dt.delete(model, "bench")
-        for i in range(count):
-            dt.attach(model, config, name=f"d{i}")
-    else:
-        config = model.peft_config["default"]
-        for i in range(count):
-            model.add_adapter(f"d{i}", copy.deepcopy(config))
-        model.delete_adapter("default")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.01 * torch.randn(p.shape, generator=generator))
-    return model.eval()
 
 
 def mixed(args: dict) -> dict:
@@ -53,8 +31,7 @@ def mixed(args: dict) -> dict:
     cases = [tuple(c) for c in args.get("cases", CASES)]
     base = build_model(name, seed).eval()
     most = max(d for _, d in cases)
-    models = {"base": base, "deltatune": _attach_many("deltatune", base, most, spec),
-              "peft": _attach_many("peft", base, most, spec)}
+    models = {"base": base, **dict(zip(("deltatune", "peft"), trained_copies(base, most, spec)))}
     out: dict = {"kind": "mixed", "cases": {}}
     for rows, deltas in cases:
         batch = make_batch(base, rows, args.get("seq", spec.seq), seed)

@@ -24,7 +24,9 @@ import torch
 
 import deltatune as dt
 from .interleave import interleaved
-from .workers import LR, MODELS, attach, batch_for, build_model, make_batch, make_train_step, peak_rss_mib
+from .cases import (BASELINES, CASES, LR, MODELS, batch_for, build_model, make_batch, peft_refusal, trained_copies,
+                    with_delta)
+from .workers import make_train_step, peak_rss_mib, train_model
 
 #: timed rounds stop once they have taken this long (and at least 5 are in)
 BUDGET_S = 600.0
@@ -38,30 +40,23 @@ def train_ratios(args: dict) -> dict:
     spec = MODELS[name]
     base = build_model(name, args.get("seed", 0))
     cases, trainable = {}, {}
-    for method in ["floor", "full", *methods]:
-        for lib in (["none"] if method in ("floor", "full") else ["deltatune", "peft"]):
-            model = attach(lib, method, copy.deepcopy(base), spec).train()
-            key = method if lib == "none" else f"{lib}:{method}"
-            cases[key], trainable[key] = make_train_step(model, method, batch_for(args, model))
+    keys = {label: label for label in BASELINES}
+    for label in methods:
+        keys.update({f"deltatune:{label}": label, **({f"peft:{label}": label} if not peft_refusal(CASES[label]) else {})})
+    for key, label in keys.items():
+        model = train_model(key.partition(":")[0], label, base, spec).train()
+        cases[key], trainable[key] = make_train_step(model, batch_for(args, model), floor=label == "floor")
     timings = interleaved(cases, args.get("repeats", 15), args.get("warmup", 2), args.get("budget_s", BUDGET_S))
     out = {"kind": "train_ratios", "ms": timings.as_dict(), "trainable": trainable, "ratios": {}}
-    for method in methods:
-        ours, theirs = f"deltatune:{method}", f"peft:{method}"
-        out["ratios"][method] = {"peft": timings.ratio(ours, theirs), "floor": timings.ratio(ours, "floor"),
-                                 "peft_floor": timings.ratio(theirs, "floor"), "full": timings.ratio(ours, "full")}
+    for label in methods:
+        ours, theirs = f"deltatune:{label}", f"peft:{label}"
+        out["ratios"][label] = {"floor": timings.ratio(ours, "floor"), "full": timings.ratio(ours, "full")}
+        if theirs in cases:
+            out["ratios"][label].update(peft=timings.ratio(ours, theirs), peft_floor=timings.ratio(theirs, "floor"))
+        else:
+            out.setdefault("no_peft", {})[label] = peft_refusal(CASES[label])
     out["peak_rss_mib"] = peak_rss_mib()
     return out
-
-
-def _with_trained_lora(lib: str, base, spec, seed: int):
-    """``base`` copied, with LoRA r=8 on every Linear of the body and a non-zero B (as after training)."""
-    model = attach(lib, "lora", copy.deepcopy(base), spec, inference=True).eval()
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "lora_B" in pname:
-                p.copy_(0.01 * torch.randn(p.shape, generator=generator))
-    return model
 
 
 def inference_ratios(args: dict) -> dict:
@@ -70,14 +65,13 @@ def inference_ratios(args: dict) -> dict:
     name, seed = args.get("model", "minilm"), args.get("seed", 0)
     spec, repeats, warmup = MODELS[name], args.get("repeats", 15), args.get("warmup", 2)
     base = build_model(name, seed).eval()
-    models = {}
+    models = dict(zip(("deltatune:unmerged", "peft:unmerged"), trained_copies(base, 1, spec, seed + 1)))
     for lib in ("deltatune", "peft"):
-        models[f"{lib}:unmerged"] = _with_trained_lora(lib, base, spec, seed)
         models[f"{lib}:merged"] = copy.deepcopy(models[f"{lib}:unmerged"])
     dt.merge(models["deltatune:merged"])
     models["peft:merged"].merge_adapter()
-    out: dict = {"kind": "inference_ratios", "adapted_modules": sum(
-        1 for pname, _ in models["deltatune:unmerged"].named_parameters() if "lora_A" in pname)}
+    out: dict = {"kind": "inference_ratios", "adapted_modules": len(
+        {key.rpartition(".")[0] for key, _ in dt.delta_parameters(models["deltatune:unmerged"], "d0")})}
     for b in (1, args.get("batch", spec.batch)):
         batch = batch_for({**args, "batch": b}, base)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -94,9 +88,10 @@ def inference_ratios(args: dict) -> dict:
                           "peft": lambda: (theirs.merge_adapter(), theirs.unmerge_adapter())}, repeats, warmup)
     out["merge_unmerge"] = {"ms": merges.as_dict(), "ratio": merges.ratio("deltatune", "peft")}
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {"deltatune": Path(tmp) / "dt", "peft": Path(tmp) / "peft"}
+        # peft saves an adapter not named "default" in a sub-folder of that name
+        folders = {"deltatune": Path(tmp) / "dt", "peft": Path(tmp) / "peft" / "d0"}
         saves = interleaved({"deltatune": lambda: dt.save(ours, folders["deltatune"]),
-                             "peft": lambda: theirs.save_pretrained(folders["peft"])}, repeats, warmup)
+                             "peft": lambda: theirs.save_pretrained(folders["peft"].parent)}, repeats, warmup)
         out["save"] = {"ms": saves.as_dict(), "ratio": saves.ratio("deltatune", "peft")}
         out["file_bytes"] = {"deltatune": sum((folders["deltatune"] / f).stat().st_size
                                               for f in ("delta.safetensors", "delta.json")),
@@ -131,9 +126,8 @@ def mixed_train(args: dict) -> dict:
 
     def model_with_deltas():
         model = copy.deepcopy(base).train()
-        config = dt.LoRAConfig(r=8, alpha=16, targets=list(spec.lora))
         for n in names:
-            dt.attach(model, config, name=n)
+            with_delta(model, CASES["lora"], spec, name=n)
         dt.set_trainable(model, names)
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 

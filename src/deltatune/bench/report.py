@@ -74,8 +74,12 @@ def _header(data: dict) -> list[str]:
                        for name, m in s["models"].items())
     lines = [
         "# deltatune vs peft benchmark", "",
-        f"Models: {models}; fixed seeds, {s['dtype']}, {data['threads']} threads. LoRA {s['lora']}; "
-        f"{s['virtual_tokens']} virtual tokens for prompt / prefix; {s['optimizer']}.", "",
+        f"Models: {models}; fixed seeds, {s['dtype']}, {data['threads']} threads; {s['optimizer']}.", "",
+        "Deltas, as deltatune configs (`roles` resolved to each model's modules from its structure): "
+        + "; ".join(f"`{label}` {_config(c)}" for label, c in s.get("cases", {}).items())
+        + f"; inference rows: {_config(s.get('inference', {}))}. peft runs the same deltas, exported from deltatune's "
+        "through each method's peft codec and loaded with `PeftModel.from_pretrained`, so both libraries start from "
+        "the same weights on the same modules; a method peft cannot represent has no peft column.", "",
         f"**Ratios** come from the cases run interleaved in one process: {s['warmup']} warm-up rounds, then "
         f"up to {s['repeats']} rounds in which every case runs once (order alternating between rounds); a ratio "
         "is the median over rounds of the per-round ratio, `[q1, q3]` its quartiles. **Peak memory** comes from "
@@ -95,6 +99,11 @@ def _header(data: dict) -> list[str]:
     return lines
 
 
+def _config(case: dict) -> str:
+    fields = [f"{k}=[{', '.join(v)}]" if isinstance(v, (list, tuple)) else f"{k}={v}" for k, v in case.items() if k != "method"]
+    return "(" + ("; ".join(fields) or "its defaults") + ")"
+
+
 def _train_section(name: str, rows: list[dict]) -> list[str]:
     train = [r for r in rows if r["metric"] == "train_step"]
     if not train:
@@ -109,6 +118,7 @@ def _train_section(name: str, rows: list[dict]) -> list[str]:
         lines.append(f"| {r['method']} | {_num(r['deltatune'])} | {_num(r['peft'])} | "
                      f"{_ratio(r['ratio'], r.get('spread'))} | {_ratio(r['floor_ratio'], r.get('floor_spread'))} | "
                      f"{_ratio(r.get('peft_floor_ratio'))} | {_ratio(r.get('full_ratio'))} | {trainable} |")
+    lines += [f"\n`{r['method']}` has no peft column: {r['no_peft']}." for r in train if r.get("no_peft")]
     return lines
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import deltatune
 from . import report
-from .workers import MODELS
+from .cases import ALL_LINEAR, BASELINES, CASES, MODELS, peft_refusal
 
 
-METHODS = ["lora", "dora", "ia3", "prompt", "prefix"]
+METHODS = list(CASES)
 PARTS = ["train", "memory", "equivalence", "inference", "mixed", "mixed_train", "decode", "swap", "serve"]
 THREADS = 2
 
@@ -95,8 +95,8 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
     spec = MODELS[model]
     if "train" in parts:
         raw["train"] = tr = run_worker("train_ratios", {**common, "methods": methods}, timeout=7200)
-        for method in ["floor", "full", *methods]:
-            key = method if method in ("floor", "full") else f"deltatune:{method}"
+        for method in [*BASELINES, *methods]:
+            key = method if method in BASELINES else f"deltatune:{method}"
             r = tr["ratios"].get(method, {})
             rows.append({"model": model, "method": method, "metric": "train_step", "unit": "ms",
                          "deltatune": tr["ms"][key]["median"], "peft": tr["ms"].get(f"peft:{method}", {}).get("median"),
@@ -104,16 +104,18 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
                          "floor_ratio": r.get("floor", {}).get("median"), "floor_spread": _spread(r.get("floor")),
                          "peft_floor_ratio": r.get("peft_floor", {}).get("median"),
                          "full_ratio": r.get("full", {}).get("median"), "trainable": tr["trainable"][key],
-                         "peft_trainable": tr["trainable"].get(f"peft:{method}"), "n": tr["ms"][key]["n"]})
+                         "peft_trainable": tr["trainable"].get(f"peft:{method}"), "n": tr["ms"][key]["n"],
+                         "no_peft": tr.get("no_peft", {}).get(method)})
     if "memory" in parts:  # peak RSS is a process's own: one fresh process per library and method
         memory = {}
-        for method in ["floor", "full", *methods]:
-            for lib in (["none"] if method in ("floor", "full") else ["deltatune", "peft"]):
+        for method in [*BASELINES, *methods]:
+            libs = ["none"] if method in BASELINES else ["deltatune"] if peft_refusal(CASES[method]) else ["deltatune", "peft"]
+            for lib in libs:
                 memory[(lib, method)] = run_worker("train_step", {**common, "lib": lib, "method": method,
                                                                   "repeats": 2, "warmup": 1})
         raw["memory"] = list(memory.values())
         floor = memory[("none", "floor")]["peak_rss_mib"]
-        for method in ["floor", "full", *methods]:
+        for method in [*BASELINES, *methods]:
             ours = memory.get(("deltatune", method), memory.get(("none", method)))["peak_rss_mib"]
             theirs = memory[("peft", method)]["peak_rss_mib"] if ("peft", method) in memory else None
             rows.append({"model": model, "method": method, "metric": "peak_rss", "deltatune": ours, "peft": theirs,
@@ -229,12 +231,12 @@ def run(opts: argparse.Namespace) -> int:
                                          opts.steps, methods)
         rows += model_rows
         spec = MODELS[model]
-        settings[model] = {"task": spec.task, "batch": spec.batch, "seq": spec.seq, "lora_targets": list(spec.lora)}
+        settings[model] = {"task": spec.task, "batch": spec.batch, "seq": spec.seq}
     meta = {"versions": versions(), "threads": THREADS,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count()},
             "settings": {"models": settings, "dtype": "float32", "repeats": repeats, "warmup": opts.warmup,
-                         "statistic": "median", "lora": "r=8, alpha=16, dropout 0", "virtual_tokens": 20,
+                         "statistic": "median", "cases": {m: CASES[m] for m in methods}, "inference": ALL_LINEAR,
                          "optimizer": "AdamW lr=1e-3"},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
             "duration_s": round(time.time() - start, 1)}

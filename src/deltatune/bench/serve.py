@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import deltatune as dt
+from .cases import CASES, MODELS, delta_config
 
 TEXTS = ["the film was a delight from start to finish", "a dull plot and wooden actors", "what a great movie",
          "i would not watch it again", "nice photography but a weak story", "very good", "awful", "the actors were fine"]
@@ -77,8 +78,7 @@ def run_load(url: str, deltas: list[str], *, clients: int = 8, requests: int = 5
 def make_deltas(model, directory: Path, count: int, seed: int = 1) -> list[str]:
     """``count`` LoRA deltas ``d0..`` with random weights (as after training), saved under ``directory``."""
     generator = torch.Generator().manual_seed(seed)
-    config = dt.LoRAConfig(r=8, alpha=16, targets=["query", "key", "value", "attention.output.dense"],
-                           modules_to_save=["classifier"])
+    config = delta_config(CASES["lora"], model, MODELS["minilm"])  # a classifier: its head trains too
     names = []
     for i in range(count):
         name = f"d{i}"

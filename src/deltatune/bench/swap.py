@@ -22,7 +22,8 @@ import torch
 from deltatune.swap import DeltaCache, delta_bytes, replace
 
 import deltatune as dt
-from .workers import MODELS, build_model, make_batch, setup, summary
+from .cases import CASES, MODELS, build_model, delta_config, make_batch, perturbed
+from .workers import setup, summary
 
 
 def _timed(action: Callable[[int], Any], repeats: int, warmup: int = 2) -> dict:
@@ -40,13 +41,10 @@ def swap_costs(name: str = "minilm", repeats: int = 20, threads: int = 2) -> dic
     setup(threads)
     spec = MODELS[name]
     model = build_model(name).eval()
-    config = dt.LoRAConfig(r=8, alpha=16, targets=list(spec.lora), modules_to_save=["classifier"])
-    generator = torch.Generator().manual_seed(1)
+    config = delta_config(CASES["lora"], model, spec)
     for delta in ("d0", "d1"):
         dt.attach(model, config, name=delta)
-        with torch.no_grad():
-            for _, p in dt.delta_parameters(model, delta):
-                p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    perturbed(model, ["d0", "d1"], seed=1)
     batch = make_batch(model, 1, spec.seq)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     out: dict[str, Any] = {"model": name, "delta_bytes": delta_bytes(model, "d0"), "repeats": repeats,
