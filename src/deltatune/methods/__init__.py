@@ -1,3 +1,13 @@
-"""Built-in delta methods. Importing a method's package registers it."""
+"""Built-in delta methods. Importing a method's package registers it; the order of the
+imports below is the listing order (one per line, so that adding a method adds one line)."""
 
-from . import lora, adapter, prefix, prompt, ia3, bitfit, head, dense, fusion, full  # noqa: F401  (registration order = listing order)
+from . import lora  # noqa: F401
+from . import adapter  # noqa: F401
+from . import prefix  # noqa: F401
+from . import prompt  # noqa: F401
+from . import ia3  # noqa: F401
+from . import bitfit  # noqa: F401
+from . import head  # noqa: F401
+from . import dense  # noqa: F401
+from . import fusion  # noqa: F401
+from . import full  # noqa: F401
