@@ -16,7 +16,54 @@ def test_table_has_one_row_per_method_with_every_column(tmp_path):
     rows = [_row("head", 0.61, 770), _row("lora", 0.83, 148_000)]
     text = table(rows, TrainJob(steps=250))
     assert "| method | accuracy | macro-F1 | trainable params | % trainable | delta file | train time | peak memory |" in text
-    assert "| lora | 0.8300 | 0.8200 | 148,000 | 1.480% | 578 KiB | 12 s | 900 MiB |" in text
+    assert "| lora * | 0.8300 | 0.8200 | 148,000 | 1.480% | 578 KiB | 12 s | 900 MiB |" in text
     assert "250 steps of batch 32" in text
+    assert "Pareto front (accuracy against trainable parameters): head, lora." in text
     plot(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pareto_front_keeps_only_undominated_methods():
+    from deltatune.cli.compare import pareto_front
+
+    rows = [_row("head", 0.65, 770), _row("ia3", 0.81, 14_000), _row("prompt", 0.72, 8_000),
+            _row("bitfit", 0.78, 27_000), _row("lora", 0.83, 148_000), _row("adapter", 0.82, 596_000),
+            _row("full", 0.84, 22_000_000)]
+    # bitfit: ia3 is more accurate with fewer parameters; adapter: lora likewise
+    assert pareto_front(rows) == ["head", "prompt", "ia3", "lora", "full"]
+    assert pareto_front([_row("a", 0.8, 10), _row("b", 0.8, 10)]) == ["a", "b"]  # ties dominate nothing
+
+
+def test_summary_names_the_methods_below_the_floor_and_those_reaching_full_fine_tuning():
+    from deltatune.cli.compare import summary
+
+    rows = [_row("head", 0.65, 770), _row("prompt", 0.64, 8_000), _row("lora", 0.834, 148_000), _row("full", 0.837, 22_000_000)]
+    text = "\n".join(summary(rows))
+    assert "At or below the head-only floor (0.6500): prompt." in text
+    assert "Within half a point of full fine-tuning (0.8370): lora (148,000 parameters)." in text
+
+
+def test_keep_reuses_rows_trained_on_the_same_budget_only(tmp_path, monkeypatch):
+    import json
+
+    from deltatune.cli import compare
+
+    base = TrainJob(model="minilm", data="movie-reviews", steps=250, batch_size=32, max_length=48, seed=0)
+    same = {**_row("head", 0.65, 770), "model": "minilm", "steps": 250, "seed": 0,
+            "data": {"name": "movie-reviews", "sizes": {"train": 8}}, "settings": {"batch_size": 32, "max_length": 48}}
+    other = {**same, "method": "ia3", "steps": 100}
+    (tmp_path / "compare.json").write_text(json.dumps([same, other]))
+    trained = []
+
+    def fake_run(command, **_):
+        config = json.loads(json.dumps(__import__("yaml").safe_load(open(command[-1]))))
+        trained.append(config["method"])
+        folder = tmp_path / "runs" / config["method"]
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({**same, "method": config["method"]}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    compare.run_compare(base, tmp_path / "runs", tmp_path, methods=["head", "ia3"], keep=True)
+    assert trained == ["ia3"]  # head kept; ia3's old row had another step count
+    assert [r["method"] for r in json.loads((tmp_path / "compare.json").read_text())] == ["head", "ia3"]

@@ -15,19 +15,37 @@ from ..errors import DeltaError
 from ..io.atomic import write_text_atomic
 from .train import add_job_flags, job_from_args
 
+
 def compared_methods() -> list[str]:
     """Every method a training job builds from flags, in registration order."""
     return [spec.name for spec in method_specs() if spec.trainable_from_flags]
 
 
-def run_compare(base, out: Path, results: Path, methods=None, targets=None) -> int:
+def same_budget(row: dict, base) -> bool:
+    """Whether a compare row was trained on ``base``'s model, data, steps, batch, length and seed."""
+    settings = row.get("settings", {})
+    return (row.get("model") == base.model and row.get("data", {}).get("name") == base.data
+            and row.get("steps") == base.steps and row.get("seed") == base.seed
+            and settings.get("batch_size") == base.batch_size and settings.get("max_length") == base.max_length)
+
+
+def run_compare(base, out: Path, results: Path, methods=None, targets=None, keep: bool = False) -> int:
     """Train each method in a fresh process (so peak memory is that method's own) and tabulate.
 
     ``targets`` (when given) go to every method that takes targets; the others use their own.
+    ``keep``: methods already in ``results/compare.json`` with the same budget (and no
+    ``targets`` given) are not trained again; their rows are reused.
     """
     methods = compared_methods() if methods is None else methods
+    previous = {}
+    if keep and not targets and (results / "compare.json").exists():
+        previous = {r["method"]: r for r in json.loads((results / "compare.json").read_text()) if same_budget(r, base)}
     rows = []
     for i, method in enumerate(methods, 1):
+        if method in previous:
+            print(f"{i}/{len(methods)}  {method}: kept from {results / 'compare.json'}", flush=True)
+            rows.append(previous[method])
+            continue
         print(f"{i}/{len(methods)}  {method}", flush=True)
         takes_targets = targets and get_method(method).targeted
         job = dataclasses.replace(base, method=method, targets=targets if takes_targets else None, out=str(out / method))
@@ -36,7 +54,8 @@ def run_compare(base, out: Path, results: Path, methods=None, targets=None) -> i
         done = subprocess.run([sys.executable, "-m", "deltatune.cli", "train", "--config", str(config)])
         if done.returncode != 0:
             raise DeltaError(f"training {method} failed (exit code {done.returncode}); see the output above")
-        rows.append(json.loads((out / method / "metrics.json").read_text()))
+        row = json.loads((out / method / "metrics.json").read_text())
+        rows.append({**row, "settings": {"batch_size": base.batch_size, "max_length": base.max_length}})
     results.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results / "compare.json", json.dumps(rows, indent=2) + "\n")
     write_text_atomic(results / "compare.md", table(rows, base))
@@ -45,42 +64,94 @@ def run_compare(base, out: Path, results: Path, methods=None, targets=None) -> i
     return 0
 
 
+def pareto_front(rows: list[dict]) -> list[str]:
+    """Methods no other method beats on both counts: at least as accurate with no more
+    trainable parameters, and better on one of them. Fewest parameters first."""
+    def dominated(m: dict) -> bool:
+        a, p = m["test"]["accuracy"], m["trainable_parameters"]
+        return any(o["test"]["accuracy"] >= a and o["trainable_parameters"] <= p
+                   and (o["test"]["accuracy"] > a or o["trainable_parameters"] < p) for o in rows)
+    return [m["method"] for m in sorted(rows, key=lambda m: m["trainable_parameters"]) if not dominated(m)]
+
+
+def _reference(rows: list[dict], kind: str) -> dict | None:
+    for m in rows:
+        try:
+            if get_method(m["method"]).reference == kind:
+                return m
+        except DeltaError:  # a row of a method this installation does not have
+            continue
+    return None
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """What the table says, in sentences: the Pareto front, methods below the head-only floor,
+    methods that reach full fine-tuning (within half a point of accuracy)."""
+    floor, ceiling = _reference(rows, "floor"), _reference(rows, "ceiling")
+    deltas = [m for m in rows if m not in (floor, ceiling)]
+    lines = [f"Pareto front (accuracy against trainable parameters): {', '.join(pareto_front(rows))}."]
+    if floor:
+        below = [m["method"] for m in deltas if m["test"]["accuracy"] <= floor["test"]["accuracy"]]
+        lines.append(f"At or below the head-only floor ({floor['test']['accuracy']:.4f}): {', '.join(below) or 'none'}.")
+    if ceiling:
+        goal = ceiling["test"]["accuracy"] - 0.005
+        reach = sorted((m for m in deltas if m["test"]["accuracy"] >= goal), key=lambda m: m["trainable_parameters"])
+        lines.append(f"Within half a point of full fine-tuning ({ceiling['test']['accuracy']:.4f}): "
+                     + (", ".join(f"{m['method']} ({m['trainable_parameters']:,} parameters)" for m in reach) or "none") + ".")
+    return lines
+
+
 def table(rows: list[dict], base) -> str:
     data = rows[0]["data"]
+    front = set(pareto_front(rows))
     lines = [
         f"# Methods compared: {base.model} on {base.data}",
         "",
         f"Same data, budget and seed for every method: {base.steps} steps of batch {base.batch_size}, "
         f"max length {base.max_length}, seed {base.seed}; split sizes {data['sizes']} (deduplicated, seeded). "
-        f"Test-split metrics; CPU, 2 threads.",
+        f"Test-split metrics; CPU, 2 threads. `*`: on the Pareto front.",
         "",
         "| method | accuracy | macro-F1 | trainable params | % trainable | delta file | train time | peak memory |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in rows:
+        mark = " *" if m["method"] in front else ""
         lines.append(
-            f"| {m['method']} | {m['test']['accuracy']:.4f} | {m['test']['macro_f1']:.4f} | {m['trainable_parameters']:,} | "
+            f"| {m['method']}{mark} | {m['test']['accuracy']:.4f} | {m['test']['macro_f1']:.4f} | {m['trainable_parameters']:,} | "
             f"{m['percent_trainable']:.3f}% | {m['delta_bytes'] / 1024:,.0f} KiB | {m['train_seconds']:.0f} s | "
             f"{m['peak_memory_mb']:,.0f} MiB |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *summary(rows)]) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against trainable parameters (log scale), the Pareto front as a step line and
+    the head-only floor and full fine-tuning as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 5))
     for m in rows:
-        axis.scatter(m["trainable_parameters"], m["test"]["accuracy"], s=40)
-        axis.annotate(m["method"], (m["trainable_parameters"], m["test"]["accuracy"]), textcoords="offset points", xytext=(5, 4))
+        axis.scatter(m["trainable_parameters"], m["test"]["accuracy"], s=30)
+        axis.annotate(m["method"], (m["trainable_parameters"], m["test"]["accuracy"]), textcoords="offset points",
+                      xytext=(4, 3), fontsize=8)
+    by_name = {m["method"]: m for m in rows}
+    front = [by_name[n] for n in pareto_front(rows)]
+    axis.step([m["trainable_parameters"] for m in front], [m["test"]["accuracy"] for m in front], where="post",
+              color="black", alpha=0.5, label="Pareto front")
+    for kind, style in (("floor", ":"), ("ceiling", "--")):
+        ref = _reference(rows, kind)
+        if ref:
+            axis.axhline(ref["test"]["accuracy"], linestyle=style, color="grey",
+                         label=f"{ref['method']} ({ref['test']['accuracy']:.3f})")
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters (log scale)")
     axis.set_ylabel("test accuracy")
     axis.set_title("accuracy against trainable parameters")
     axis.grid(True, alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     figure.savefig(tmp, dpi=100)
@@ -91,7 +162,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def _compare(args) -> int:
     base = job_from_args(args)
     return run_compare(base, Path(args.out or base.out), Path(args.results), methods=args.methods,
-                       targets=base.targets)
+                       targets=base.targets, keep=args.keep)
 
 
 def add_parsers(commands) -> None:
@@ -101,4 +172,6 @@ def add_parsers(commands) -> None:
     compare.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                          help="methods to compare (default: every method trained from flags)")
     compare.add_argument("--results", default="results", help="where compare.md, compare.json and compare.png go")
+    compare.add_argument("--keep", action="store_true",
+                         help="reuse rows of compare.json trained with the same model, data, steps, batch, length and seed")
     compare.set_defaults(run=_compare)

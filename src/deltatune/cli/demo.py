@@ -19,7 +19,7 @@ def _demo(args: argparse.Namespace) -> int:
     base = TrainJob(model="minilm", data="movie-reviews", steps=args.steps, batch_size=32, max_length=48,
                     eval_every=max(1, args.steps // 4), seed=args.seed)
     if args.compare:
-        return run_compare(base, out, Path(args.results), targets=args.targets)
+        return run_compare(base, out, Path(args.results), targets=args.targets, keep=args.keep)
     print(f"1/2  frozen MiniLM + trained head only ({args.steps} steps)")
     head = run_train(dataclasses.replace(base, method="head", out=str(out / "head")))
     print(f"2/2  LoRA r=8 on the attention projections (query, key, value, output) + head ({args.steps} steps)")
@@ -44,4 +44,6 @@ def add_parsers(commands) -> None:
     demo.add_argument("--targets", nargs="+", default=None)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--results", default="results", help="where --compare writes compare.md and compare.png")
+    demo.add_argument("--keep", action="store_true",
+                      help="with --compare: reuse rows of compare.json trained on the same budget (train only new methods)")
     demo.set_defaults(run=_demo)

@@ -82,6 +82,8 @@ class MethodSpec:
         step_hook: called after each optimizer step for each delta of this method.
         peft: the codec that exports and imports this method in peft's format, else ``None``.
         peft_refusal: why the method has no peft format (when ``peft`` is ``None``).
+        reference: set on the comparison's reference points (``"floor"``: the least a method
+            must beat, the head alone; ``"ceiling"``: full fine-tuning); ``""`` for the rest.
     """
 
     name: str
@@ -99,6 +101,7 @@ class MethodSpec:
     step_hook: StepHook | None = None
     peft: Any = None
     peft_refusal: str = "peft has no matching adapter type"
+    reference: Literal["", "floor", "ceiling"] = ""
 
     @property
     def trainable_from_flags(self) -> bool:

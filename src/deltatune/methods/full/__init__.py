@@ -35,4 +35,5 @@ def build(model: nn.Module, config: FullConfig) -> Placements:
 register_method(MethodSpec(
     "full", FullConfig, build, mergeable=False, identity_at_init=True,
     summary="full fine-tuning of every base parameter (reference; writes a whole model, not a delta)",
-    default_lr=5e-5, targeted=False, trains_base=True, peft_refusal="full fine-tuning is a whole model, not an adapter"))
+    default_lr=5e-5, targeted=False, trains_base=True, reference="ceiling",
+    peft_refusal="full fine-tuning is a whole model, not an adapter"))

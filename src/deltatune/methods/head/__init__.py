@@ -49,5 +49,5 @@ def build(model: nn.Module, config: HeadConfig) -> Placements:
 
 register_method(MethodSpec(
     "head", HeadConfig, build, mergeable=True, identity_at_init=True,
-    summary="only a trained copy of the prediction head (baseline)", default_lr=1e-2, targeted=False,
+    summary="only a trained copy of the prediction head (baseline)", default_lr=1e-2, targeted=False, reference="floor",
     peft_refusal="peft saves modules_to_save only alongside an adapter, and a head-only delta has none"))
