@@ -125,6 +125,8 @@ def test_lora_lowers_the_answer_loss(qa_llama, qa_jsonl, lora_run):
     assert metrics["test"]["loss"] < 0.5 * base["loss"]
     assert metrics["test"]["perplexity"] < base["perplexity"]
     assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
+    # the job records the base model's test loss, measured before the delta was attached
+    assert metrics["base_test"]["loss"] == pytest.approx(base["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ia3"])

@@ -67,3 +67,20 @@ def test_keep_reuses_rows_trained_on_the_same_budget_only(tmp_path, monkeypatch)
     compare.run_compare(base, tmp_path / "runs", tmp_path, methods=["head", "ia3"], keep=True)
     assert trained == ["ia3"]  # head kept; ia3's old row had another step count
     assert [r["method"] for r in json.loads((tmp_path / "compare.json").read_text())] == ["head", "ia3"]
+
+
+def test_causal_rows_compare_test_loss_with_the_base_models(tmp_path):
+    from deltatune.cli.compare import pareto_front, summary
+
+    def causal(method, loss, trainable):
+        return {**_row(method, 0.0, trainable), "task": "causal_lm",
+                "test": {"loss": loss, "perplexity": 2.718 ** loss}, "base_test": {"loss": 3.0, "perplexity": 20.1}}
+
+    rows = [causal("lora", 2.1, 1000), causal("ia3", 3.2, 100), causal("dora", 2.2, 2000)]
+    assert pareto_front(rows) == ["ia3", "lora"]  # lower loss is better; dora is dominated by lora
+    assert "Test loss not below the base model's (3.0000): ia3." in "\n".join(summary(rows))
+    text = table(rows, TrainJob(steps=20))
+    assert "| method | test loss | base loss | perplexity | trainable params |" in text
+    assert "| lora * | 2.1000 | 3.0000 |" in text
+    plot(rows, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -64,13 +64,23 @@ def run_compare(base, out: Path, results: Path, methods=None, targets=None, keep
     return 0
 
 
+def _causal(rows: list[dict]) -> bool:
+    return rows[0].get("task") not in (None, "classification")
+
+
+def score(row: dict) -> float:
+    """Higher is better: test accuracy, or minus the test loss for a causal LM."""
+    test = row["test"]
+    return test["accuracy"] if "accuracy" in test else -test["loss"]
+
+
 def pareto_front(rows: list[dict]) -> list[str]:
-    """Methods no other method beats on both counts: at least as accurate with no more
+    """Methods no other method beats on both counts: at least as good a score with no more
     trainable parameters, and better on one of them. Fewest parameters first."""
     def dominated(m: dict) -> bool:
-        a, p = m["test"]["accuracy"], m["trainable_parameters"]
-        return any(o["test"]["accuracy"] >= a and o["trainable_parameters"] <= p
-                   and (o["test"]["accuracy"] > a or o["trainable_parameters"] < p) for o in rows)
+        a, p = score(m), m["trainable_parameters"]
+        return any(score(o) >= a and o["trainable_parameters"] <= p
+                   and (score(o) > a or o["trainable_parameters"] < p) for o in rows)
     return [m["method"] for m in sorted(rows, key=lambda m: m["trainable_parameters"]) if not dominated(m)]
 
 
@@ -85,11 +95,19 @@ def _reference(rows: list[dict], kind: str) -> dict | None:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """What the table says, in sentences: the Pareto front, methods below the head-only floor,
-    methods that reach full fine-tuning (within half a point of accuracy)."""
+    """What the table says, in sentences: the Pareto front; for classification, the methods
+    at or below the head-only floor and those within half a point of full fine-tuning; for a
+    causal LM, the methods whose test loss is not below the base model's."""
     floor, ceiling = _reference(rows, "floor"), _reference(rows, "ceiling")
     deltas = [m for m in rows if m not in (floor, ceiling)]
-    lines = [f"Pareto front (accuracy against trainable parameters): {', '.join(pareto_front(rows))}."]
+    lines = [f"Pareto front ({'test loss' if _causal(rows) else 'accuracy'} against trainable parameters): "
+             f"{', '.join(pareto_front(rows))}."]
+    if _causal(rows):
+        worse = [m["method"] for m in rows if m.get("base_test") and m["test"]["loss"] >= m["base_test"]["loss"]]
+        base = next((m["base_test"]["loss"] for m in rows if m.get("base_test")), None)
+        if base is not None:
+            lines.append(f"Test loss not below the base model's ({base:.4f}): {', '.join(worse) or 'none'}.")
+        return lines
     if floor:
         below = [m["method"] for m in deltas if m["test"]["accuracy"] <= floor["test"]["accuracy"]]
         lines.append(f"At or below the head-only floor ({floor['test']['accuracy']:.4f}): {', '.join(below) or 'none'}.")
@@ -104,6 +122,8 @@ def summary(rows: list[dict]) -> list[str]:
 def table(rows: list[dict], base) -> str:
     data = rows[0]["data"]
     front = set(pareto_front(rows))
+    causal = _causal(rows)
+    quality = "test loss | base loss | perplexity" if causal else "accuracy | macro-F1"
     lines = [
         f"# Methods compared: {base.model} on {base.data}",
         "",
@@ -111,13 +131,19 @@ def table(rows: list[dict], base) -> str:
         f"max length {base.max_length}, seed {base.seed}; split sizes {data['sizes']} (deduplicated, seeded). "
         f"Test-split metrics; CPU, 2 threads. `*`: on the Pareto front.",
         "",
-        "| method | accuracy | macro-F1 | trainable params | % trainable | delta file | train time | peak memory |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | {quality} | trainable params | % trainable | delta file | train time | peak memory |",
+        "|---|" + "---:|" * (len(quality.split("|")) + 5),
     ]
     for m in rows:
         mark = " *" if m["method"] in front else ""
+        test = m["test"]
+        if causal:
+            base_loss = f"{m['base_test']['loss']:.4f}" if m.get("base_test") else "-"
+            shown = f"{test['loss']:.4f} | {base_loss} | {test['perplexity']:.2f}"
+        else:
+            shown = f"{test['accuracy']:.4f} | {test['macro_f1']:.4f}"
         lines.append(
-            f"| {m['method']}{mark} | {m['test']['accuracy']:.4f} | {m['test']['macro_f1']:.4f} | {m['trainable_parameters']:,} | "
+            f"| {m['method']}{mark} | {shown} | {m['trainable_parameters']:,} | "
             f"{m['percent_trainable']:.3f}% | {m['delta_bytes'] / 1024:,.0f} KiB | {m['train_seconds']:.0f} s | "
             f"{m['peak_memory_mb']:,.0f} MiB |"
         )
@@ -132,24 +158,29 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    causal = _causal(rows)
+    value = (lambda m: m["test"]["loss"]) if causal else (lambda m: m["test"]["accuracy"])
     figure, axis = plt.subplots(figsize=(8, 5))
     for m in rows:
-        axis.scatter(m["trainable_parameters"], m["test"]["accuracy"], s=30)
-        axis.annotate(m["method"], (m["trainable_parameters"], m["test"]["accuracy"]), textcoords="offset points",
+        axis.scatter(m["trainable_parameters"], value(m), s=30)
+        axis.annotate(m["method"], (m["trainable_parameters"], value(m)), textcoords="offset points",
                       xytext=(4, 3), fontsize=8)
     by_name = {m["method"]: m for m in rows}
     front = [by_name[n] for n in pareto_front(rows)]
-    axis.step([m["trainable_parameters"] for m in front], [m["test"]["accuracy"] for m in front], where="post",
+    axis.step([m["trainable_parameters"] for m in front], [value(m) for m in front], where="post",
               color="black", alpha=0.5, label="Pareto front")
-    for kind, style in (("floor", ":"), ("ceiling", "--")):
-        ref = _reference(rows, kind)
-        if ref:
-            axis.axhline(ref["test"]["accuracy"], linestyle=style, color="grey",
-                         label=f"{ref['method']} ({ref['test']['accuracy']:.3f})")
+    references = [(f"{ref['method']} ({value(ref):.3f})", value(ref), style) for kind, style in (("floor", ":"), ("ceiling", "--"))
+                  if (ref := _reference(rows, kind))]
+    base = next((m["base_test"]["loss"] for m in rows if m.get("base_test")), None)
+    if causal and base is not None:
+        references.append((f"base model ({base:.3f})", base, ":"))
+    for label, level, style in references:
+        axis.axhline(level, linestyle=style, color="grey", label=label)
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters (log scale)")
-    axis.set_ylabel("test accuracy")
-    axis.set_title("accuracy against trainable parameters")
+    what = "test loss" if causal else "test accuracy"
+    axis.set_ylabel(what)
+    axis.set_title(f"{what} against trainable parameters")
     axis.grid(True, alpha=0.3)
     axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()

@@ -160,6 +160,13 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
     out = Path(job.out)
     splits, loaded = prepare(job)
     model, tokenizer = loaded.model, loaded.tokenizer
+    encoded = {name: encode(getattr(splits, name), tokenizer, splits.task, job.max_length, splits.labels)
+               for name in ("train", "validation", "test")}
+    num_labels = max(2, len(splits.labels))
+    model.to(distributed.device())
+    # a causal LM's base is already a model of the text: its test loss is what the delta must beat
+    # (a classifier's base has an untrained head, so it has no such reference)
+    base_test = evaluate(model, encoded["test"], num_labels=num_labels) if splits.task != "classification" else None
     config = delta_config(job, model, splits.task)
     if config is None:  # the method trains the base itself
         model.requires_grad_(True)
@@ -167,12 +174,9 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
     else:
         trainable = attach(model, config, name=job.method).trainable
     model.to(distributed.device())
-    encoded = {name: encode(getattr(splits, name), tokenizer, splits.task, job.max_length, splits.labels)
-               for name in ("train", "validation", "test")}
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", yaml.safe_dump(asdict(job), sort_keys=False))
-    num_labels = max(2, len(splits.labels))
     result = train(model, encoded["train"], job.settings(), validation=encoded["validation"], num_labels=num_labels,
                    checkpoint_dir=out / "checkpoint", resume=resume)
     if not distributed.is_main():  # the ranks hold the same weights; rank 0 evaluates and writes
@@ -180,7 +184,8 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
     test = evaluate(model, encoded["test"], num_labels=num_labels)
     metrics = {
         "model": job.model, "data": splits.describe(), "method": job.method, "task": splits.task,
-        "test": test, "validation": evaluate(model, encoded["validation"], num_labels=num_labels),
+        "test": test, **({"base_test": base_test} if base_test else {}),
+        "validation": evaluate(model, encoded["validation"], num_labels=num_labels),
         "trainable_parameters": trainable, "total_parameters": count_parameters(model),
         "percent_trainable": 100 * trainable / count_parameters(model),
         "steps": result["steps"], "seed": job.seed, "train_seconds": round(result["seconds"], 2),
