@@ -146,3 +146,24 @@ def test_swap_worker_reports_each_switching_cost():
     assert [r["metric"] for r in rows][:3] == ["switch_set_active", "switch_replace_in_place", "delta_load_from_disk"]
     assert all(r["deltatune"] > 0 and r["unit"] == "ms" for r in rows)
     assert raw["cache_stats"]["misses"] >= 2 and raw["cache_stats"]["hits"] >= 2
+
+
+def test_every_registered_method_can_be_benchmarked_with_its_defaults():
+    from deltatune.bench import cases
+
+    assert set(cases.CASES) <= set(cases.default_methods())
+    assert "full" not in cases.benchmarkable() and "head" not in cases.benchmarkable()
+    # a method not in CASES runs at its default targets with the bench sizes its config has
+    import dataclasses
+
+    import deltatune as dt
+
+    for method in ("adapter", "bitfit"):
+        fields = {f.name for f in dataclasses.fields(dt.get_method(method).config_class)}
+        assert method in cases.benchmarkable()
+        assert cases.case(method) == {"method": method, **{k: v for k, v in cases.SIZES.items() if k in fields}}
+
+
+def test_train_step_of_a_method_outside_the_issue_cases():
+    result = _roundtrip(workers.train_step({**TINY, "lib": "deltatune", "method": "adapter", "repeats": 1, "warmup": 0}))
+    assert result["method"] == "adapter" and result["trainable"] > 0

@@ -16,6 +16,7 @@ and Llama models (used by the tests).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 import deltatune as dt
-from deltatune.core.registry import get_method
+from deltatune.core.registry import get_method, method_specs
 from deltatune.core.roles import default_targets
 from deltatune.interop.peft import save_peft
 from deltatune.models.load import load_model
@@ -34,7 +35,10 @@ from deltatune.models.load import load_model
 R, ALPHA, TOKENS, LR = 8, 16, 20, 1e-3
 #: the attention projections (the train-step LoRA of issue 11: q, k, v and o)
 ATTENTION = ("q|qkv", "k", "v", "o")
-#: the train-step deltas, by label; ``roles`` are turned into the model's module patterns
+#: sizes every benchmarked delta gets, where its config has the field
+SIZES = {"r": R, "alpha": ALPHA, "dropout": 0.0, "num_virtual_tokens": TOKENS}
+#: the train-step deltas of issue 11, by label; ``roles`` are turned into the model's module
+#: patterns. Any other registered method is benchmarked with its own defaults (``case``).
 CASES: dict[str, dict] = {
     "lora": {"method": "lora", "r": R, "alpha": ALPHA, "dropout": 0.0, "roles": ATTENTION},
     "dora": {"method": "dora", "r": R, "alpha": ALPHA, "dropout": 0.0, "roles": ATTENTION},
@@ -48,6 +52,27 @@ ALL_LINEAR = {"method": "lora", "r": R, "alpha": ALPHA, "targets": "all-linear"}
 #: input embeddings, no optimizer) and full fine-tuning
 BASELINES = ("floor", "full")
 NAME = "bench"  # the benchmarked delta's name in deltatune and its adapter name in peft
+
+
+def case(label: str) -> dict:
+    """The benchmarked delta called ``label``: one of ``CASES``, else the registered method of
+    that name at its default targets, with ``SIZES`` where its config has those fields."""
+    if label in CASES:
+        return CASES[label]
+    fields = {f.name for f in dataclasses.fields(get_method(label).config_class)}
+    return {"method": label, **{k: v for k, v in SIZES.items() if k in fields}}
+
+
+def benchmarkable() -> list[str]:
+    """Every registered method the bench can time: trained from flags, a delta (not full
+    fine-tuning, not a fusion of other deltas), not the head-only reference."""
+    return [s.name for s in method_specs() if s.trainable_from_flags and not s.trains_base and not s.fuses
+            and not s.reference]
+
+
+def default_methods() -> list[str]:
+    """What ``make bench`` times by default: issue 11's cases and every method peft also has."""
+    return [*CASES, *(m for m in benchmarkable() if m not in CASES and get_method(m).peft is not None)]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 
 import deltatune as dt
 from .interleave import interleaved
-from .cases import (BASELINES, CASES, LR, MODELS, batch_for, build_model, make_batch, peft_refusal, trained_copies,
+from .cases import (BASELINES, CASES, LR, MODELS, batch_for, build_model, case, make_batch, peft_refusal, trained_copies,
                     with_delta)
 from .workers import make_train_step, peak_rss_mib, train_model
 
@@ -42,7 +42,7 @@ def train_ratios(args: dict) -> dict:
     cases, trainable = {}, {}
     keys = {label: label for label in BASELINES}
     for label in methods:
-        keys.update({f"deltatune:{label}": label, **({f"peft:{label}": label} if not peft_refusal(CASES[label]) else {})})
+        keys.update({f"deltatune:{label}": label, **({f"peft:{label}": label} if not peft_refusal(case(label)) else {})})
     for key, label in keys.items():
         model = train_model(key.partition(":")[0], label, base, spec).train()
         cases[key], trainable[key] = make_train_step(model, batch_for(args, model), floor=label == "floor")
@@ -54,7 +54,7 @@ def train_ratios(args: dict) -> dict:
         if theirs in cases:
             out["ratios"][label].update(peft=timings.ratio(ours, theirs), peft_floor=timings.ratio(theirs, "floor"))
         else:
-            out.setdefault("no_peft", {})[label] = peft_refusal(CASES[label])
+            out.setdefault("no_peft", {})[label] = peft_refusal(case(label))
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import deltatune
 from . import report
-from .cases import ALL_LINEAR, BASELINES, CASES, MODELS, peft_refusal
+from .cases import ALL_LINEAR, BASELINES, MODELS, benchmarkable, case, default_methods, peft_refusal
 
 
-METHODS = list(CASES)
 PARTS = ["train", "memory", "equivalence", "inference", "mixed", "mixed_train", "decode", "swap", "serve"]
 THREADS = 2
 
@@ -87,8 +86,9 @@ def time_row(model: str, method: str, metric: str, ms: dict, vs_peft: dict | Non
 
 
 def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
-            methods: list[str] = METHODS) -> tuple[list[dict], dict]:
+            methods: list[str] | None = None) -> tuple[list[dict], dict]:
     """Run the workers; return (rows, raw worker outputs)."""
+    methods = default_methods() if methods is None else methods
     rows: list[dict] = []
     raw: dict = {}
     common = {"model": model, "repeats": repeats, "warmup": warmup, "threads": THREADS}
@@ -109,7 +109,7 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
     if "memory" in parts:  # peak RSS is a process's own: one fresh process per library and method
         memory = {}
         for method in [*BASELINES, *methods]:
-            libs = ["none"] if method in BASELINES else ["deltatune"] if peft_refusal(CASES[method]) else ["deltatune", "peft"]
+            libs = ["none"] if method in BASELINES else ["deltatune"] if peft_refusal(case(method)) else ["deltatune", "peft"]
             for lib in libs:
                 memory[(lib, method)] = run_worker("train_step", {**common, "lib": lib, "method": method,
                                                                   "repeats": 2, "warmup": 1})
@@ -202,7 +202,9 @@ def decode_rows(model: str, raw: dict) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, help="comma list of " + ", ".join(MODELS) + " (default minilm,smollm2)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of delta methods to time")
+    parser.add_argument("--methods", default=None,
+                        help="comma list of delta methods to time, or 'all' (default: LoRA, DoRA, (IA)3, prompt, prefix "
+                             "and every other method peft also has)")
     parser.add_argument("--tiny", action="store_true", help="tiny random BERT and Llama, 3 repeats (smoke run)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; 3 with --tiny)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -215,8 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(opts: argparse.Namespace) -> int:
     models = (opts.models or ("tiny,tiny-llama" if opts.tiny else "minilm,smollm2")).split(",")
-    methods = opts.methods.split(",")
-    for given, known, what in ((models, MODELS, "model"), (methods, METHODS, "method")):
+    methods = (default_methods() if opts.methods is None else benchmarkable() if opts.methods == "all"
+               else opts.methods.split(","))
+    for given, known, what in ((models, MODELS, "model"), (methods, [*default_methods(), *benchmarkable()], "method")):
         unknown = [m for m in given if m not in known]
         if unknown:
             raise SystemExit(f"unknown bench {what} {unknown[0]!r}; use {', '.join(known)}")
@@ -236,7 +239,7 @@ def run(opts: argparse.Namespace) -> int:
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count()},
             "settings": {"models": settings, "dtype": "float32", "repeats": repeats, "warmup": opts.warmup,
-                         "statistic": "median", "cases": {m: CASES[m] for m in methods}, "inference": ALL_LINEAR,
+                         "statistic": "median", "cases": {m: case(m) for m in methods}, "inference": ALL_LINEAR,
                          "optimizer": "AdamW lr=1e-3"},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
             "duration_s": round(time.time() - start, 1)}

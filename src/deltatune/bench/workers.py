@@ -21,7 +21,7 @@ import warnings
 import torch
 
 import deltatune as dt
-from .cases import (BASELINES, CASES, LR, MODELS, NAME, BenchModel, baseline, batch_for, build_model, export_peft,
+from .cases import (BASELINES, CASES, LR, MODELS, NAME, BenchModel, baseline, batch_for, build_model, case, export_peft,
                     load_peft, peft_twin, with_delta)
 from .interleave import spread
 
@@ -39,7 +39,7 @@ def train_model(lib: str, label: str, base, spec: BenchModel):
     ``lib``: deltatune's delta, or its peft twin from the same initial weights."""
     if label in BASELINES:
         return baseline(label, copy.deepcopy(base))
-    ours = with_delta(copy.deepcopy(base), CASES[label], spec)
+    ours = with_delta(copy.deepcopy(base), case(label), spec)
     return ours if lib == "deltatune" else peft_twin(ours, copy.deepcopy(base), trainable=True)
 
 
@@ -81,7 +81,7 @@ def _fresh_model(lib: str, label: str, name: str, seed: int):
     spec = MODELS[name]
     if label in BASELINES:
         return baseline(label, build_model(name, seed))
-    ours = with_delta(build_model(name, seed), CASES[label], spec)
+    ours = with_delta(build_model(name, seed), case(label), spec)
     if lib == "deltatune":
         return ours
     with tempfile.TemporaryDirectory() as tmp:
