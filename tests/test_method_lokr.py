@@ -214,3 +214,21 @@ def test_trains_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
     assert main(args) == 0
     config = json.loads((tmp_path / "run" / "delta.json").read_text())["config"]
     assert config["method"] == "lokr" and config["r"] == 2 and config["decompose_both"] is True
+
+
+def test_unmerged_forward_and_mixed_batches_never_form_the_kronecker_product(monkeypatch):
+    case = MODELS["llama"]
+    model = case.build()
+    for name in ("a", "b"):
+        dt.attach(model, LoKrConfig(r=2, targets=["q_proj", "down_proj"]), name=name)
+        randomise([p for _, p in dt.delta_parameters(model, name)])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.kron called")
+
+    monkeypatch.setattr(torch, "kron", refuse)
+    with torch.no_grad():
+        with dt.using(model, "a"):
+            case.output(model)
+        with dt.route(model, ["a", None]):
+            case.output(model, {k: v[:2] for k, v in case.inputs().items()})
