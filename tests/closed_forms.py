@@ -4,3 +4,41 @@ function per method, computed by hand from the adapted modules' shapes (see clos
 from __future__ import annotations
 
 from closed_form import _linear, closed_form  # noqa: F401
+
+
+@closed_form("loha")
+def _loha(model, config, modules):
+    """Four factors per module: W1a, W2a (out, r) and W1b, W2b (r, in)."""
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        r = (config.rank_pattern or {}).get(path, config.r)
+        total += 2 * r * (fan_in + fan_out)
+    return total
+
+
+def _split(width: int, factor: int) -> tuple[int, int]:
+    """LyCORIS's split of a width, from its description: ``factor`` itself when it divides the
+    width; else the smallest divisor reaching the square root, or the largest divisor up to
+    ``factor`` if that comes first; smaller member first."""
+    if factor > 0 and width % factor == 0:
+        return factor, width // factor
+    divisors = [d for d in range(1, width + 1) if width % d == 0]
+    root = min(d for d in divisors if d * d >= width)
+    m = min(root, max(d for d in divisors if factor <= 0 or d <= factor))
+    return min(m, width // m), max(m, width // m)
+
+
+@closed_form("lokr")
+def _lokr(model, config, modules):
+    """W1 (out_l, in_m) and W2 (out_k, in_n), each full or r (rows + columns) when low rank."""
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        r = (config.rank_pattern or {}).get(path, config.r)
+        (out_l, out_k), (in_m, in_n) = _split(fan_out, config.decompose_factor), _split(fan_in, config.decompose_factor)
+        low_w1 = config.decompose_both and r < max(out_l, in_m) / 2
+        low_w2 = r < max(out_k, in_n) / 2
+        total += r * (out_l + in_m) if low_w1 else out_l * in_m
+        total += r * (out_k + in_n) if low_w2 else out_k * in_n
+    return total

@@ -11,3 +11,5 @@ from . import head  # noqa: F401
 from . import dense  # noqa: F401
 from . import fusion  # noqa: F401
 from . import full  # noqa: F401
+from . import loha  # noqa: F401
+from . import lokr  # noqa: F401

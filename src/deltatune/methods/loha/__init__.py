@@ -1,0 +1,42 @@
+"""LoHa: a weight change that is the element-wise (Hadamard) product of two low-rank products.
+
+Hyeon-Woo, Ye-Bin and Oh, 2022, "FedPara: Low-Rank Hadamard Product for Communication-Efficient
+Federated Learning" (arXiv:2108.06098), as LyCORIS and peft apply it to fine-tuning:
+
+    dW = (alpha / r) * (W1a W1b) ⊙ (W2a W2b),   W1a, W2a: (out, r),  W1b, W2b: (r, in)
+
+``2 r (in + out)`` parameters reach rank ``r^2``. ``W2b`` starts at zero, so ``dW = 0`` at start.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...core.build import linear_shape, per_module
+from ...core.registry import MethodSpec, Mixing, register_method
+from ...core.roles import default_targets
+from ...core.unit import Placements
+from .config import LoHaConfig, LycorisConfig
+from .layer import LoHaLinear
+from .peft import LoHaCodec
+
+__all__ = ["LoHaConfig", "LoHaLinear", "LycorisConfig"]
+
+DEFAULT_ROLES = ["q|qkv", "v"]
+
+
+def build(model: nn.Module, config: LoHaConfig) -> Placements:
+    def make(path: str, module: nn.Module):
+        shape = linear_shape(module)
+        if shape is None:
+            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+        fan_in, fan_out, transposed = shape
+        return LoHaLinear(fan_in, fan_out, config.for_module(path), transposed)
+
+    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+
+
+register_method(MethodSpec(
+    "loha", LoHaConfig, build, mergeable=True, identity_at_init=True,
+    summary="Hadamard product of two low-rank products (W1a W1b) * (W2a W2b) added to linear weights",
+    default_lr=2e-3, mixing=Mixing("batched"), peft=LoHaCodec()))

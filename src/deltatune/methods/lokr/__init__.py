@@ -1,0 +1,44 @@
+"""LoKr: a weight change that is the Kronecker product of two small (optionally low-rank) factors.
+
+Yeh et al., 2023, "Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model
+Evaluation" (arXiv:2309.14859), as LyCORIS and peft define it:
+
+    dW = (alpha / r) * kron(W1, W2),   W1: (out_l, in_m),  W2: (out_k, in_n)
+
+with ``out = out_l * out_k`` and ``in = in_m * in_n`` split by ``decompose_factor``, ``W2`` (and
+with ``decompose_both`` ``W1``) a rank-``r`` product when ``r`` is small against its sides.
+``W1`` starts at zero, so ``dW = 0`` at start.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...core.build import linear_shape, per_module
+from ...core.registry import MethodSpec, Mixing, register_method
+from ...core.roles import default_targets
+from ...core.unit import Placements
+from .config import LoKrConfig
+from .layer import LoKrLinear, factorization
+from .peft import LoKrCodec
+
+__all__ = ["LoKrConfig", "LoKrLinear", "factorization"]
+
+DEFAULT_ROLES = ["q|qkv", "v"]
+
+
+def build(model: nn.Module, config: LoKrConfig) -> Placements:
+    def make(path: str, module: nn.Module):
+        shape = linear_shape(module)
+        if shape is None:
+            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+        fan_in, fan_out, transposed = shape
+        return LoKrLinear(fan_in, fan_out, config.for_module(path), transposed)
+
+    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+
+
+register_method(MethodSpec(
+    "lokr", LoKrConfig, build, mergeable=True, identity_at_init=True,
+    summary="Kronecker product of two small (optionally low-rank) factors added to linear weights",
+    default_lr=2e-3, mixing=Mixing("batched"), peft=LoKrCodec()))
