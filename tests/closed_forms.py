@@ -27,3 +27,24 @@ def _tiedlora(model, config, modules):
     own = sum(("u" in config.trainable) * config.r + ("v" in config.trainable) * fan_out
               for _, _, fan_out in kinds.values())
     return shared + own
+
+
+@closed_form("msplora")
+def _msplora(model, config, modules):
+    """r_global (in + out) per kind, r_group (in + out) per kind and group of group_size consecutive
+    blocks, r_layer (in + out) per module."""
+    from deltatune.core.roles import find_roles
+
+    found = find_roles(model)
+    kinds = _kinds_of(model, modules)
+    seen: dict = {}
+    groups = set()
+    for path, kind in kinds.items():
+        block = found.block_of.get(path)
+        layer = found.blocks.index(block) if block is not None else seen.get(kind, 0)
+        seen[kind] = seen.get(kind, 0) + 1
+        groups.add((kind, layer // config.group_size))
+    width = lambda kind: kind[1] + kind[2]  # noqa: E731
+    return (sum(config.r_global * width(k) for k in set(kinds.values()))
+            + sum(config.r_group * width(k) for k, _ in groups)
+            + sum(config.r_layer * width(k) for k in kinds.values()))
