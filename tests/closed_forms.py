@@ -42,3 +42,45 @@ def _lokr(model, config, modules):
         total += r * (out_l + in_m) if low_w1 else out_l * in_m
         total += r * (out_k + in_n) if low_w2 else out_k * in_n
     return total
+def _kinds_of(model, modules):
+    """(role or 'linear', in, out) of each adapted linear module, the role read by deltatune.core.roles."""
+    from deltatune.core.roles import ROLES, find_roles
+
+    found = find_roles(model)
+    role_of = {}
+    for role in ROLES:
+        for path in found.roles.get(role, ()):
+            role_of.setdefault(path, role)
+    return {p: (role_of.get(p, "linear"), *_linear(model.get_submodule(p))) for p in modules if p}
+
+
+@closed_form("tiedlora")
+def _tiedlora(model, config, modules):
+    """A (r x in) and B (out x r) once per kind (role and shape), u (r) and v (out) per module."""
+    kinds = _kinds_of(model, modules)
+    shared = sum(("A" in config.trainable) * config.r * fan_in + ("B" in config.trainable) * fan_out * config.r
+                 for _, fan_in, fan_out in set(kinds.values()))
+    own = sum(("u" in config.trainable) * config.r + ("v" in config.trainable) * fan_out
+              for _, _, fan_out in kinds.values())
+    return shared + own
+
+
+@closed_form("msplora")
+def _msplora(model, config, modules):
+    """r_global (in + out) per kind, r_group (in + out) per kind and group of group_size consecutive
+    blocks, r_layer (in + out) per module."""
+    from deltatune.core.roles import find_roles
+
+    found = find_roles(model)
+    kinds = _kinds_of(model, modules)
+    seen: dict = {}
+    groups = set()
+    for path, kind in kinds.items():
+        block = found.block_of.get(path)
+        layer = found.blocks.index(block) if block is not None else seen.get(kind, 0)
+        seen[kind] = seen.get(kind, 0) + 1
+        groups.add((kind, layer // config.group_size))
+    width = lambda kind: kind[1] + kind[2]  # noqa: E731
+    return (sum(config.r_global * width(k) for k in set(kinds.values()))
+            + sum(config.r_group * width(k) for k, _ in groups)
+            + sum(config.r_layer * width(k) for k in kinds.values()))

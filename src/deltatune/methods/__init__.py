@@ -13,3 +13,5 @@ from . import fusion  # noqa: F401
 from . import full  # noqa: F401
 from . import loha  # noqa: F401
 from . import lokr  # noqa: F401
+from . import tiedlora  # noqa: F401
+from . import msplora  # noqa: F401
