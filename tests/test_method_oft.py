@@ -191,10 +191,14 @@ def test_module_dropout_sets_a_share_of_blocks_to_the_identity_in_training_only(
     unit, size = _random_unit(16, 4, False, 4, module_dropout=0.5)
     eye = torch.eye(size)
     unit.train()
-    identities = sum(torch.equal(block, eye) for block in unit.rotation().detach())
-    assert identities == 2
+    x = torch.randn(5, 16)
+    rotated = unit.rotate_input(x).reshape(5, 4, size)
+    kept = [torch.equal(rotated[:, j], x.reshape(5, 4, size)[:, j]) for j in range(4)]
+    assert sum(kept) == 2  # two of the four blocks left the input as it was
+    assert sum(torch.equal(block, eye) for block in unit.rotation().detach()) == 0  # merging never drops
     unit.eval()
-    assert sum(torch.equal(block, eye) for block in unit.rotation().detach()) == 0
+    assert not any(torch.equal(a, b) for a, b in zip(unit.rotate_input(x).reshape(5, 4, size).unbind(1),
+                                                     x.reshape(5, 4, size).unbind(1)))
 
 
 # ---------------------------------------------------------------------------------------------

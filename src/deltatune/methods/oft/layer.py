@@ -85,15 +85,15 @@ class OFTLinear(WeightDelta):
             with torch.no_grad():
                 self.skew.copy_(coft_projection(self.skew, self.block_size, self.coft_eps))
 
-    def rotation(self) -> torch.Tensor:
-        """The ``(blocks, n, n)`` orthogonal blocks (float32)."""
+    def rotation(self, drop: bool = False) -> torch.Tensor:
+        """The ``(blocks, n, n)`` orthogonal blocks (float32); ``drop``: apply module dropout."""
         upper = self.skew.float()
         if self.coft_eps is not None:
             # the value on the ball, the gradient of the parameter itself (peft projects in place)
             upper = upper + (coft_projection(upper.detach(), self.block_size, self.coft_eps) - upper.detach())
         blocks = cayley(skew_symmetric(upper, self.block_size), self.neumann_terms)
         blocks = blocks.expand(self.blocks, -1, -1)
-        if self.training and self.module_dropout > 0 and self.skew.shape[0] > 1:
+        if drop and self.module_dropout > 0 and self.skew.shape[0] > 1:
             blocks = self._drop_blocks(blocks)
         return blocks
 
@@ -106,7 +106,7 @@ class OFTLinear(WeightDelta):
         return (1 - mask) * blocks + mask * eye
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        rotation = self.rotation()
+        rotation = self.rotation()  # merging and task vectors never drop blocks
         blocked = weight.reshape(weight.shape[0], self.blocks, self.block_size)
         rotated = torch.einsum("ojc,jkc->ojk", blocked, rotation).reshape(weight.shape)
         return rotated - weight
@@ -115,7 +115,7 @@ class OFTLinear(WeightDelta):
         """``x R``, block by block, in float32."""
         x = x.float()
         blocked = x.reshape(*x.shape[:-1], self.blocks, self.block_size)
-        return torch.einsum("...jk,jkc->...jc", blocked, self.rotation()).reshape(x.shape)
+        return torch.einsum("...jk,jkc->...jc", blocked, self.rotation(drop=self.training)).reshape(x.shape)
 
     def forward_post(self, module, args, kwargs, output):
         # W x' - W x without forming W R^T: the input is rotated instead
