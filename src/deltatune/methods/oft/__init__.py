@@ -1,7 +1,7 @@
 """OFT: orthogonal finetuning by block-diagonal rotations of the weights' input side.
 
-Qiu, Liu, Feng, Xue, Feng, Liu, Weller and Schölkopf, 2023, "Controlling Text-to-Image
-Diffusion by Orthogonal Finetuning" (arXiv:2306.07280). Each adapted weight ``W`` (out, in)
+Qiu et al., 2023, "Controlling Text-to-Image Diffusion by Orthogonal Finetuning"
+(arXiv:2306.07280). Each adapted weight ``W`` (out, in)
 becomes ``W R^T`` with ``R = diag(R_1, ..., R_r)`` orthogonal, each block the Cayley transform
 of a skew-symmetric ``Q_i`` that starts at zero (so ``R = I`` and the model is unchanged at
 first). Layout, formulas and options follow peft 0.21.2's OFT, so adapters exchange both ways.
