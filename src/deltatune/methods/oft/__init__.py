@@ -64,6 +64,6 @@ def project_after_step(model: nn.Module, name: str, step: int, total: int) -> No
 register_method(MethodSpec(
     "oft", OFTConfig, build, mergeable=True, identity_at_init=True,
     summary="block-diagonal orthogonal rotation (Cayley transform) of linear weights' input side",
-    default_lr=1e-3,
+    default_lr=5e-3,
     mixing=Mixing("per_delta", reason="a rotation of the input multiplies the weight; each delta runs on its own rows"),
     step_hook=project_after_step, peft=OFTCodec()))
