@@ -385,7 +385,7 @@ def test_recorded_fingerprint_whose_module_digests_match_but_combined_one_does_n
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda c: c.update(r="2"), "field 'r' must be an integer > 0, got '2'"),
+    (lambda c: c.update(r="2"), "field 'r' must be an integer >= 0, got '2'"),
     (lambda c: c.update(lora_alpha="8"), "field 'lora_alpha' must be a number, got '8'"),
     (lambda c: c.update(use_rslora=1), "field 'use_rslora' must be true or false, got 1"),
     (lambda c: c.update(modules_to_save="lm_head"), "field 'modules_to_save' must be a list of strings or null, got 'lm_head'"),

@@ -64,8 +64,8 @@ class PeftAdapterConfig(BaseModel):
     peft_version: str | None = None
     base_model_name_or_path: str | None = None
     modules_to_save: list[str] | None = None
-    # LoRA
-    r: Annotated[int, Field(gt=0)] = 8
+    # LoRA (OFT writes r = 0 for "blocks from oft_block_size"; a LoRA with r = 0 is refused by LoRAConfig)
+    r: Annotated[int, Field(ge=0)] = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     use_rslora: bool = False

@@ -15,3 +15,5 @@ from . import loha  # noqa: F401
 from . import lokr  # noqa: F401
 from . import tiedlora  # noqa: F401
 from . import msplora  # noqa: F401
+from . import oft  # noqa: F401
+from . import ether  # noqa: F401
