@@ -4,3 +4,10 @@ function per method, computed by hand from the adapted modules' shapes (see clos
 from __future__ import annotations
 
 from closed_form import _linear, closed_form  # noqa: F401
+
+
+@closed_form("road")
+def _road(model, config, modules):
+    """RoAd: an angle and a scale per output pair (road_1), per output (road_2), or two per output (road_4)."""
+    per_output = {"road_1": 1, "road_2": 2, "road_4": 4}[config.variant]  # angles + scales per output element
+    return sum(per_output * _linear(model.get_submodule(p))[1] for p in modules)
