@@ -1,6 +1,6 @@
 """RoAd: 2D rotary adaptation of a linear module's outputs.
 
-Liao, Meng and Monz, 2024, "3-in-1: 2D Rotary Adaptation for Efficient Finetuning, Efficient
+Liao et al., 2024, "3-in-1: 2D Rotary Adaptation for Efficient Finetuning, Efficient
 Batching and Composability" (arXiv:2409.00119).
 
 The outputs of an adapted module are split into groups of ``g = group_size``; within a group,
