@@ -21,3 +21,9 @@ def _diablo(model, config, modules):
         fan_in, fan_out = _linear(model.get_submodule(p))
         total += config.num_blocks * (fan_out // config.num_blocks) * (fan_in // config.num_blocks)
     return total
+
+
+@closed_form("paca")
+def _paca(model, config, modules):
+    """PaCA: an (out x k) block of trained columns per module."""
+    return sum(config.k * _linear(model.get_submodule(p))[1] for p in modules)

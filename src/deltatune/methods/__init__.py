@@ -13,3 +13,4 @@ from . import fusion  # noqa: F401
 from . import full  # noqa: F401
 from . import road  # noqa: F401
 from . import diablo  # noqa: F401
+from . import paca  # noqa: F401
