@@ -27,3 +27,9 @@ def _diablo(model, config, modules):
 def _paca(model, config, modules):
     """PaCA: an (out x k) block of trained columns per module."""
     return sum(config.k * _linear(model.get_submodule(p))[1] for p in modules)
+
+
+@closed_form("neuroada")
+def _neuroada(model, config, modules):
+    """NeuroAda: k bypass values per output neuron."""
+    return sum(config.k * _linear(model.get_submodule(p))[1] for p in modules)

@@ -14,3 +14,4 @@ from . import full  # noqa: F401
 from . import road  # noqa: F401
 from . import diablo  # noqa: F401
 from . import paca  # noqa: F401
+from . import neuroada  # noqa: F401
