@@ -55,9 +55,10 @@ def test_bypass_sits_on_each_neurons_largest_weights_and_merges_there(case_name,
         kept = min(weight[o, c].abs() for c in chosen)
         assert all(weight[o, c].abs() <= kept for c in range(fan_in) if c not in chosen)
     dense = _dense_reference(unit, fan_in, fan_out)
-    x = torch.randn(2, 5, fan_in, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), F.linear(x, weight + dense, module.bias), rtol=1e-5, atol=1e-5)
+    for tokens in (1, 5, 40):  # gathered inputs (tokens * k <= in), then the scattered dW in one product
+        x = torch.randn(2, tokens, fan_in, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), F.linear(x, weight + dense, module.bias), rtol=1e-5, atol=1e-5)
     original = module.weight.detach().clone()
     dt.merge(model)
     torch.testing.assert_close(module.weight.detach(), (weight + dense).T if transposed else weight + dense)
