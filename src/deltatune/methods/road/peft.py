@@ -17,7 +17,7 @@ class RoadCodec(PeftCodec):
     ``theta`` / ``alpha`` with the same layout, so tensors travel unchanged."""
 
     peft_type = "ROAD"
-    understood = frozenset({"variant", "group_size", "init_weights", "target_modules", "exclude_modules"})
+    understood = frozenset({"variant", "group_size", "init_weights", "target_modules"})
     refused: ClassVar[dict[str, str]] = {}
     exported_fields = frozenset({"variant", "group_size"})
     carried = ("variant", "group_size")
@@ -41,7 +41,6 @@ class RoadCodec(PeftCodec):
         fields = {
             "variant": config.variant, "group_size": config.group_size, "init_weights": True,
             "target_modules": exact_selector([path for path, _ in sites], module_names, "."),
-            "exclude_modules": None,
         }
         return fields, tensors
 
