@@ -18,48 +18,20 @@ product, so rows of different deltas share a batch cheaply; merged, ``W <- R W``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 from torch import nn
 
 from ...core.build import linear_shape, per_module
-from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import default_targets
 from ...core.unit import Placements
 from ...errors import NotApplicableError
-from .layer import SIZE_PER_OUTPUT, RoadUnit
+from .config import RoadConfig
+from .layer import RoadUnit
 from .peft import RoadCodec
 
 __all__ = ["RoadConfig", "RoadUnit"]
 
 DEFAULT_ROLES = ["q|qkv", "v"]
-
-
-@dataclass(frozen=True)
-class RoadConfig(DeltaConfig):
-    """RoAd on Linear and GPT-2 ``Conv1D`` layers.
-
-    Args:
-        variant: ``road_1`` (one angle and scale per output pair: ``out / 2`` of each),
-            ``road_2`` (per output element: ``out``) or ``road_4`` (separate angle and scale
-            for the cosine and the sine entry: ``2 out``).
-        group_size: outputs are paired within groups of this many (element ``j`` with
-            ``j + group_size / 2``); even, and a divisor of every target's output width.
-    """
-
-    method = "road"
-
-    variant: Literal["road_1", "road_2", "road_4"] = "road_1"
-    group_size: int = 64
-
-    def validate(self) -> None:
-        check(self.variant in SIZE_PER_OUTPUT,
-              f"RoadConfig: field 'variant' must be one of {sorted(SIZE_PER_OUTPUT)}, got {self.variant!r}")
-        check(self.group_size > 0 and self.group_size % 2 == 0,
-              f"RoadConfig: field 'group_size' must be a positive even number (pairs are formed within a group), "
-              f"got {self.group_size}")
 
 
 def build(model: nn.Module, config: RoadConfig) -> Placements:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...core.codec import PeftCodec, Tensors, exact_selector, unsupported_unit
 from ...errors import ConfigError, DeltaFileError
+from .config import RoadConfig
 from .layer import SIZE_PER_OUTPUT, RoadUnit
 
 
@@ -45,8 +46,6 @@ class RoadCodec(PeftCodec):
         return fields, tensors
 
     def import_delta(self, peft_config, tensors):
-        from . import RoadConfig
-
         kinds = {"road_theta": "theta", "road_alpha": "alpha"}
         pattern = re.compile(r"^(.+)\.(road_theta|road_alpha)$")
         sites: dict[str, Tensors] = {}
