@@ -143,3 +143,15 @@ def test_diablo_trains_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
 
 def test_diablo_has_no_peft_format():
     assert dt.get_method("diablo").peft is None and "diagonal" in dt.get_method("diablo").peft_refusal
+
+
+def test_a_mixed_batch_trains_every_routed_delta():
+    case = MODELS["bert"]
+    model = case.build()
+    for name in ("a", "b"):
+        dt.attach(model, DiaBloConfig(num_blocks=4), name=name)
+        _randomise(model, name, ord(name))
+    with dt.route(model, ["a", "b", None]):
+        case.output(model, {"input_ids": torch.randint(1, 100, (3, 5))}).sum().backward()
+    for name in ("a", "b"):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in dt.delta_parameters(model, name))
