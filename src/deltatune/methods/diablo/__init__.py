@@ -114,5 +114,5 @@ def build(model: nn.Module, config: DiaBloConfig) -> Placements:
 register_method(MethodSpec(
     "diablo", DiaBloConfig, build, mergeable=True, identity_at_init=True,
     summary="trainable change of the N diagonal blocks of each weight (DiaBlo)",
-    default_lr=1e-3, mixing=Mixing("batched"),
+    default_lr=3e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no diagonal-block adapter"))

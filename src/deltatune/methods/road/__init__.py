@@ -54,4 +54,4 @@ def build(model: nn.Module, config: RoadConfig) -> Placements:
 register_method(MethodSpec(
     "road", RoadConfig, build, mergeable=True, identity_at_init=True,
     summary="learned 2D rotation and scaling of pairs of a module's outputs (RoAd)",
-    default_lr=3e-3, mixing=Mixing("batched"), peft=RoadCodec()))
+    default_lr=1e-2, mixing=Mixing("batched"), peft=RoadCodec()))
