@@ -282,7 +282,7 @@ def test_import_refuses_peft_options_it_cannot_represent(option, value, tmp_path
     assert dt.list_deltas(model) == []  # nothing attached
 
 
-@pytest.mark.parametrize("peft_config", [lambda: peft.LoHaConfig(r=2, target_modules=["q_proj"]),
+@pytest.mark.parametrize("peft_config", [lambda: peft.HRAConfig(r=2, target_modules=["q_proj"]),
                                          lambda: peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")])
 def test_import_refuses_other_peft_methods(peft_config, tmp_path):
     theirs = _quiet(peft.get_peft_model, MODELS["llama"].build(0), peft_config())

@@ -243,7 +243,7 @@ ARCHITECTURES: dict[str, ModelCase] = {
 }
 
 #: small sizes for any config field of these names, so every method stays tiny
-SMALL = {"r": 4, "bottleneck": 8, "num_virtual_tokens": 3}
+SMALL = {"r": 4, "bottleneck": 8, "num_virtual_tokens": 3, "group_size": 4, "num_blocks": 4, "k": 4}
 
 
 def small_config(method: str, case: ModelCase, **overrides):

@@ -17,3 +17,7 @@ from . import tiedlora  # noqa: F401
 from . import msplora  # noqa: F401
 from . import oft  # noqa: F401
 from . import ether  # noqa: F401
+from . import road  # noqa: F401
+from . import diablo  # noqa: F401
+from . import paca  # noqa: F401
+from . import neuroada  # noqa: F401
