@@ -4,3 +4,8 @@ function per method, computed by hand from the adapted modules' shapes (see clos
 from __future__ import annotations
 
 from closed_form import _linear, closed_form  # noqa: F401
+
+
+@closed_form("loraxs")
+def _loraxs(model, config, modules):
+    return len(modules) * config.r * config.r  # one r x r matrix per module; the SVD factors are frozen

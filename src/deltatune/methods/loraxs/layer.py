@@ -1,0 +1,96 @@
+"""The LoRA-XS unit, and the truncated SVD of a base weight that LoRA-XS, EDoRA and ABBA start from."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...core.build import first_input
+from ...core.rows import as_rows, gathered
+from ...core.shapes import linear_shape, weight_as_out_in
+from ...core.slot import get_slot
+from ...core.weight_delta import WeightDelta
+from ...errors import NotApplicableError
+from ..lora.layer import add_lora
+
+
+def check_rank(method: str, path: str, module: nn.Module, rank: int, field: str = "r") -> None:
+    """Refuse a rank the module's weight cannot hold: a truncated SVD of an ``(out, in)`` weight
+    has at most ``min(in, out)`` components.
+
+    Raises:
+        NotApplicableError: naming the module, its type and shape, the rank and the fix.
+    """
+    fan_in, fan_out, _ = linear_shape(module)
+    if rank > min(fan_in, fan_out):
+        raise NotApplicableError(
+            f"{method} cannot adapt {path!r} ({type(module).__name__}, weight (out, in) = ({fan_out}, {fan_in})): "
+            f"{field}={rank} exceeds min(in, out) = {min(fan_in, fan_out)}, the most singular vectors it has; "
+            f"lower {field} or exclude the module")
+
+
+def truncated_svd(module: nn.Module, transposed: bool, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``rank`` singular triplets of the module's ``(out, in)`` weight, computed in float32:
+    ``U_r (out, r)``, ``S_r (r,)``, ``Vh_r (r, in)`` with ``W ~ U_r diag(S_r) Vh_r``."""
+    with torch.no_grad():
+        weight = weight_as_out_in(module, transposed).detach().float()
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+    return U[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous()
+
+
+class LoRAXSLinear(WeightDelta):
+    """``dW = s * B R A`` (Bałazy et al., 2024) with ``B = U_r`` and ``A = diag(S_r) V_r^T`` frozen
+    from the truncated SVD of the base weight ``W = U S V^T``, and only ``R (r, r)`` trained.
+
+    The singular values sit on the input side (``A``), as in the authors' code. ``A`` and ``B``
+    are buffers saved with the delta, so a loaded delta needs no SVD of its base.
+    """
+
+    def __init__(self, module: nn.Module, fan_in: int, fan_out: int, r: int, scaling: float, transposed: bool):
+        super().__init__(fan_in, fan_out, transposed)
+        self.scaling = scaling
+        U, S, Vh = truncated_svd(module, transposed, r)
+        self.register_buffer("B", U)
+        self.register_buffer("A", S.unsqueeze(1) * Vh)
+        self.R = nn.Parameter(torch.zeros(r, r))
+
+    def up(self) -> torch.Tensor:
+        """``B R``, ``(out, r)``: the trained part folded into the frozen output factor."""
+        return self.B @ self.R
+
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self.up() @ self.A * self.scaling
+
+    def forward_post(self, module, args, kwargs, output):
+        x = first_input(args, kwargs)
+        if output.dtype != self.R.dtype:
+            update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(self.R.dtype), self.A), self.up())
+            return output + (update * self.scaling).to(output.dtype)
+        return add_lora(output, x, self.A, self.up(), self.scaling)
+
+    @classmethod
+    def mixed_post(cls, units, module, args, kwargs, output, routing):
+        """Row ``i`` gets ``s_i B_i R_i A_i x``: two batched products over per-row stacked
+        ``A^T`` and ``s (B R)^T`` (ranks padded with zeros; base rows get zero factors)."""
+        batch = routing.index.numel()
+        cache = get_slot(module).mixed_cache
+        down = gathered(units, routing.index, lambda u: u.A.T, 0.0, cache, "loraxs_A_t")  # (batch, in, r)
+        up = gathered(units, routing.index, lambda u: u.up().T * u.scaling, 0.0, cache, "loraxs_up_t")  # (batch, r, out)
+        x = as_rows(first_input(args, kwargs), batch).to(down.dtype)
+        changed = torch.baddbmm(as_rows(output, batch).to(down.dtype), torch.bmm(x, down), up)
+        return changed.view(output.shape).to(output.dtype)
+
+    def low_rank_update(self):
+        return (self.up() * self.scaling).detach(), self.A.detach(), self.transposed
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"R": self.R.detach(), "A": self.A, "B": self.B}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = {"R": self.R, "A": self.A, "B": self.B}
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(value)
+
+    def extra_repr(self) -> str:
+        return f"r={self.R.shape[0]}, scaling={self.scaling:g}, " + super().extra_repr()
