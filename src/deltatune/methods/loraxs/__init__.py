@@ -61,7 +61,7 @@ def build(model: nn.Module, config: LoRAXSConfig) -> Placements:
             return f"{type(module).__name__} is not a Linear or Conv1D layer"
         check_rank("loraxs", path, module, config.r)
         fan_in, fan_out, transposed = shape
-        return LoRAXSLinear(module, fan_in, fan_out, config.r, config.scaling, transposed)
+        return LoRAXSLinear(fan_in, fan_out, config.r, config.scaling, transposed)
 
     return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
 

@@ -43,16 +43,30 @@ class LoRAXSLinear(WeightDelta):
     from the truncated SVD of the base weight ``W = U S V^T``, and only ``R (r, r)`` trained.
 
     The singular values sit on the input side (``A``), as in the authors' code. ``A`` and ``B``
-    are buffers saved with the delta, so a loaded delta needs no SVD of its base.
+    are buffers saved with the delta: a delta attached fresh takes them from its module's SVD
+    when installed (:meth:`attached`); a loaded one keeps the saved ones and computes no SVD.
     """
 
-    def __init__(self, module: nn.Module, fan_in: int, fan_out: int, r: int, scaling: float, transposed: bool):
+    def __init__(self, fan_in: int, fan_out: int, r: int, scaling: float, transposed: bool = False):
         super().__init__(fan_in, fan_out, transposed)
         self.scaling = scaling
-        U, S, Vh = truncated_svd(module, transposed, r)
-        self.register_buffer("B", U)
-        self.register_buffer("A", S.unsqueeze(1) * Vh)
+        self.register_buffer("B", torch.zeros(fan_out, r))
+        self.register_buffer("A", torch.zeros(r, fan_in))
         self.R = nn.Parameter(torch.zeros(r, r))
+        #: the factors still have to come from the base weight (not yet taken, nor loaded)
+        self.needs_factors = True
+
+    def take_factors(self, module: nn.Module) -> None:
+        """Set ``B`` and ``A`` from the truncated SVD of ``module``'s weight."""
+        U, S, Vh = truncated_svd(module, self.transposed, self.R.shape[0])
+        with torch.no_grad():
+            self.B.copy_(U)
+            self.A.copy_(S.unsqueeze(1) * Vh)
+        self.needs_factors = False
+
+    def attached(self, module, model):
+        if self.needs_factors:
+            self.take_factors(module)
 
     def up(self) -> torch.Tensor:
         """``B R``, ``(out, r)``: the trained part folded into the frozen output factor."""
@@ -91,6 +105,7 @@ class LoRAXSLinear(WeightDelta):
         with torch.no_grad():
             for name, value in tensors.items():
                 own[name].copy_(value)
+        self.needs_factors = self.needs_factors and not {"A", "B"} <= set(tensors)
 
     def extra_repr(self) -> str:
         return f"r={self.R.shape[0]}, scaling={self.scaling:g}, " + super().extra_repr()
