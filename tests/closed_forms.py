@@ -9,3 +9,9 @@ from closed_form import _linear, closed_form  # noqa: F401
 @closed_form("loraxs")
 def _loraxs(model, config, modules):
     return len(modules) * config.r * config.r  # one r x r matrix per module; the SVD factors are frozen
+
+
+@closed_form("edora")
+def _edora(model, config, modules):
+    # an r x r matrix and a magnitude per output for each module
+    return sum(config.r * config.r + _linear(model.get_submodule(p))[1] for p in modules)

@@ -22,9 +22,9 @@ from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import default_targets
 from ...core.unit import Placements
-from .layer import LoRAXSLinear, check_rank, truncated_svd
+from .layer import LoRAXSLinear, check_rank, mixed_update, truncated_svd
 
-__all__ = ["LoRAXSConfig", "LoRAXSLinear", "check_rank", "truncated_svd"]
+__all__ = ["LoRAXSConfig", "LoRAXSLinear", "check_rank", "mixed_update", "truncated_svd"]
 
 DEFAULT_ROLES = ["q|qkv", "v"]
 
@@ -46,8 +46,8 @@ class LoRAXSConfig(DeltaConfig):
     alpha: float = 16.0
 
     def validate(self) -> None:
-        check(self.r > 0, f"LoRA-XS field 'r' must be a positive integer, got {self.r!r}; try r=8")
-        check(self.alpha > 0, f"LoRA-XS field 'alpha' must be positive, got {self.alpha!r}; try alpha=16")
+        check(self.r > 0, f"{self.method} field 'r' must be a positive integer, got {self.r!r}; try r=8")
+        check(self.alpha > 0, f"{self.method} field 'alpha' must be positive, got {self.alpha!r}; try alpha=16")
 
     @property
     def scaling(self) -> float:

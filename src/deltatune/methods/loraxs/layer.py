@@ -84,15 +84,7 @@ class LoRAXSLinear(WeightDelta):
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
-        """Row ``i`` gets ``s_i B_i R_i A_i x``: two batched products over per-row stacked
-        ``A^T`` and ``s (B R)^T`` (ranks padded with zeros; base rows get zero factors)."""
-        batch = routing.index.numel()
-        cache = get_slot(module).mixed_cache
-        down = gathered(units, routing.index, lambda u: u.A.T, 0.0, cache, "loraxs_A_t")  # (batch, in, r)
-        up = gathered(units, routing.index, lambda u: u.up().T * u.scaling, 0.0, cache, "loraxs_up_t")  # (batch, r, out)
-        x = as_rows(first_input(args, kwargs), batch).to(down.dtype)
-        changed = torch.baddbmm(as_rows(output, batch).to(down.dtype), torch.bmm(x, down), up)
-        return changed.view(output.shape).to(output.dtype)
+        return mixed_update(units, module, first_input(args, kwargs), output, routing)
 
     def low_rank_update(self):
         return (self.up() * self.scaling).detach(), self.A.detach(), self.transposed
@@ -109,3 +101,17 @@ class LoRAXSLinear(WeightDelta):
 
     def extra_repr(self) -> str:
         return f"r={self.R.shape[0]}, scaling={self.scaling:g}, " + super().extra_repr()
+
+
+def mixed_update(units, module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing) -> torch.Tensor:
+    """``output + s_i B_i R_i A_i x`` for each row ``i`` with its own unit's factors, shaped like
+    ``output``: two batched products over per-row stacked ``A^T`` and ``s (B R)^T`` (ranks padded
+    with zeros; rows of the base, or of units of another class, get zero factors)."""
+    batch = routing.index.numel()
+    cache = get_slot(module).mixed_cache
+    key = type(next(u for u in units if u is not None)).__name__
+    down = gathered(units, routing.index, lambda u: u.A.T, 0.0, cache, f"{key}_A_t")  # (batch, in, r)
+    up = gathered(units, routing.index, lambda u: u.up().T * u.scaling, 0.0, cache, f"{key}_up_t")  # (batch, r, out)
+    rows = as_rows(x, batch).to(down.dtype)
+    changed = torch.baddbmm(as_rows(output, batch).to(down.dtype), torch.bmm(rows, down), up)
+    return changed.view(output.shape).to(output.dtype)
