@@ -15,3 +15,9 @@ def _loraxs(model, config, modules):
 def _edora(model, config, modules):
     # an r x r matrix and a magnitude per output for each module
     return sum(config.r * config.r + _linear(model.get_submodule(p))[1] for p in modules)
+
+
+@closed_form("abba")
+def _abba(model, config, modules):
+    # two trained pairs B_k (out, r_k), A_k (r_k, in) per module
+    return sum((config.r1 + config.r2) * sum(_linear(model.get_submodule(p))) for p in modules)

@@ -13,3 +13,4 @@ from . import fusion  # noqa: F401
 from . import full  # noqa: F401
 from . import loraxs  # noqa: F401
 from . import edora  # noqa: F401
+from . import abba  # noqa: F401

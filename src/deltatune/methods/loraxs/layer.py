@@ -72,6 +72,10 @@ class LoRAXSLinear(WeightDelta):
         """``B R``, ``(out, r)``: the trained part folded into the frozen output factor."""
         return self.B @ self.R
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s B R, A)``: the update as one ``(out, r)`` by ``(r, in)`` product (with grad)."""
+        return self.up() * self.scaling, self.A
+
     def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.up() @ self.A * self.scaling
 
@@ -87,7 +91,8 @@ class LoRAXSLinear(WeightDelta):
         return mixed_update(units, module, first_input(args, kwargs), output, routing)
 
     def low_rank_update(self):
-        return (self.up() * self.scaling).detach(), self.A.detach(), self.transposed
+        up, down = self.factors()
+        return up.detach(), down.detach(), self.transposed
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         return {"R": self.R.detach(), "A": self.A, "B": self.B}
@@ -104,14 +109,15 @@ class LoRAXSLinear(WeightDelta):
 
 
 def mixed_update(units, module: nn.Module, x: torch.Tensor, output: torch.Tensor, routing) -> torch.Tensor:
-    """``output + s_i B_i R_i A_i x`` for each row ``i`` with its own unit's factors, shaped like
-    ``output``: two batched products over per-row stacked ``A^T`` and ``s (B R)^T`` (ranks padded
-    with zeros; rows of the base, or of units of another class, get zero factors)."""
+    """``output + U_i D_i x`` for each row ``i``, with ``(U_i, D_i) = units[i].factors()`` (an
+    ``(out, k)`` by ``(k, in)`` product, scaling in ``U``), shaped like ``output``: two batched
+    products over per-row stacked ``D^T`` and ``U^T`` (``k`` padded with zeros to the largest;
+    rows of the base, or of units of another class, get zero factors)."""
     batch = routing.index.numel()
     cache = get_slot(module).mixed_cache
     key = type(next(u for u in units if u is not None)).__name__
-    down = gathered(units, routing.index, lambda u: u.A.T, 0.0, cache, f"{key}_A_t")  # (batch, in, r)
-    up = gathered(units, routing.index, lambda u: u.up().T * u.scaling, 0.0, cache, f"{key}_up_t")  # (batch, r, out)
+    down = gathered(units, routing.index, lambda u: u.factors()[1].T, 0.0, cache, f"{key}_down_t")  # (batch, in, k)
+    up = gathered(units, routing.index, lambda u: u.factors()[0].T, 0.0, cache, f"{key}_up_t")  # (batch, k, out)
     rows = as_rows(x, batch).to(down.dtype)
     changed = torch.baddbmm(as_rows(output, batch).to(down.dtype), torch.bmm(rows, down), up)
     return changed.view(output.shape).to(output.dtype)
