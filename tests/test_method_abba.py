@@ -148,3 +148,12 @@ def test_train_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
                  "--no-progress", "--method", "abba", "--r1", "2", "--r2", "3", "--out", str(out)]) == 0
     config = json.loads((out / "delta.json").read_text())["config"]
     assert config["method"] == "abba" and (config["r1"], config["r2"]) == (2, 3)
+
+
+def test_peft_export_is_refused_with_the_reason(tmp_path):
+    from deltatune.interop.peft import save_peft
+
+    model = MODELS["bert"].build()
+    dt.attach(model, ABBAConfig())
+    with pytest.raises(dt.ConfigError, match="cannot export a 'abba' delta to peft: peft has no .*LoHa"):
+        save_peft(model, tmp_path / "peft")

@@ -147,3 +147,12 @@ def test_train_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
                  "--no-progress", "--method", "edora", "--r", "3", "--out", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["method"] == "edora"
     assert json.loads((out / "delta.json").read_text())["config"]["r"] == 3
+
+
+def test_peft_export_is_refused_with_the_reason(tmp_path):
+    from deltatune.interop.peft import save_peft
+
+    model = MODELS["bert"].build()
+    dt.attach(model, EDoRAConfig(r=2))
+    with pytest.raises(dt.ConfigError, match="cannot export a 'edora' delta to peft: peft has no .*EDoRA"):
+        save_peft(model, tmp_path / "peft")

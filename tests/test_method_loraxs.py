@@ -168,3 +168,12 @@ def test_train_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
     assert metrics["method"] == "loraxs"
     config = json.loads((out / "delta.json").read_text())["config"]
     assert config["r"] == 3 and config["alpha"] == 6.0
+
+
+def test_peft_export_is_refused_with_the_reason(tmp_path):
+    from deltatune.interop.peft import save_peft
+
+    model = MODELS["bert"].build()
+    dt.attach(model, LoRAXSConfig(r=2))
+    with pytest.raises(dt.ConfigError, match="cannot export a 'loraxs' delta to peft: peft has no .*LoRA-XS"):
+        save_peft(model, tmp_path / "peft")
