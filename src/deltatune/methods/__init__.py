@@ -21,3 +21,6 @@ from . import road  # noqa: F401
 from . import diablo  # noqa: F401
 from . import paca  # noqa: F401
 from . import neuroada  # noqa: F401
+from . import loraxs  # noqa: F401
+from . import edora  # noqa: F401
+from . import abba  # noqa: F401
