@@ -4,3 +4,14 @@ function per method, computed by hand from the adapted modules' shapes (see clos
 from __future__ import annotations
 
 from closed_form import _linear, closed_form  # noqa: F401
+
+
+@closed_form("adalora")
+def _adalora(model, config, modules):
+    """Q (r x in), lambda (r), P (out x r) per module, r from rank_pattern else init_r."""
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        rank = (config.rank_pattern or {}).get(path, config.init_r)
+        total += rank * fan_in + rank + fan_out * rank
+    return total

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.config import SCHEMA_VERSION, DeltaConfig
 from ..version import __version__
-from ..core.inject import build_placements, check_name_free, install
+from ..core.inject import build_placements, check_name_free, install, saved_config
 from ..core.params import tensor_key
 from ..core.registry import config_from_dict
 from ..core.report import AttachReport
@@ -125,7 +125,7 @@ def save(
     for key, value in tensors.items():
         if not torch.isfinite(value).all():
             raise DeltaFileError(f"delta {name!r} tensor {key!r} holds NaN or inf; not saved (training diverged?)")
-    config = state.configs[name].for_saving()
+    config = saved_config(model, name)
     meaning = meaning_of(model, name, labels, task)
     tensor_file = directory / TENSORS_FILE
     with atomic_path(tensor_file) as tmp:
