@@ -20,6 +20,7 @@ from ...core.build import linear_shape, per_module
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import default_targets
 from ...core.unit import Placements
+from ...errors import TargetError
 from .allocator import allocate, kept_ranks, penalty
 from .config import AdaLoRAConfig
 from .layer import AdaLoRALinear
@@ -38,7 +39,12 @@ def build(model: nn.Module, config: AdaLoRAConfig) -> Placements:
         fan_in, fan_out, transposed = shape
         return AdaLoRALinear(fan_in, fan_out, config.rank_at(path), config, transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    placements = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    unknown = sorted(set(config.rank_pattern or {}) - {p.path for p in placements})
+    if unknown:
+        raise TargetError(f"adalora rank_pattern names {unknown[:3]}, which the delta does not adapt in "
+                          f"{type(model).__name__}; rank_pattern keys are full paths of adapted modules")
+    return placements
 
 
 register_method(MethodSpec(

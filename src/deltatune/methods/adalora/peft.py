@@ -25,6 +25,8 @@ class AdaLoraCodec(PeftCodec):
     peft_type = "ADALORA"
     understood = frozenset({"r", "lora_alpha", "lora_dropout", "init_lora_weights", "fan_in_fan_out", "rank_pattern",
                             "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                            # LoraConfig fields peft fills with defaults that do not change the adapter
+                            "megatron_core", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config",
                             *_CARRIED.values()})
     refused: ClassVar[dict[str, str]] = {
         "bias": "it trains the base model's biases, which an AdaLoRA delta does not hold (train a BitFit delta for that)",
