@@ -15,3 +15,9 @@ def _adalora(model, config, modules):
         rank = (config.rank_pattern or {}).get(path, config.init_r)
         total += rank * fan_in + rank + fan_out * rank
     return total
+
+
+@closed_form("dylora")
+def _dylora(model, config, modules):
+    """A (r x in) and B (out x r) per module: every rank up to r shares them."""
+    return sum(config.r * sum(_linear(model.get_submodule(path))) for path in modules)

@@ -222,18 +222,41 @@ def test_a_saved_delta_records_the_kept_ranks_and_reloads_exactly(tmp_path):
     assert dt.read_meta(tmp_path / "again")["config"] == meta["config"]
 
 
-def test_resuming_from_a_checkpoint_gives_the_uninterrupted_delta(tmp_path, monkeypatch):
+def _encoded(folder, rows):
     import transformers
 
     from deltatune.data.datasets import Example
-    from deltatune.train import loop
     from deltatune.train.batches import encode
 
-    vocab = tmp_path / "vocab.txt"
+    vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(95)]]))
     tokenizer = transformers.BertTokenizer(str(vocab))
-    data = encode([Example(" ".join(f"w{(i * 7 + j) % 95}" for j in range(6)), "abc"[i % 3]) for i in range(40)],
+    return encode([Example(" ".join(f"w{(i * 7 + j) % 95}" for j in range(6)), "abc"[i % 3]) for i in range(rows)],
                   tokenizer, "classification", 10, ["a", "b", "c"])
+
+
+def test_the_training_loop_adds_the_penalty_and_the_allocator_sees_gradients(tmp_path):
+    from deltatune.train import loop
+
+    data = _encoded(tmp_path, 8)
+    model = BERT.build()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    dt.attach(model, AdaLoRAConfig(init_r=4, target_r=2, total_step=10, targets=["query", "value"]), name="x")
+    _randomise(model, "x")
+    batch = data.collate(list(range(8)))
+    with torch.no_grad():
+        expected = model(**batch).loss + loss_terms(model)
+    result = loop.train(model, data, loop.Settings(steps=1, batch_size=8, lr=1e-3, progress=False))
+    assert result["history"].train[0][1] == pytest.approx(expected.item(), abs=1e-5)
+    assert all(unit.sensitivity_lora_E.abs().sum() > 0 for unit in _units(model).values())
+
+
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_delta(tmp_path, monkeypatch):
+    from deltatune.train import loop
+
+    data = _encoded(tmp_path, 40)
     settings = loop.Settings(steps=12, batch_size=8, lr=1e-2, save_every=4, progress=False)
     config = AdaLoRAConfig(init_r=4, target_r=2, tinit=1, tfinal=2, targets=["query", "value"], delta_t=2)
 
