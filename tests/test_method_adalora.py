@@ -357,6 +357,18 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path):
     torch.testing.assert_close(BERT.output(again), BERT.output(model), rtol=0, atol=1e-6)
 
 
+def test_export_then_import_gives_back_the_delta(tmp_path):
+    pytest.importorskip("peft")
+    model = _allocated()
+    dt.save(model, tmp_path / "d")
+    export_peft(tmp_path / "d", tmp_path / "p", BERT.build())
+    import_peft(tmp_path / "p", tmp_path / "back", BERT.build())
+    assert dt.read_meta(tmp_path / "back")["config"] == dt.read_meta(tmp_path / "d")["config"]
+    again = BERT.build()
+    dt.load(again, tmp_path / "back")
+    torch.testing.assert_close(BERT.output(again.eval()), BERT.output(model), rtol=0, atol=1e-6)
+
+
 def test_a_peft_adapter_imports_with_equal_outputs(tmp_path):
     peft = pytest.importorskip("peft")
     _, theirs = _peft_pair()

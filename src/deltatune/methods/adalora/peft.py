@@ -38,7 +38,8 @@ class AdaLoraCodec(PeftCodec):
         "target_parameters": "it puts adapters on raw parameters (mixture-of-experts weights); deltatune adapts modules",
     }
     exported_fields = frozenset({"alpha", "dropout", "rank_pattern", "init", *_CARRIED})  # init: the start only
-    carried = ("alpha", "dropout", *_CARRIED)
+    # total_step is left out: an export writes a stand-in when the config leaves it to the run
+    carried = ("alpha", "dropout", *(field for field in _CARRIED if field != "total_step"))
 
     def export_delta(self, config, sites, module_names):
         tensors: Tensors = {}
