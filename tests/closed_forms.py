@@ -147,3 +147,18 @@ def _edora(model, config, modules):
 def _abba(model, config, modules):
     # two trained pairs B_k (out, r_k), A_k (r_k, in) per module
     return sum((config.r1 + config.r2) * sum(_linear(model.get_submodule(p))) for p in modules)
+@closed_form("adalora")
+def _adalora(model, config, modules):
+    """Q (r x in), lambda (r), P (out x r) per module, r from rank_pattern else init_r."""
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        rank = (config.rank_pattern or {}).get(path, config.init_r)
+        total += rank * fan_in + rank + fan_out * rank
+    return total
+
+
+@closed_form("dylora")
+def _dylora(model, config, modules):
+    """A (r x in) and B (out x r) per module: every rank up to r shares them."""
+    return sum(config.r * sum(_linear(model.get_submodule(path))) for path in modules)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.inject import delete, install, list_deltas, set_active
+from .core.inject import delete, install, list_deltas, saved_config, set_active
 from .core.params import delta_parameters, tensor_key
 from .core.slot import get_state, require_state, slot_sites
 from .core.unit import DeltaUnit, Placement
@@ -60,7 +60,7 @@ def _live_tensors(model: nn.Module, name: str) -> dict[str, tuple[DeltaUnit, str
 def _mismatch(model: nn.Module, name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str | None:
     """Why the saved delta cannot be copied into the live one's units, or ``None`` if it can."""
     state = require_state(model)
-    live_config = json.loads(json.dumps(state.configs[name].for_saving().to_dict()))
+    live_config = json.loads(json.dumps(saved_config(model, name).to_dict()))
     if live_config != meta["config"]:
         changed = sorted(k for k in set(live_config) | set(meta["config"]) if live_config.get(k) != meta["config"].get(k))
         return f"the config differs in {changed}"

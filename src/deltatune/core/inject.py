@@ -6,6 +6,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
 from ..errors import DeltaStateError, TargetError
@@ -178,7 +179,9 @@ def remove_all(model: nn.Module) -> None:
 
 def after_step(model: nn.Module, step: int, total: int) -> None:
     """Run every delta's per-step training hook (``MethodSpec.step_hook``: rank allocation,
-    rank sampling, ...) after optimizer step ``step`` of ``total``. Training loops call this."""
+    rank sampling, ...) after optimizer step ``step`` of ``total``. Training loops call this
+    after ``optimizer.step()`` and before ``optimizer.zero_grad()``: hooks may read the step's
+    gradients."""
     state = get_state(model)
     if state is None:
         return
@@ -186,6 +189,34 @@ def after_step(model: nn.Module, step: int, total: int) -> None:
         hook = get_method(config.method).step_hook
         if hook is not None:
             hook(model, name, step, total)
+
+
+def loss_terms(model: nn.Module) -> torch.Tensor | None:
+    """The sum of every delta's training loss term (``MethodSpec.loss_term``: AdaLoRA's
+    orthogonality penalty, ...), or ``None`` when no delta adds one. Training loops add it to
+    the loss before ``backward``."""
+    state = get_state(model)
+    if state is None:
+        return None
+    total = None
+    for name, config in list(state.configs.items()):
+        term = get_method(config.method).loss_term
+        value = term(model, name) if term is not None else None
+        if value is not None:
+            total = value if total is None else total + value
+    return total
+
+
+def saved_config(model: nn.Module, name: str) -> DeltaConfig:
+    """The config a saved or exported delta ``name`` records: its config's ``for_saving()``,
+    completed from the live units by the method's ``saved_config`` when it has one."""
+    state = require_state(model)
+    state.require(name)
+    config = state.configs[name].for_saving()
+    complete = get_method(config.method).saved_config
+    if complete is None:
+        return config
+    return complete(config, [(path, slot[name]) for path, _, slot in slot_sites(model) if name in slot])
 
 
 def list_deltas(model: nn.Module) -> list[str]:

@@ -23,14 +23,20 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .config import DeltaConfig
-    from .unit import Placement
+    from .unit import DeltaUnit, Placement
 
 BuildFn = Callable[["nn.Module", "DeltaConfig"], "list[Placement]"]
-#: called after every optimizer step with (model, delta name, step just done, total steps)
+#: called after every optimizer step, before the gradients are cleared, with (model, delta name,
+#: step just done, total steps)
 StepHook = Callable[["nn.Module", str, int, int], None]
+#: (model, delta name) -> a term added to the training loss (a regulariser), or ``None``
+LossTerm = Callable[["nn.Module", str], "torch.Tensor | None"]
+#: (config, [(site path, unit), ...]) -> the config a saved or exported delta records
+SavedConfig = Callable[["DeltaConfig", "list[tuple[str, DeltaUnit]]"], "DeltaConfig"]
 PLUGIN_GROUP = "deltatune.methods"
 PLUGIN_ENV = "DELTATUNE_PLUGINS"
 
@@ -79,7 +85,12 @@ class MethodSpec:
         targeted: whether its deltas go where ``targets`` say (prompt tuning and the head
             take no targets).
         trains_base: not a delta at all: the job trains every base parameter (full fine-tuning).
-        step_hook: called after each optimizer step for each delta of this method.
+        step_hook: called after each optimizer step (its gradients still in place) for each
+            delta of this method (rank allocation, rank sampling).
+        loss_term: ``loss_term(model, name)``: a term the training loops add to the loss for
+            each delta of this method (a regulariser), or ``None`` for none at this step.
+        saved_config: ``saved_config(config, sites)``: the config a saved or exported delta
+            records, when it depends on the trained units (the ranks a rank allocation kept).
         peft: the codec that exports and imports this method in peft's format, else ``None``.
         peft_refusal: why the method has no peft format (when ``peft`` is ``None``).
         reference: set on the comparison's reference points (``"floor"``: the least a method
@@ -99,6 +110,8 @@ class MethodSpec:
     targeted: bool = True
     trains_base: bool = False
     step_hook: StepHook | None = None
+    loss_term: LossTerm | None = None
+    saved_config: SavedConfig | None = None
     peft: Any = None
     peft_refusal: str = "peft has no matching adapter type"
     reference: Literal["", "floor", "ceiling"] = ""

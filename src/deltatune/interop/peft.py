@@ -27,11 +27,12 @@ from ..core.inject import (
     delete,
     install,
     list_deltas,
+    saved_config,
 )
 from ..core.registry import config_from_dict
 from ..core.report import AttachReport
 from ..core.saved_module import SavedModule
-from ..core.slot import SLOT_ATTR, require_state, slot_sites
+from ..core.slot import SLOT_ATTR, slot_sites
 from ..core.unit import Placement
 from ..errors import ConfigError, DeltaError, DeltaFileError
 from ..io.artifact import Check, load, read_config, read_meta, resolve_delta_name, save
@@ -74,7 +75,7 @@ def save_peft(model: nn.Module, directory: str | Path, name: str | None = None, 
         >>> save_peft(model, "out/peft")  # then peft.PeftModel.from_pretrained(base, "out/peft")
     """
     name = resolve_delta_name(model, name, "export")
-    config = require_state(model).configs[name].for_saving()
+    config = saved_config(model, name)
     codec = check_exportable(config)
     sites, saved = [], []
     for path, _, slot in slot_sites(model):

@@ -71,7 +71,8 @@ class PeftAdapterConfig(BaseModel):
     use_rslora: bool = False
     use_dora: bool = False
     init_lora_weights: bool | str = True
-    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
+    #: LoRA: a rank per module pattern; AdaLoRA: the kept singular values per module (booleans)
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)] | list[bool]] | None = None
     # (IA)3
     feedforward_modules: str | list[str] | None = None
     # prompt tuning

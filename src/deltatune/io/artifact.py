@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.config import SCHEMA_VERSION, DeltaConfig
 from ..version import __version__
-from ..core.inject import build_placements, check_name_free, install
+from ..core.inject import build_placements, check_name_free, install, saved_config
 from ..core.params import tensor_key
 from ..core.registry import config_from_dict
 from ..core.report import AttachReport
@@ -125,7 +125,7 @@ def save(
     for key, value in tensors.items():
         if not torch.isfinite(value).all():
             raise DeltaFileError(f"delta {name!r} tensor {key!r} holds NaN or inf; not saved (training diverged?)")
-    config = state.configs[name].for_saving()
+    config = saved_config(model, name)
     meaning = meaning_of(model, name, labels, task)
     tensor_file = directory / TENSORS_FILE
     with atomic_path(tensor_file) as tmp:
@@ -271,6 +271,7 @@ def load(
     check: Check = "strict",
     activate: bool = True,
     saved_modules: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> AttachReport:
     """Rebuild a saved delta on ``model`` (a fresh base) and load its tensors.
 
@@ -282,6 +283,9 @@ def load(
         activate: make it the only active delta.
         saved_modules: ``False`` leaves out the modules the delta trains whole (its head), so
             a delta of another task's label count loads for its body alone (e.g. to merge it).
+        overrides: config fields to change on loading, for options a method lets a user pick
+            after training (DyLoRA's ``eval_rank``); checked like the config itself, and a
+            field that changes the tensors' shapes fails as a mismatch.
 
     Raises:
         FingerprintError: the delta was made for another base (``check="strict"``).
@@ -298,6 +302,8 @@ def load(
         left_out = tuple(f"{path}." for path in meta.get("modules_to_save", []))
         tensors = {key: value for key, value in tensors.items() if not key.startswith(left_out)}
     config = read_config(directory, meta)
+    if overrides:
+        config = _overridden(config, overrides)
     sites = [p for p in meta["sites"] if p]
     exact = config.replace(
         targets=_exact(sites) if sites else config.targets,
@@ -328,6 +334,14 @@ def load(
     report = install(model, name, config, placements, activate=activate)
     remember(model, name, from_meta(meta))
     return report
+
+
+def _overridden(config: DeltaConfig, overrides: dict[str, Any]) -> DeltaConfig:
+    fields = set(config.to_dict()) - {"method", "schema_version"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"overrides {unknown} are not fields of {type(config).__name__}; valid: {sorted(fields)}")
+    return config.replace(**overrides)
 
 
 def head_rows(meta: dict[str, Any]) -> int | None:

@@ -24,3 +24,5 @@ from . import neuroada  # noqa: F401
 from . import loraxs  # noqa: F401
 from . import edora  # noqa: F401
 from . import abba  # noqa: F401
+from . import adalora  # noqa: F401
+from . import dylora  # noqa: F401

@@ -1,7 +1,7 @@
 """Training checkpoints that survive ``kill -9``.
 
-A checkpoint is ``checkpoint/step-NNNNNNN.safetensors`` (trainable tensors, optimizer
-state, RNG state) plus ``checkpoint/latest.json`` naming it, with its SHA-256. The tensor
+A checkpoint is ``checkpoint/step-NNNNNNN.safetensors`` (trainable tensors, the deltas'
+buffers (a rank allocator's running statistics and masks), optimizer state, RNG state) plus ``checkpoint/latest.json`` naming it, with its SHA-256. The tensor
 file is written first and the JSON last, both atomically, so ``latest.json`` always names
 a complete file; older step files are removed only after the JSON points past them.
 """
@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ..core.slot import slot_sites
 from ..errors import DeltaFileError
 from ..io.artifact import file_sha256
 from ..io.atomic import atomic_path, write_text_atomic
@@ -27,12 +28,19 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _delta_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers of every delta unit (training state that is not a parameter), by name."""
+    owned = {id(b) for _, _, slot in slot_sites(model) for b in slot.buffers()}
+    return {name: b for name, b in model.named_buffers() if id(b) in owned}
+
+
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, record: dict[str, Any]) -> Path:
     """Write the training state after ``step`` optimizer steps."""
     folder.mkdir(parents=True, exist_ok=True)
     params = _trainable(model)
     index = {id(p): name for name, p in params.items()}
     tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in params.items()}
+    tensors.update({f"buffer/{name}": b.detach().cpu().contiguous().clone() for name, b in _delta_buffers(model).items()})
     for param, state in optimizer.state.items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
@@ -66,6 +74,9 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[f"param/{name}"])
+        for name, buffer in _delta_buffers(model).items():
+            if f"buffer/{name}" in tensors:  # checkpoints from before buffers were kept have none
+                buffer.copy_(tensors[f"buffer/{name}"])
     for name, param in params.items():
         state = {key.split("/")[-1]: value if key.endswith("/step") else value.to(param.device)
                  for key, value in tensors.items() if key.startswith(f"optim/{name}/")}

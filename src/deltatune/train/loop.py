@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.inject import after_step
+from ..core.inject import after_step, loss_terms
 from ..errors import DeltaError
 from . import distributed
 from .batches import IGNORE, BatchPlan, Encoded, to_device
@@ -122,6 +122,9 @@ def train(
             # the batch does not split evenly (or a rank's tokens differ, for causal LM)
             share = loss_items(train_data, rows) / max(1, loss_items(train_data, everyone))
             loss = loss * (share * world)
+        extra = loss_terms(model)  # methods' regularisers, added once per rank (DDP averages them)
+        if extra is not None:
+            loss = loss + extra
         logged = distributed.mean(loss.detach())  # the same on every rank, so all stop together
         if not torch.isfinite(logged):
             bar.close()
@@ -131,8 +134,8 @@ def train(
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         optimizer.step()
+        after_step(model, step + 1, total)  # before zero_grad: hooks may read the gradients
         optimizer.zero_grad(set_to_none=True)
-        after_step(model, step + 1, total)
         tokens += int(batch["attention_mask"].sum()) if rows else 0
         history.train.append((step + 1, logged.item()))
         bar.set_postfix(loss=f"{history.train[-1][1]:.4f}")

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import DeltaConfig
-from ..core.inject import after_step, attach, using
+from ..core.inject import after_step, attach, loss_terms, using
 from ..core.registry import get_method
 from ..core.params import count_parameters, delta_parameters
 from ..core.slot import check_delta_name, require_state
@@ -158,6 +158,9 @@ def train_tasks(model: nn.Module, tasks: list[Task], settings: Settings, *, num_
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], delta_ids=row_names).logits
         losses = task_losses(logits, batch["labels"], spans, kind)
         loss = sum(losses.values())
+        extra = loss_terms(model)  # methods' regularisers (AdaLoRA's orthogonality penalty)
+        if extra is not None:
+            loss = loss + extra
         if not torch.isfinite(loss):
             bar.close()
             raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; training stopped. Lower --lr and restart.")
@@ -166,8 +169,8 @@ def train_tasks(model: nn.Module, tasks: list[Task], settings: Settings, *, num_
             for group in optimizer.param_groups:  # per delta, as each would be clipped training alone
                 torch.nn.utils.clip_grad_norm_(group["params"], settings.grad_clip)
         optimizer.step()
+        after_step(model, step + 1, total)  # before zero_grad: hooks may read the gradients
         optimizer.zero_grad(set_to_none=True)
-        after_step(model, step + 1, total)
         history.train.append((step + 1, loss.item()))
         for name, value in losses.items():
             history.tasks[name].append((step + 1, value.item()))
