@@ -11,3 +11,4 @@ from . import head  # noqa: F401
 from . import dense  # noqa: F401
 from . import fusion  # noqa: F401
 from . import full  # noqa: F401
+from . import vera  # noqa: F401
