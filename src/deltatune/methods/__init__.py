@@ -12,3 +12,4 @@ from . import dense  # noqa: F401
 from . import fusion  # noqa: F401
 from . import full  # noqa: F401
 from . import vera  # noqa: F401
+from . import vblora  # noqa: F401
