@@ -28,7 +28,8 @@ class VBLoRAConfig(DeltaConfig):
         r: rank of each layer's update ``B A``.
         num_vectors: vectors in the shared bank.
         vector_length: length of each bank vector; it must divide the input and output width
-            of every target (checked at attach).
+            of every target (checked at attach). The default, 64, divides the widths of
+            MiniLM (384, 1536) and SmolLM2 (576, 192, 1536); peft's 256 divides neither.
         topk: bank vectors mixed into each sub-vector (the paper finds 2 best).
         dropout: dropout on the branch's input during training (peft's ``vblora_dropout``).
         init_vector_bank_bound: the bank starts uniform in ``[-bound, bound]``.
@@ -42,7 +43,7 @@ class VBLoRAConfig(DeltaConfig):
 
     r: int = field(default=4, metadata={"aliases": ("rank",)})
     num_vectors: int = 256
-    vector_length: int = 256
+    vector_length: int = 64
     topk: int = 2
     dropout: float = 0.0
     init_vector_bank_bound: float = 0.02

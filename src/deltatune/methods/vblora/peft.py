@@ -16,6 +16,9 @@ from .layer import VBLoRAConfig, VBLoRALinear, VectorBank
 _BANK = "vblora_vector_bank"
 _LAYER_KEYS = ("vblora_logits_A", "vblora_logits_B", "vblora_logits_A_topk_indices", "vblora_logits_A_topk_weights",
                "vblora_logits_B_topk_indices", "vblora_logits_B_topk_weights")
+#: peft's defaults, for a hand-written adapter config that leaves a field out
+_PEFT_DEFAULTS = {"r": 4, "num_vectors": 256, "vector_length": 256, "topk": 2, "dropout": 0.0,
+                  "init_vector_bank_bound": 0.02, "init_logits_std": 0.1, "save_only_topk_weights": False}
 _FIELDS = {"r": "r", "num_vectors": "num_vectors", "vector_length": "vector_length", "topk": "topk",
            "dropout": "vblora_dropout", "init_vector_bank_bound": "init_vector_bank_bound",
            "init_logits_std": "init_logits_std", "save_only_topk_weights": "save_only_topk_weights"}
@@ -68,8 +71,7 @@ class VBLoRACodec(PeftCodec):
                 sites[""][key] = value
             else:
                 rest[key] = value
-        defaults = VBLoRAConfig()
-        fields = {name: peft_config.get(peft_name, getattr(defaults, name)) for name, peft_name in _FIELDS.items()}
+        fields = {name: peft_config.get(peft_name, _PEFT_DEFAULTS[name]) for name, peft_name in _FIELDS.items()}
         for name in ("dropout", "init_vector_bank_bound", "init_logits_std"):
             fields[name] = float(fields[name])
         return VBLoRAConfig(**fields), sites, rest
