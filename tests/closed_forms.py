@@ -162,3 +162,15 @@ def _adalora(model, config, modules):
 def _dylora(model, config, modules):
     """A (r x in) and B (out x r) per module: every rank up to r shares them."""
     return sum(config.r * sum(_linear(model.get_submodule(path))) for path in modules)
+@closed_form("vera")
+def _vera(model, config, modules):
+    """Per adapted layer: d (r) and b (out); the shared A and B are frozen."""
+    return sum(config.r + _linear(model.get_submodule(p))[1] for p in modules if p)
+
+
+@closed_form("vblora")
+def _vblora(model, config, modules):
+    """The shared bank (num_vectors x vector_length) plus, per adapted layer, logits over the
+    bank for the r x in/L pieces of A and the out/L x r pieces of B."""
+    pieces = sum(config.r * sum(_linear(model.get_submodule(p))) // config.vector_length for p in modules if p)
+    return config.num_vectors * config.vector_length + pieces * config.num_vectors

@@ -244,6 +244,11 @@ ARCHITECTURES: dict[str, ModelCase] = {
 
 #: small sizes for any config field of these names, so every method stays tiny
 SMALL = {"r": 4, "bottleneck": 8, "num_virtual_tokens": 3, "group_size": 4, "num_blocks": 4, "k": 4}
+#: VB-LoRA: bank vectors of length 1 fit every width of every tiny model (the heads are 3 and 50 wide);
+#: two vectors (= topk) make each piece a smooth softmax mix, so a one-step check sees no top-k switch;
+#: a bank far larger than peft's 0.02 start, whose update (quadratic in it) would move these tiny models'
+#: ~0.01 logits by less than float32 resolves in one optimizer step
+SMALL.update(vector_length=1, num_vectors=2, init_vector_bank_bound=0.5)
 
 
 def small_config(method: str, case: ModelCase, **overrides):

@@ -60,6 +60,9 @@ class PeftCodec:
     exported_fields: ClassVar[frozenset[str]]
     #: of those, the ones read back from peft's config (the rest come from the tensors or not at all)
     carried: ClassVar[tuple[str, ...]] = ()
+    #: tensors peft keeps on its tuner beside the model (file key ``base_model.<name>``, such as
+    #: VeRA's shared projections); the codec exports and imports them as site ``""`` tensors
+    tuner_keys: ClassVar[frozenset[str]] = frozenset()
 
     def check_options(self, peft_config: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` naming the first option deltatune cannot represent."""

@@ -97,7 +97,8 @@ def save_peft(model: nn.Module, directory: str | Path, name: str | None = None, 
     _check_targets_outside_saved(fields.get("target_modules"), patterns, names)
     prefix = "" if codec.prompt_learning else MODEL_PREFIX
     saved_prefix = PROMPT_LEARNING_PREFIX if codec.prompt_learning else MODEL_PREFIX
-    tensors = {prefix + key: value for key, value in adapter_tensors.items()}
+    tensors = {(PROMPT_LEARNING_PREFIX if key in codec.tuner_keys else prefix) + key: value
+               for key, value in adapter_tensors.items()}
     for path, unit in saved:
         tensors.update({f"{saved_prefix}{path}.{key}": value for key, value in unit.copy.state_dict().items()})
     for path in wrapped:
@@ -203,10 +204,11 @@ def _original(model: nn.Module, metadata: dict[str, str], codec: PeftCodec, deri
     if original.method != derived.method or any(
             (getattr(original, f, None) or None) != (getattr(derived, f, None) or None) for f in codec.carried):
         return None
-    on_modules = any(sites)  # prompt tuning sits on the model itself and takes no targets
+    modules = [s for s in sites if s]
+    on_modules = bool(modules)  # prompt tuning sits on the model itself and takes no targets
     try:  # rebuilt the way deltatune.load rebuilds a saved delta
         rebuilt = build_placements(model, original.replace(
-            targets=_exact(sites) if on_modules else original.targets, layers=None if on_modules else original.layers,
+            targets=_exact(modules) if on_modules else original.targets, layers=None if on_modules else original.layers,
             target_types=() if on_modules else original.target_types, exclude=(), modules_to_save=_exact(saved)))
     except DeltaError:
         return None
@@ -231,8 +233,10 @@ def load_peft(model: nn.Module, directory: str | Path, name: str = "default", *,
     codec.check_options(peft_config)
     check_name_free(model, name)
     raw, metadata = read_peft_tensors(directory)
-    config, site_tensors, rest = codec.import_delta(peft_config, strip_prefixes(raw, codec.prompt_learning))
+    config, site_tensors, rest = codec.import_delta(peft_config, strip_prefixes(raw, codec.prompt_learning,
+                                                                                codec.tuner_keys))
     sites = sorted(site_tensors)
+    modules = [s for s in sites if s]  # "" is the model itself (a table shared by the adapted modules)
     patterns = list(dict.fromkeys(peft_config.get("modules_to_save") or []))
     saved = _saved_module_paths(model, patterns, rest)
     unit_tensors = {**site_tensors, **{path: _take(rest, path) for path in saved}}
@@ -240,7 +244,7 @@ def load_peft(model: nn.Module, directory: str | Path, name: str = "default", *,
     if rest:
         raise DeltaFileError(f"the peft adapter holds tensors deltatune cannot place: {sorted(rest)[:5]} (neither "
                              f"{codec.peft_type} tensors of a supported layer nor a modules_to_save module)")
-    derived = config.replace(targets=_exact(sites) if any(sites) else None, modules_to_save=_exact(saved))
+    derived = config.replace(targets=_exact(modules) if modules else None, modules_to_save=_exact(saved))
     placements = _build(model, derived, sites, codec)
     for placement in placements:
         _load_unit(placement, unit_tensors[placement.path])

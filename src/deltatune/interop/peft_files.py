@@ -124,13 +124,17 @@ def read_peft_tensors(directory: str | Path) -> tuple[dict[str, torch.Tensor], d
     return tensors, metadata
 
 
-def strip_prefixes(tensors: dict[str, torch.Tensor], prompt_learning: bool) -> dict[str, torch.Tensor]:
-    """Tensor keys relative to the model: peft's ``base_model.model.`` (``base_model.``) removed."""
+def strip_prefixes(tensors: dict[str, torch.Tensor], prompt_learning: bool,
+                   tuner_keys: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Tensor keys relative to the model: peft's ``base_model.model.`` (``base_model.``) removed;
+    ``tuner_keys`` are names peft keeps on its tuner (``base_model.<name>``), kept as ``<name>``."""
     prefix = PROMPT_LEARNING_PREFIX if prompt_learning else MODEL_PREFIX
     out = {}
     for key, value in tensors.items():
         if key.startswith(prefix):
             out[key[len(prefix):]] = value
+        elif key.startswith(PROMPT_LEARNING_PREFIX) and key[len(PROMPT_LEARNING_PREFIX):] in tuner_keys:
+            out[key[len(PROMPT_LEARNING_PREFIX):]] = value
         elif prompt_learning and "." not in key:
             out[key] = value
         else:

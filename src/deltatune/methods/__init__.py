@@ -26,3 +26,5 @@ from . import edora  # noqa: F401
 from . import abba  # noqa: F401
 from . import adalora  # noqa: F401
 from . import dylora  # noqa: F401
+from . import vera  # noqa: F401
+from . import vblora  # noqa: F401

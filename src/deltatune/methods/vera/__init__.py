@@ -1,0 +1,50 @@
+"""VeRA: per-layer scaling vectors around one pair of frozen random matrices shared by all layers.
+
+Kopiczko, Blankevoort & Asano, 2023, "VeRA: Vector-based Random Matrix Adaptation"
+(arXiv:2310.11454). For a layer with weight ``W: (out, in)``::
+
+    h = W x + diag(b) B diag(d) A x,     A: (r, in), B: (out, r) frozen; d: (r,), b: (out,) trained
+
+``A`` and ``B`` are drawn once per delta (Kaiming uniform, from ``projection_prng_key``) at
+the largest input and output widths among the targets; each layer uses the leading
+``[:, :in]`` / ``[:out, :]`` slices, as peft does. ``b`` starts at zero, so a new delta is
+the identity. The shared matrices live in one unit on the model (path ``""``) that every
+layer unit refers to, and are saved with the delta unless ``save_projection=False``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...core.build import linear_shape, per_module
+from ...core.registry import MethodSpec, Mixing, register_method
+from ...core.roles import default_targets
+from ...core.unit import Placement, Placements
+from .layer import VeRAConfig, VeRALinear, VeRAProjections, draw_projections
+from .peft import VeraCodec
+
+__all__ = ["VeRAConfig", "VeRALinear", "VeRAProjections", "draw_projections"]
+
+DEFAULT_ROLES = ["q|qkv", "v"]
+
+
+def build(model: nn.Module, config: VeRAConfig) -> Placements:
+    def make(path: str, module: nn.Module):
+        shape = linear_shape(module)
+        if shape is None:
+            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+        fan_in, fan_out, transposed = shape
+        return VeRALinear(fan_in, fan_out, config, transposed)
+
+    layers = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    units = [p.unit for p in layers]
+    shared = VeRAProjections(config.r, max(u.fan_in for u in units), max(u.fan_out for u in units), config)
+    for unit in units:
+        unit.share(shared)
+    return Placements([Placement("", shared, type(model).__name__), *layers], layers.skipped)
+
+
+register_method(MethodSpec(
+    "vera", VeRAConfig, build, mergeable=True, identity_at_init=True,
+    summary="trained scaling vectors b, d around frozen random matrices shared by all layers: diag(b) B diag(d) A",
+    default_lr=1e-2, mixing=Mixing("batched"), peft=VeraCodec()))
