@@ -390,7 +390,7 @@ def test_recorded_fingerprint_whose_module_digests_match_but_combined_one_does_n
     (lambda c: c.update(use_rslora=1), "field 'use_rslora' must be true or false, got 1"),
     (lambda c: c.update(modules_to_save="lm_head"), "field 'modules_to_save' must be a list of strings or null, got 'lm_head'"),
     (lambda c: c.update(feedforward_modules=3), "field 'feedforward_modules' must be a string or a list of strings or null, got 3"),
-    (lambda c: c.update(rank_pattern={"q_proj": 0}), "field 'rank_pattern.q_proj' must be an integer > 0, got 0"),
+    (lambda c: c.update(rank_pattern={"q_proj": 0}), "field 'rank_pattern.q_proj' must be an integer > 0 or a list of booleans, got 0"),
 ])
 def test_a_wrong_typed_peft_adapter_config_field_names_the_field(targets, change, message):
     target = targets["peft"]

@@ -21,3 +21,14 @@ def test_quick_start_runs(tmp_path, capsys):
         os.chdir(cwd)
     assert "trainable" in capsys.readouterr().out
     assert (tmp_path / "runs" / "sentiment" / "delta.json").is_file()
+
+
+
+def test_the_methods_table_lists_every_registered_method():
+    import deltatune as dt
+
+    section = README.read_text().split("## Methods", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+    assert sorted(listed) == sorted(dt.method_names()), "README's Methods table and the registry differ"
+    pages = {p.stem for p in (README.parent / "docs" / "methods").glob("*.md")}
+    assert pages <= set(dt.method_names()), f"pages for unknown methods: {pages - set(dt.method_names())}"

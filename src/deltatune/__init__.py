@@ -26,6 +26,8 @@ from .compose import (
 from .core.config import DeltaConfig
 from .core.inject import (
     activate,
+    after_step,
+    loss_terms,
     active_deltas,
     attach,
     base_only,
@@ -65,26 +67,48 @@ from .errors import (
 from .io.artifact import load, read_meta, save
 from .swap import CacheStats, DeltaCache, SwapResult, replace
 from .version import __version__
+from .methods.abba import ABBAConfig
+from .methods.adalora import AdaLoRAConfig
 from .methods.adapter import AdapterConfig
 from .methods.bitfit import BitFitConfig
 from .methods.dense import DenseConfig
+from .methods.diablo import DiaBloConfig
+from .methods.dylora import DyLoRAConfig
+from .methods.edora import EDoRAConfig
+from .methods.ether import ETHERConfig
 from .methods.fusion import FusionConfig
 from .methods.head import HeadConfig
 from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import DoRAConfig, LoRAConfig
+from .methods.loraxs import LoRAXSConfig
+from .methods.msplora import MSPLoRAConfig
+from .methods.neuroada import NeuroAdaConfig
+from .methods.oft import OFTConfig
+from .methods.paca import PaCAConfig
 from .methods.prefix import PrefixConfig
 from .methods.prompt import PromptConfig
+from .methods.road import RoadConfig
+from .methods.tiedlora import TiedLoRAConfig
+from .methods.vblora import VBLoRAConfig
+from .methods.vera import VeRAConfig
 
 __all__ = [
-    "AdapterConfig", "AttachReport", "Average", "BatchSplit", "BitFitConfig", "Block", "CacheStats", "ConfigError",
-    "DeltaCache", "DeltaConfig", "DenseConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DoRAConfig",
-    "FingerprintError", "Fuse", "FusionConfig", "HeadConfig", "IA3Config", "LoRAConfig", "MergeError", "MethodSpec", "Mixing",
-    "NotApplicableError", "Parallel", "Placement", "PrefixConfig", "PromptConfig", "Routing", "Stack", "SwapResult",
-    "TargetError", "TaskVector", "activate", "active_deltas", "attach", "base_only", "base_parameters", "block_from_dict",
-    "compose", "config_from_dict", "count_parameters", "deactivate", "delete", "delta_parameters", "fold",
-    "get_composition", "get_config", "get_method", "get_routing", "list_deltas", "load", "merge", "merge_deltas", "method_names", "method_specs", "load_plugins",
-    "read_meta", "register_method", "replace", "route", "save", "set_active", "set_composition", "set_trainable",
-    "unmerge", "using",
+    "ABBAConfig", "AdaLoRAConfig", "AdapterConfig", "AttachReport", "Average", "BatchSplit", "BitFitConfig",
+    "Block", "CacheStats", "ConfigError", "DeltaCache", "DeltaConfig", "DeltaError", "DeltaFileError",
+    "DeltaStateError", "DeltaUnit", "DenseConfig", "DiaBloConfig", "DoRAConfig", "DyLoRAConfig", "EDoRAConfig",
+    "ETHERConfig", "FingerprintError", "Fuse", "FusionConfig", "HeadConfig", "IA3Config", "LoHaConfig",
+    "LoKrConfig", "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing",
+    "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig", "Parallel", "Placement", "PrefixConfig",
+    "PromptConfig", "RoadConfig", "Routing", "Stack", "SwapResult", "TargetError", "TaskVector", "TiedLoRAConfig",
+    "VBLoRAConfig", "VeRAConfig", "activate", "active_deltas", "after_step", "attach", "base_only",
+    "base_parameters", "block_from_dict", "compose", "config_from_dict", "count_parameters", "deactivate", "delete",
+    "delta_parameters", "fold", "get_composition", "get_config", "get_method", "get_routing", "list_deltas", "load",
+    "load_plugins", "loss_terms", "merge", "merge_deltas", "method_names", "method_specs", "read_meta",
+    "register_method", "replace", "route", "save", "set_active", "set_composition", "set_trainable", "unmerge",
+    "using",
 ]
 
 load_plugins()  # third-party methods: deltatune.methods entry points and $DELTATUNE_PLUGINS
+

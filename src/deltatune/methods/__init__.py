@@ -10,7 +10,6 @@ from . import bitfit  # noqa: F401
 from . import head  # noqa: F401
 from . import dense  # noqa: F401
 from . import fusion  # noqa: F401
-from . import full  # noqa: F401
 from . import loha  # noqa: F401
 from . import lokr  # noqa: F401
 from . import tiedlora  # noqa: F401
@@ -28,3 +27,4 @@ from . import adalora  # noqa: F401
 from . import dylora  # noqa: F401
 from . import vera  # noqa: F401
 from . import vblora  # noqa: F401
+from . import full  # noqa: F401  (the full fine-tuning reference, listed last)
