@@ -8,13 +8,15 @@ from torch import nn
 
 from ..errors import TargetError
 from .config import ALL_LINEAR, DeltaConfig
-from .roles import all_linear_targets
+from .roles import all_linear_targets, default_targets
 from .shapes import linear_shape, weight_as_out_in  # noqa: F401  (methods import them from here)
 from .targeting import select_modules
 from .unit import DeltaUnit, Placement, Placements
 
 #: returns a unit, or a string saying why this module cannot be adapted
 UnitFactory = Callable[[str, nn.Module], "DeltaUnit | str"]
+#: ``(path, module, fan_in, fan_out, transposed)`` -> a unit, or why this linear module cannot be adapted
+LinearUnitFactory = Callable[[str, nn.Module, int, int, bool], "DeltaUnit | str"]
 
 
 def per_module(
@@ -48,6 +50,19 @@ def per_module(
         reasons = "; ".join(f"{p} ({why})" for p, why in skipped[:5])
         raise TargetError(f"{config.method} cannot adapt any of the {len(selected)} matched modules: {reasons}")
     return Placements(placements, skipped)
+
+
+def per_linear(model: nn.Module, config: DeltaConfig, roles: list[str], make_unit: LinearUnitFactory) -> Placements:
+    """:func:`per_module` for methods that adapt Linear / GPT-2 ``Conv1D`` weights: default
+    targets from ``roles`` (:func:`deltatune.core.roles.default_targets`), other module kinds
+    skipped with the reason, and ``make_unit`` given the module's widths and weight layout."""
+    def make(path: str, module: nn.Module):
+        shape = linear_shape(module)
+        if shape is None:
+            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+        return make_unit(path, module, *shape)
+
+    return per_module(model, config, lambda: default_targets(model, roles, config.method), make)
 
 
 def first_input(args: tuple, kwargs: dict):

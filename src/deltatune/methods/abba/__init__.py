@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placements
 from ..loraxs import check_rank
 from .layer import ABBALinear, khatri_rao_rows
@@ -61,15 +60,11 @@ class ABBAConfig(DeltaConfig):
 
 
 def build(model: nn.Module, config: ABBAConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         check_rank("abba", path, module, config.r1, field="r1")
-        fan_in, fan_out, transposed = shape
         return ABBALinear(fan_in, fan_out, config.r1, config.r2, config.scaling, transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    return per_linear(model, config, DEFAULT_ROLES, make)
 
 
 register_method(MethodSpec(

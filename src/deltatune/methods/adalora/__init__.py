@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placements
 from ...errors import TargetError
 from .allocator import allocate, kept_ranks, penalty
@@ -32,14 +31,10 @@ DEFAULT_ROLES = ["q|qkv", "v"]
 
 
 def build(model: nn.Module, config: AdaLoRAConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         return AdaLoRALinear(fan_in, fan_out, config.rank_at(path), config, transposed)
 
-    placements = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    placements = per_linear(model, config, DEFAULT_ROLES, make)
     unknown = sorted(set(config.rank_pattern or {}) - {p.path for p in placements})
     if unknown:
         raise TargetError(f"adalora rank_pattern names {unknown[:3]}, which the delta does not adapt in "

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.build import first_input, linear_shape, per_module
+from ...core.build import first_input, per_linear
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.rows import as_rows, gathered
 from ...core.slot import get_slot
 from ...core.unit import Placements
@@ -95,11 +94,7 @@ class DiaBloUnit(WeightDelta):
 
 
 def build(model: nn.Module, config: DiaBloConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         if fan_in % config.num_blocks or fan_out % config.num_blocks:
             raise NotApplicableError(
                 f"diablo cannot adapt {path!r} ({type(module).__name__}, in={fan_in}, out={fan_out}): "
@@ -108,7 +103,7 @@ def build(model: nn.Module, config: DiaBloConfig) -> Placements:
             )
         return DiaBloUnit(fan_in, fan_out, config.num_blocks, transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    return per_linear(model, config, DEFAULT_ROLES, make)
 
 
 register_method(MethodSpec(

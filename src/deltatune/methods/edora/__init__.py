@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placements
 from ..loraxs import LoRAXSConfig, check_rank
 from .layer import EDoRALinear
@@ -43,15 +42,11 @@ class EDoRAConfig(LoRAXSConfig):
 
 
 def build(model: nn.Module, config: EDoRAConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         check_rank("edora", path, module, config.r)
-        fan_in, fan_out, transposed = shape
         return EDoRALinear(fan_in, fan_out, config.r, config.scaling, transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    return per_linear(model, config, DEFAULT_ROLES, make)
 
 
 register_method(MethodSpec(

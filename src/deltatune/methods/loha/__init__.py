@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placements
 from .config import LoHaConfig, LycorisConfig
 from .layer import LoHaLinear
@@ -26,14 +25,10 @@ DEFAULT_ROLES = ["q|qkv", "v"]
 
 
 def build(model: nn.Module, config: LoHaConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         return LoHaLinear(fan_in, fan_out, config.for_module(path), transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    return per_linear(model, config, DEFAULT_ROLES, make)
 
 
 register_method(MethodSpec(

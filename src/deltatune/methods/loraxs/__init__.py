@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placements
 from .layer import LoRAXSLinear, check_rank, mixed_update, truncated_svd
 
@@ -55,15 +54,11 @@ class LoRAXSConfig(DeltaConfig):
 
 
 def build(model: nn.Module, config: LoRAXSConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         check_rank("loraxs", path, module, config.r)
-        fan_in, fan_out, transposed = shape
         return LoRAXSLinear(fan_in, fan_out, config.r, config.scaling, transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    return per_linear(model, config, DEFAULT_ROLES, make)
 
 
 register_method(MethodSpec(

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.build import first_input, linear_shape, per_module, weight_as_out_in
+from ...core.build import first_input, per_linear, weight_as_out_in
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.rows import as_rows, gathered
 from ...core.slot import get_slot
 from ...core.unit import Placements
@@ -122,11 +121,7 @@ def _stacked_indices(units, index: torch.Tensor, shape: tuple[int, int], device)
 
 
 def build(model: nn.Module, config: NeuroAdaConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         if config.k > fan_in:
             raise NotApplicableError(
                 f"neuroada cannot adapt {path!r} ({type(module).__name__}, in={fan_in}, out={fan_out}): k={config.k} "
@@ -135,7 +130,7 @@ def build(model: nn.Module, config: NeuroAdaConfig) -> Placements:
         indices = top_connections(weight_as_out_in(module, transposed), config.k).cpu()
         return NeuroAdaUnit(fan_in, fan_out, indices, transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    return per_linear(model, config, DEFAULT_ROLES, make)
 
 
 register_method(MethodSpec(

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.slot import slot_sites
 from ...core.unit import Placements
 from ...errors import ConfigError
@@ -27,11 +26,7 @@ DEFAULT_ROLES = ["q|qkv", "v"]
 
 
 def _make_unit(config: OFTConfig):
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         layout = config.blocks_for(fan_in)
         asked = f"r={config.r} blocks" if config.r is not None else f"block_size={config.block_size or DEFAULT_BLOCK_SIZE}"
         where = f"{path!r} ({type(module).__name__}, weight shape {tuple(module.weight.shape)}, {fan_in} input features)"
@@ -50,7 +45,7 @@ def _make_unit(config: OFTConfig):
 
 
 def build(model: nn.Module, config: OFTConfig) -> Placements:
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), _make_unit(config))
+    return per_linear(model, config, DEFAULT_ROLES, _make_unit(config))
 
 
 def project_after_step(model: nn.Module, name: str, step: int, total: int) -> None:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placements
 from ...errors import NotApplicableError
 from .config import RoadConfig
@@ -35,11 +34,7 @@ DEFAULT_ROLES = ["q|qkv", "v"]
 
 
 def build(model: nn.Module, config: RoadConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         if fan_out % config.group_size:
             raise NotApplicableError(
                 f"road cannot adapt {path!r} ({type(module).__name__}, in={fan_in}, out={fan_out}): its output width "
@@ -48,7 +43,7 @@ def build(model: nn.Module, config: RoadConfig) -> Placements:
             )
         return RoadUnit(fan_out, config.variant, config.group_size, transposed)
 
-    return per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    return per_linear(model, config, DEFAULT_ROLES, make)
 
 
 register_method(MethodSpec(

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placement, Placements
 from ...errors import TargetError
 from .layer import VBLoRAConfig, VBLoRALinear, VectorBank, mix
@@ -32,11 +31,7 @@ DEFAULT_ROLES = ["q|qkv", "v"]
 def build(model: nn.Module, config: VBLoRAConfig) -> Placements:
     length = config.vector_length
 
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         if fan_in % length or fan_out % length:
             raise TargetError(
                 f"vblora cannot adapt {path!r} ({type(module).__name__}, in={fan_in}, out={fan_out}): vector_length="
@@ -44,7 +39,7 @@ def build(model: nn.Module, config: VBLoRAConfig) -> Placements:
                 f"exclude this module")
         return VBLoRALinear(fan_in, fan_out, config, transposed)
 
-    layers = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    layers = per_linear(model, config, DEFAULT_ROLES, make)
     bank = VectorBank(config)
     for placement in layers:
         placement.unit.share(bank)

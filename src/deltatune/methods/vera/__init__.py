@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import per_linear
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placement, Placements
 from .layer import VeRAConfig, VeRALinear, VeRAProjections, draw_projections
 from .peft import VeraCodec
@@ -29,14 +28,10 @@ DEFAULT_ROLES = ["q|qkv", "v"]
 
 
 def build(model: nn.Module, config: VeRAConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        shape = linear_shape(module)
-        if shape is None:
-            return f"{type(module).__name__} is not a Linear or Conv1D layer"
-        fan_in, fan_out, transposed = shape
+    def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         return VeRALinear(fan_in, fan_out, config, transposed)
 
-    layers = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
+    layers = per_linear(model, config, DEFAULT_ROLES, make)
     units = [p.unit for p in layers]
     shared = VeRAProjections(config.r, max(u.fan_in for u in units), max(u.fan_out for u in units), config)
     for unit in units:
