@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from tiny_models import MODELS
+from method_checks import randomise as _randomise
 
 import deltatune as dt
 from deltatune.core.inject import after_step, loss_terms
@@ -19,13 +20,6 @@ from deltatune.methods.adalora.allocator import budget_schedule, units_of
 
 BERT, GPT2 = MODELS["bert"], MODELS["gpt2"]
 SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "total_step": 10}
-
-
-def _randomise(model, name, seed=3, scale=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _units(model, name="x"):

@@ -10,19 +10,13 @@ import random
 import pytest
 import torch
 from tiny_models import MODELS
+from method_checks import randomise as _randomise
 
 import deltatune as dt
 from deltatune.core.inject import after_step
 from deltatune.methods.dylora import DyLoRAConfig, DyLoRALinear
 
 BERT, GPT2 = MODELS["bert"], MODELS["gpt2"]
-
-
-def _randomise(model, name, seed=3, scale=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _units(model, name="x"):

@@ -20,17 +20,11 @@ from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.msplora import MSPLoRAConfig
 from deltatune.methods.tiedlora import TiedLoRAConfig
 from tiny_models import MODELS
+from method_checks import assert_rows_equal_alone, randomise as _randomise
 
 BERT, GPT2 = MODELS["bert"], MODELS["gpt2"]
 BERT_PATHS = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
 GPT2_PATHS = [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
-
-
-def _randomise(model, name: str, seed: int, scale: float = 0.3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _tensors(model, name: str) -> dict[str, torch.Tensor]:
@@ -158,13 +152,7 @@ def test_rows_of_several_deltas_in_one_batch_equal_each_row_alone(case):
         _randomise(model, name, i + 1)
     rows = ["a", None, "b", "tied", "a", "b"]
     inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=torch.Generator().manual_seed(7))}
-    with torch.no_grad(), dt.route(model, rows):
-        mixed = case.output(model, inputs)
-    with torch.no_grad():
-        for i, name in enumerate(rows):
-            with dt.using(model, (name,) if name else ()):
-                alone = case.output(model, {"input_ids": inputs["input_ids"][i:i + 1]})[0]
-            torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+    assert_rows_equal_alone(case, model, rows, inputs)
 
 
 def test_task_vector_is_low_rank_and_merging_two_deltas_sums_the_formula():

@@ -14,18 +14,12 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from tiny_models import MODELS
+from method_checks import assert_rows_equal_alone, randomise as _randomise
 
 import deltatune as dt
 from deltatune.algebra import TaskVector, merge_deltas
 from deltatune.cli import main
 from deltatune.methods.neuroada import NeuroAdaConfig
-
-
-def _randomise(model, name, seed, scale=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _dense_reference(unit, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -118,13 +112,7 @@ def test_mixed_batch_rows_equal_each_row_alone(case_name):
         _randomise(model, name, seed + 1)
     rows = ["k4", None, "k1", "k6", "lora", "k4", None, "k1"]
     inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=torch.Generator().manual_seed(2))}
-    with torch.no_grad(), dt.route(model, rows):
-        mixed = case.output(model, inputs)
-    with torch.no_grad():
-        for i, name in enumerate(rows):
-            with dt.using(model, (name,) if name else ()):
-                alone = case.output(model, {"input_ids": inputs["input_ids"][i:i + 1]})[0]
-            torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+    assert_rows_equal_alone(case, model, rows, inputs)
     assert dt.get_method("neuroada").mixing.mode == "batched"
 
 

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from tiny_models import MODELS
+from method_checks import assert_rows_equal_alone, randomise as _randomise
 
 import deltatune as dt
 from deltatune.algebra import TaskVector, merge_deltas
@@ -23,13 +24,6 @@ from deltatune.methods.road import RoadConfig
 peft = pytest.importorskip("peft")
 
 VARIANTS = ["road_1", "road_2", "road_4"]
-
-
-def _randomise(model, name, seed, scale=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _reference_rotation(unit) -> torch.Tensor:
@@ -123,13 +117,7 @@ def test_mixed_batch_rows_equal_each_row_alone():
         _randomise(model, name, seed + 1)
     rows = ["r1", None, "r2", "r4", "lora", "r1", None, "r4"]
     inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=torch.Generator().manual_seed(2))}
-    with torch.no_grad(), dt.route(model, rows):
-        mixed = case.output(model, inputs)
-    with torch.no_grad():
-        for i, name in enumerate(rows):
-            with dt.using(model, (name,) if name else ()):
-                alone = case.output(model, {"input_ids": inputs["input_ids"][i:i + 1]})[0]
-            torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+    assert_rows_equal_alone(case, model, rows, inputs)
     assert dt.get_method("road").mixing.mode == "batched"
 
 

@@ -20,16 +20,10 @@ from deltatune.core.slot import slot_sites
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.tiedlora import TiedLoRAConfig
 from tiny_models import MODELS
+from method_checks import randomise as _randomise
 
 BERT, GPT2 = MODELS["bert"], MODELS["gpt2"]
 QUERIES = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
-
-
-def _randomise(model, name: str, seed: int, scale: float = 0.3) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _tensors(model, name: str) -> dict[str, torch.Tensor]:

@@ -19,17 +19,11 @@ from deltatune.cli import main
 from deltatune.interop import load_peft, save_peft
 from deltatune.methods.vera import VeRAConfig, VeRALinear, VeRAProjections
 from tiny_models import MODELS
+from method_checks import randomise as _randomise
 
 #: (model, targets, whether the targets store their weight (in, out))
 CASES = {"bert": (["query", "value", "intermediate.dense"], False), "gpt2": (["c_attn", "mlp.c_proj"], True)}
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def _randomise(model, name, seed=3, scale=0.3):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _attached(model_name, name="x", seed=3, **fields):
