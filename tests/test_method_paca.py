@@ -73,6 +73,8 @@ def test_columns_come_from_torchs_rng_and_a_loaded_delta_keeps_its_own(tmp_path)
     dt.load(fresh, tmp_path / "d")
     assert torch.equal(fresh.get_submodule("bert.encoder.layer.0.attention.self.query").deltas["x"].columns, picks[2])
     torch.testing.assert_close(case.output(fresh), expected, rtol=0, atol=0)
+    meta = json.loads((tmp_path / "d" / "delta.json").read_text())
+    assert meta["num_parameters"] == sum(p.numel() for _, p in dt.delta_parameters(model, "x"))  # the indices are not counted
 
 
 def test_a_new_delta_is_zero_and_counts_out_times_k():

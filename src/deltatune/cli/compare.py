@@ -56,12 +56,18 @@ def run_compare(base, out: Path, results: Path, methods=None, targets=None, keep
             raise DeltaError(f"training {method} failed (exit code {done.returncode}); see the output above")
         row = json.loads((out / method / "metrics.json").read_text())
         rows.append({**row, "settings": {"batch_size": base.batch_size, "max_length": base.max_length}})
-    results.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(results / "compare.json", json.dumps(rows, indent=2) + "\n")
+        _save_rows(results, rows + [previous[m] for m in methods[i:] if m in previous])
+    _save_rows(results, rows)
     write_text_atomic(results / "compare.md", table(rows, base))
     plot(rows, results / "compare.png")
     print(table(rows, base))
     return 0
+
+
+def _save_rows(results: Path, rows: list[dict]) -> None:
+    """Written after every method, so an interrupted compare resumes with ``--keep``."""
+    results.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(results / "compare.json", json.dumps(rows, indent=2) + "\n")
 
 
 def _causal(rows: list[dict]) -> bool:

@@ -140,7 +140,7 @@ def save(
         "sites": state.sites[name],
         "modules_to_save": state.saved_modules[name],
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
-        "num_parameters": sum(v.numel() for v in tensors.values()),
+        "num_parameters": sum(v.numel() for v in tensors.values() if v.is_floating_point()),  # indices are structure
         "tensors_sha256": file_sha256(tensor_file),
         "base": base_fingerprint(model, name),
         **meaning.to_meta(),
