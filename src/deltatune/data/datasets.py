@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DeltaError
+from .files import DataError, is_data_path, read_columns
 
-
-class DataError(DeltaError, ValueError):
-    """A dataset is missing, empty, or does not have the columns or labels it needs."""
+__all__ = ["DataError", "Example", "Splits", "load_dataset", "read_file", "split"]
 
 
 @dataclass(frozen=True)
@@ -110,41 +107,19 @@ DATASETS: dict[str, tuple[str, Callable[[], list[Example]]]] = {
 
 
 def read_file(path: Path, text_column: str, label_column: str | None, completion_column: str | None) -> list[Example]:
-    """Examples from a CSV or JSONL file with the named columns."""
-    if not path.is_file():
-        raise DataError(f"data file {path} not found")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path} line {number} is not JSON: {error}") from None
-        columns = set().union(*(row.keys() for row in rows)) if rows else set()
-    elif path.suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
-            rows = list(reader)
-            columns = set(reader.fieldnames or [])
-    else:
-        raise DataError(f"data file {path} must end in .csv, .tsv or .jsonl")
-    wanted = [c for c in (text_column, label_column, completion_column) if c]
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        raise DataError(
-            f"{path} has no column {missing[0]!r}; its columns are {sorted(columns)}. "
-            f"Name the right ones with --text-column / --label-column / --completion-column"
-        )
+    """Examples from a data file (see ``files.py``) with the named columns; rows with no text are skipped."""
+    second = completion_column or label_column
+    columns = read_columns(path, [c for c in (text_column, second) if c])
     out = []
-    for row in rows:
-        text = str(row.get(text_column) or "").strip()
+    for i, value in enumerate(columns[text_column]):
+        text = str(value or "").strip()
         if not text:
             continue
+        other = columns[second][i] if second else None
         if completion_column:
-            out.append(Example(text, completion=str(row.get(completion_column) or "").strip()))
-        else:
-            out.append(Example(text, str(row.get(label_column)).strip()))
+            out.append(Example(text, completion=str(other or "").strip()))
+        elif other is not None:  # a row with no label is skipped, as a row with no text is
+            out.append(Example(text, str(other).strip()))
     return out
 
 
@@ -194,7 +169,7 @@ def load_dataset(
     completion_column: str | None = None,
     limit: int | None = None,
 ) -> Splits:
-    """A packaged dataset by name, or a CSV/JSONL file path, split with ``seed``.
+    """A packaged dataset by name, or a data file or ``save_to_disk`` folder, split with ``seed``.
 
     Args:
         limit: keep at most this many distinct texts (a seeded sample) before splitting.
@@ -202,11 +177,12 @@ def load_dataset(
     if name in DATASETS:
         task, loader = DATASETS[name]
         examples = loader()
-    elif name.endswith((".csv", ".tsv", ".jsonl")):
+    elif is_data_path(name):
         task = "causal_lm" if completion_column else "classification"
         examples = read_file(Path(name), text_column, None if completion_column else label_column, completion_column)
     else:
-        raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)} or a .csv/.tsv/.jsonl file")
+        raise DataError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}, a data file "
+                        f"(.csv, .tsv, .json, .jsonl, .parquet, .arrow) or a save_to_disk folder")
     if not examples:
         raise DataError(f"dataset {name!r} is empty")
     if limit is not None and limit < len(examples):
