@@ -74,17 +74,18 @@ def check_against_generate(lm_setup, models: list[str], responses: list[httpx.Re
 def test_completions_for_different_deltas_share_one_generate_batch(lm_setup, monkeypatch):
     batches = []
 
-    def slow_complete(engine, works, sampling, on_text=None):
+    def slow_complete(engine, works, on_text=None, cancelled=None):
         batches.append(sorted(str(w.delta) for w in works))
         time.sleep(0.3)  # keeps the worker busy while the others queue up
-        return complete(engine, works, sampling, on_text)
+        return complete(engine, works, on_text, cancelled)
 
     monkeypatch.setattr(batcher_module, "complete", slow_complete)
     models = ["base", *LM_DELTAS]
 
     async def main():
         async with httpx.AsyncClient(base_url=lm_setup["url"], timeout=30) as http:
-            first = asyncio.create_task(http.post("/v1/completions", json={"model": "g_lora", "prompt": "yes"}))
+            first = asyncio.create_task(http.post("/v1/completions", json={"model": "g_lora", "prompt": "yes",
+                                                                            "temperature": 0.7, "top_p": 0.9}))
             await asyncio.sleep(0.1)
             rest = [http.post("/v1/completions", json={"model": m, "prompt": PROMPTS, "max_tokens": 8, "temperature": 0})
                     for m in models]

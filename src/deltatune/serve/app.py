@@ -1,33 +1,33 @@
 """The HTTP API: routes, admin authentication and JSON errors for every failure.
 
 ``create_app(engine, settings)`` builds a FastAPI app serving one base and its deltas:
-``/v1/classify``, ``/v1/completions`` (OpenAI shape, SSE streaming), ``/v1/deltas`` (list,
-and admin load / unload with a bearer token), ``/healthz`` and ``/metrics`` (Prometheus).
+``/v1/classify``, the OpenAI routes (``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions``: ``openai.py``), ``/v1/deltas`` (list, and admin load / unload with a
+bearer token), ``/healthz`` and ``/metrics`` (Prometheus). The OpenAPI schema states every
+error status a route answers with, and the error body's shape.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
-import json
 import time
-import uuid
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError
-from .batcher import CLASSIFY, COMPLETE, Batcher
-from .completions import Sampling
+from .batcher import CLASSIFY, Batcher
 from .engine import Engine, Work
-from .errors import ApiError, as_api_error
+from .errors import ApiError, as_api_error, error_responses
 from .library import BASE
 from .metrics import Metrics
-from .schemas import ClassifyRequest, CompletionRequest
+from .openai import openai_router
+from .schemas import NAME_PATTERN, ClassifyRequest
 
 
 @dataclass
@@ -130,7 +130,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _error_response(ApiError(error.status_code, kind, str(error.detail)), request)
+        return _error_response(ApiError(error.status_code, kind, str(error.detail), headers=error.headers), request)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -147,7 +147,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "model": engine.model_name, "task": engine.task,
                 "loaded_deltas": len(engine.loaded()), "queue_depth": batcher.depth()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(len(engine.loaded()), batcher.depth()),
                                  media_type="text/plain; version=0.0.4")
@@ -159,46 +161,28 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         deltas = [{**engine.library.describe(name), "loaded": name in loaded} for name in available]
         return {"base": engine.describe(), "loaded": loaded, "available": available, "deltas": deltas}
 
-    @app.post("/v1/classify")
+    serving = error_responses(400, 404, 409, 413, 422, 503, 504)
+    app.include_router(openai_router(engine, batcher, settings, serving))
+
+    @app.post("/v1/classify", responses=serving)
     async def classify(body: ClassifyRequest) -> dict:
         texts = _rows(body.inputs, "inputs", settings.max_inputs)
         delta = delta_of(body.delta)
         results = await batcher.run(CLASSIFY, Work(delta, texts))
         return {"object": "classification", "model": engine.model_name, "delta": delta, "results": results}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        prompts = _rows(body.prompt, "prompt", settings.max_inputs)
-        empty = [i for i, p in enumerate(prompts) if not p]
-        if empty:
-            raise ApiError(400, "empty_input", f"prompt {empty[0]} is an empty string; send some text")
-        if body.max_tokens > settings.max_tokens:
-            raise ApiError(400, "max_tokens_too_large", f"max_tokens {body.max_tokens} is more than this server allows "
-                           f"({settings.max_tokens}); ask for fewer", limit=settings.max_tokens)
-        work = Work(delta_of(body.model), prompts)
-        sampling = Sampling(body.max_tokens, body.temperature)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model}
-        if body.stream:
-            return await _stream(batcher, work, sampling, head, settings.timeout_s)
-        choices = await batcher.run(COMPLETE, work, sampling)
-        prompt_tokens = sum(c.prompt_tokens for c in choices)
-        completion_tokens = sum(c.completion_tokens for c in choices)
-        return {**head, "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                                    for i, c in enumerate(choices)],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
-
     if settings.admin_token:
         admin = Depends(_admin_check(settings.admin_token))
 
-        @app.post("/v1/deltas/{name:path}", dependencies=[admin])
-        async def load_delta(name: str) -> dict:
+        managing = error_responses(400, 401, 403, 404, 409, 422)
+
+        @app.post("/v1/deltas/{name}", dependencies=[admin], responses=managing)
+        async def load_delta(name: Annotated[str, Path(pattern=NAME_PATTERN)]) -> dict:
             engine.library.folder(name)
             return await batcher.call(lambda: engine.load(name))
 
-        @app.delete("/v1/deltas/{name:path}", dependencies=[admin])
-        async def unload_delta(name: str) -> dict:
+        @app.delete("/v1/deltas/{name}", dependencies=[admin], responses=managing)
+        async def unload_delta(name: Annotated[str, Path(pattern=NAME_PATTERN)]) -> dict:
             return await batcher.call(lambda: engine.unload(name))
 
     return app
@@ -217,42 +201,3 @@ def _admin_check(token: str):
             raise ApiError(403, "forbidden", "the admin token is wrong")
 
     return check
-
-
-async def _stream(batcher: Batcher, work: Work, sampling: Sampling, head: dict, timeout: float) -> StreamingResponse:
-    """Server-sent events of the completion; errors before the first token answer with their status."""
-    events: asyncio.Queue = asyncio.Queue()
-    job = batcher.submit(COMPLETE, work, sampling, lambda choice, piece, end: events.put_nowait((choice, piece, end)))
-    job.future.add_done_callback(lambda _: events.put_nowait(None))  # after every piece: see Batcher._run
-    deadline = asyncio.get_running_loop().time() + timeout
-
-    async def next_event():
-        try:
-            return await asyncio.wait_for(events.get(), deadline - asyncio.get_running_loop().time())
-        except TimeoutError:
-            job.abandoned = True
-            raise ApiError(504, "timeout", f"no answer within {timeout:g} s (the server's --timeout)") from None
-
-    first = await next_event()
-    if first is None and job.future.exception() is not None:
-        raise job.future.exception()
-
-    def chunk(choice: int, piece: str, end: str | None) -> str:
-        data = {**head, "choices": [{"text": piece, "index": choice, "logprobs": None, "finish_reason": end}]}
-        return f"data: {json.dumps(data)}\n\n"
-
-    async def body():
-        event = first
-        try:
-            while event is not None:
-                yield chunk(*event)
-                event = await next_event()
-            if job.future.exception() is not None:
-                raise job.future.exception()
-        except ApiError as error:
-            yield f"data: {json.dumps(error.body())}\n\n"
-        except Exception as error:  # noqa: BLE001 - the stream has started: report in-band
-            yield f"data: {json.dumps(as_api_error(error).body())}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .completions import Sampling, complete
+from .completions import complete
 from .engine import Engine, Work
 from .errors import ApiError, as_api_error
 from .metrics import Metrics
@@ -31,7 +31,6 @@ class Job:
     kind: str
     work: Work
     future: asyncio.Future
-    sampling: Sampling | None = None
     #: called on the event loop with ``(choice index, new text, finish reason)`` while generating
     on_text: Callable[[int, str, str | None], None] | None = None
     abandoned: bool = field(default=False)
@@ -40,9 +39,6 @@ class Job:
     def rows(self) -> int:
         return len(self.work.texts)
 
-    @property
-    def group(self) -> tuple:
-        return (self.kind, self.sampling)
 
 
 class Batcher:
@@ -86,11 +82,11 @@ class Batcher:
 
     # --- called by handlers -----------------------------------------------------------------
 
-    def submit(self, kind: str, work: Work, sampling: Sampling | None = None,
-               on_text: Callable[[int, str, str | None], None] | None = None) -> Job:
-        """Queue a request; 503 with ``Retry-After`` when the queue is full."""
+    def submit(self, kind: str, work: Work, on_text: Callable[[int, str, str | None], None] | None = None) -> Job:
+        """Queue a request; 503 with ``Retry-After`` when the queue is full. A job marked
+        ``abandoned`` (its client went away) is skipped, or stops generating if it has started."""
         assert self.queue is not None, "the batcher is not started"
-        job = Job(kind, work, asyncio.get_running_loop().create_future(), sampling, on_text)
+        job = Job(kind, work, asyncio.get_running_loop().create_future(), on_text)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -110,9 +106,9 @@ class Batcher:
             raise ApiError(504, "timeout", f"no answer within {timeout:g} s (the server's --timeout); "
                            f"retry, or send fewer inputs per request") from None
 
-    async def run(self, kind: str, work: Work, sampling: Sampling | None = None) -> Any:
+    async def run(self, kind: str, work: Work) -> Any:
         """Queue a request and wait for its answer."""
-        return await self.result(self.submit(kind, work, sampling))
+        return await self.result(self.submit(kind, work))
 
     async def call(self, action: Callable[[], Any]) -> Any:
         """Run ``action`` on the model's worker thread, between batches (loading, unloading)."""
@@ -144,16 +140,16 @@ class Batcher:
                     break
                 jobs.append(job)
                 rows += job.rows
-            groups: dict[tuple, list[Job]] = {}
+            groups: dict[str, list[Job]] = {}
             for job in jobs:
-                groups.setdefault(job.group, []).append(job)
+                groups.setdefault(job.kind, []).append(job)
             for group in groups.values():
                 await self._run(group)
 
     async def _run(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
         works = [job.work for job in jobs]
-        kind, sampling = jobs[0].group
+        kind = jobs[0].kind
         streaming = any(job.on_text is not None for job in jobs)
 
         def on_text(index: int, choice: int, piece: str, finish: str | None) -> None:
@@ -163,7 +159,7 @@ class Batcher:
         def work() -> list:
             if kind == CLASSIFY:
                 return self.engine.classify(works)
-            return complete(self.engine, works, sampling, on_text if streaming else None)
+            return complete(self.engine, works, on_text if streaming else None, lambda i: jobs[i].abandoned)
 
         started = time.perf_counter()
         try:

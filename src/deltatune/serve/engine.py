@@ -34,6 +34,7 @@ class Work:
 
     delta: str | None
     texts: list[str]
+    options: Any = None  # what the task needs besides the texts (a completion's ``Generation``)
 
 
 Forward = Callable[[list[int], list[Work]], list[Any]]
@@ -208,9 +209,10 @@ class Engine:
             return contextlib.nullcontext()
         return route(self.model, deltas)
 
-    def check_lengths(self, texts: list[str], extra: int = 0) -> list[list[int]]:
-        """Token ids of ``texts``; 413 naming the limit when one (plus ``extra`` tokens) is too long."""
-        ids = self.tokenizer(texts)["input_ids"]
+    def check_lengths(self, texts: list[str], extra: int = 0, special: bool = True) -> list[list[int]]:
+        """Token ids of ``texts``; 413 naming the limit when one (plus ``extra`` tokens) is too long.
+        ``special``: add the tokenizer's special tokens (a rendered chat template has them already)."""
+        ids = self.tokenizer(texts, add_special_tokens=special)["input_ids"]
         for position, row in enumerate(ids):
             if len(row) + extra > self.max_length:
                 more = f" plus {extra} new tokens" if extra else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict
+
 from ..errors import DeltaError, DeltaFileError, DeltaStateError, FingerprintError, NotApplicableError
 
 
@@ -41,3 +43,35 @@ def as_api_error(error: BaseException) -> ApiError:
         return ApiError(400, "bad_request", str(error))
     return ApiError(500, "internal", f"{type(error).__name__}: {error}")
 
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: a machine-readable ``type``, a ``message`` naming the fix, and extra fields
+    (``limit``, ``fields``, ``fingerprint``) where they apply."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+#: what each error status means, for the OpenAPI schema
+STATUS_MEANINGS = {
+    400: "the request cannot be served as asked (empty input, a bad delta name, a limit, the wrong task)",
+    401: "no admin bearer token", 403: "a wrong admin bearer token", 404: "no such delta, model or route",
+    405: "the route does not take this method (see the Allow header)",
+    409: "the delta was made for another base, or does not fit it", 413: "too many or too long inputs",
+    422: "the body or a parameter is malformed (the message names the field)",
+    503: "the queue is full (see Retry-After)", 504: "no answer within the server's timeout",
+}
+
+
+def error_responses(*statuses: int) -> dict:
+    """The OpenAPI ``responses`` of a route that answers with these error statuses."""
+    return {status: {"model": ErrorBody, "description": STATUS_MEANINGS[status]} for status in statuses}

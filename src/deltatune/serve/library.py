@@ -12,7 +12,9 @@ from ..io.artifact import META_FILE, TENSORS_FILE, read_meta
 from ..io.meaning import run_folder_meaning
 from .errors import ApiError
 
-NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+#: a delta name (the request schemas state the same rule)
+NAME_RULE = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
+NAME_PATTERN = re.compile(NAME_RULE)
 #: the name that means "no delta" in requests
 BASE = "base"
 
