@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import httpx
 import openai
 import pytest
 import torch
@@ -245,3 +246,17 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(server):
         assert answer.choices[0].text is not None
     finally:
         handle.remove()
+
+
+def test_metrics_count_requests_and_generated_tokens_per_delta(server):
+    def sample(text: str, name: str) -> float:
+        return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
+
+    with httpx.Client(base_url=server["url"]) as http:
+        before = http.get("/metrics")
+        assert before.headers["content-type"].startswith("text/plain")
+        answer = server["client"].completions.create(model="ia3", prompt=["yes", "no"], max_tokens=5, temperature=0)
+        after = http.get("/metrics").text
+    requests, tokens = 'deltatune_serve_delta_requests_total{delta="ia3"}', 'deltatune_serve_generated_tokens_total{delta="ia3"}'
+    assert sample(after, requests) - sample(before.text, requests) == 1
+    assert sample(after, tokens) - sample(before.text, tokens) == answer.usage.completion_tokens

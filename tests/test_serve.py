@@ -95,7 +95,7 @@ def test_concurrent_requests_for_different_deltas_share_one_mixed_batch(classify
         return original(works)
 
     monkeypatch.setattr(engine, "classify", slow_classify)
-    before = metrics.batch_requests.count
+    before = metrics.value("deltatune_serve_batch_requests_count")
 
     async def main():
         async with httpx.AsyncClient(base_url=classify_setup["url"], timeout=30) as http:
@@ -108,7 +108,7 @@ def test_concurrent_requests_for_different_deltas_share_one_mixed_batch(classify
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * 4
     assert sizes == [["sentiment"], ["None", "spam", "topic"]]  # the three waiting requests ran as one batch
-    assert metrics.batch_requests.count - before == 2
+    assert metrics.value("deltatune_serve_batch_requests_count") - before == 2
     for delta, text, response in zip(["spam", "topic", None], TEXTS, responses[1:]):
         assert_matches_reference(classify_setup, delta, [text], response.json()["results"])
 
@@ -253,6 +253,7 @@ def test_metrics_expose_requests_latency_batches_loaded_deltas_and_errors(classi
     assert samples['deltatune_serve_request_seconds_bucket{endpoint="/v1/classify",le="+Inf"}'] == count
     assert samples["deltatune_serve_batch_rows_count"] >= 1 and samples["deltatune_serve_rows_total"] >= 2
     assert samples["deltatune_serve_loaded_deltas"] == len(classify_setup["engine"].loaded())
+    assert samples['deltatune_serve_delta_requests_total{delta="sentiment"}'] >= 1
     assert "# TYPE deltatune_serve_request_seconds histogram" in text
 
 

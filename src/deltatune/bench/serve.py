@@ -107,10 +107,15 @@ def serve_rows(model: str = "minilm", clients: int = 8, requests: int = 50, delt
         app = create_app(engine, Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=4 * clients))
         with running(app) as url:
             run_load(url, names, clients=clients, requests=2)  # warm-up: loads every delta
-            batches = app.state.metrics.batch_requests
-            before = (batches.sum, batches.count)
+            metrics = app.state.metrics
+
+            def batches() -> tuple[float, float]:
+                return (metrics.value("deltatune_serve_batch_requests_sum"),
+                        metrics.value("deltatune_serve_batch_requests_count"))
+            before = batches()
             result = run_load(url, names, clients=clients, requests=requests)
-            mean_batch = (batches.sum - before[0]) / max(1, batches.count - before[1])
+            after = batches()
+            mean_batch = (after[0] - before[0]) / max(1, after[1] - before[1])
     if result["errors"]:
         raise RuntimeError(f"{len(result['errors'])} requests failed, first: {result['errors'][0]}")
     label = Path(model).name if model not in ("minilm", "smollm2") else model

@@ -25,7 +25,7 @@ from .batcher import CLASSIFY, Batcher
 from .engine import Engine, Work
 from .errors import ApiError, as_api_error, error_responses
 from .library import BASE
-from .metrics import Metrics
+from .metrics import CONTENT_TYPE, Metrics
 from .openai import openai_router
 from .schemas import NAME_PATTERN, ClassifyRequest
 
@@ -151,8 +151,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition format"}})
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(len(engine.loaded()), batcher.depth()),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(len(engine.loaded()), batcher.depth()), media_type=CONTENT_TYPE)
 
     @app.get("/v1/deltas")
     async def list_deltas() -> dict:

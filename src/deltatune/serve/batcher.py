@@ -169,6 +169,9 @@ class Batcher:
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
         self.metrics.batch(len(jobs), sum(job.rows for job in jobs))
         for job, result in zip(jobs, results):
+            if not isinstance(result, BaseException):
+                generated = sum(c.completion_tokens for c in result) if kind == COMPLETE else 0
+                self.metrics.served(job.work.delta, generated)
             if job.future.done() or job.abandoned:
                 continue
             if isinstance(result, BaseException):
