@@ -190,6 +190,10 @@ def test_completion_logprobs_equal_the_naive_loop(server):
         assert len(top) == 3
         assert sorted(top.values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
     assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(tokens))]
+    streamed = list(server["client"].completions.create(model="lora", prompt="the film", max_tokens=5, temperature=0,
+                                                        logprobs=3, frequency_penalty=-2.0, stream=True))
+    assert [c.choices[0].logprobs for c in streamed[:-1]] == [None] * (len(streamed) - 1)
+    assert streamed[-1].choices[0].logprobs.token_logprobs == logprobs.token_logprobs  # all of them, last chunk
 
 
 def test_chat_logprobs_and_top_logprobs(server):
@@ -260,3 +264,14 @@ def test_metrics_count_requests_and_generated_tokens_per_delta(server):
     requests, tokens = 'deltatune_serve_delta_requests_total{delta="ia3"}', 'deltatune_serve_generated_tokens_total{delta="ia3"}'
     assert sample(after, requests) - sample(before.text, requests) == 1
     assert sample(after, tokens) - sample(before.text, tokens) == answer.usage.completion_tokens
+
+
+@pytest.mark.parametrize("options", [{"temperature": 2.2e-309}, {"temperature": 1.5, "top_p": 2.2e-313},
+                                     {"temperature": 1e-6, "top_k": 10_000}])
+def test_extreme_sampling_values_decode_greedily_instead_of_failing(server, options):
+    """Found by schemathesis: a subnormal temperature overflowed the logits, a subnormal top_p dropped every token."""
+    greedy = server["client"].completions.create(model="base", prompt="good", max_tokens=6, temperature=0)
+    answer = server["client"].completions.create(model="base", prompt="good", max_tokens=6, seed=1,
+                                                 **{k: v for k, v in options.items() if k != "top_k"},
+                                                 extra_body={"top_k": options.get("top_k", 0)})
+    assert answer.choices[0].text == greedy.choices[0].text

@@ -19,10 +19,12 @@ from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import ConfigError
 from .batcher import CLASSIFY, Batcher
-from .engine import Engine, Work
+from .contract import state_limits
+from .engine import CLASSIFICATION, Engine, Work
 from .errors import ApiError, as_api_error, error_responses
 from .library import BASE
 from .metrics import CONTENT_TYPE, Metrics
@@ -130,7 +132,10 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return _error_response(ApiError(error.status_code, kind, str(error.detail), headers=error.headers), request)
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # every method of the path, not only those of the first route matched
+            headers["Allow"] = ", ".join(_allowed(app, request))
+        return _error_response(ApiError(error.status_code, kind, str(error.detail), headers=headers), request)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
@@ -163,7 +168,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     serving = error_responses(400, 404, 409, 413, 422, 503, 504)
     app.include_router(openai_router(engine, batcher, settings, serving))
 
-    @app.post("/v1/classify", responses=serving)
+    @app.post("/v1/classify", responses=serving, include_in_schema=engine.task == CLASSIFICATION)
     async def classify(body: ClassifyRequest) -> dict:
         texts = _rows(body.inputs, "inputs", settings.max_inputs)
         delta = delta_of(body.delta)
@@ -184,7 +189,18 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         async def unload_delta(name: Annotated[str, Path(pattern=NAME_PATTERN)]) -> dict:
             return await batcher.call(lambda: engine.unload(name))
 
+    state_limits(app, settings, engine.model_name)
     return app
+
+
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    """The methods some route of the app takes at the request's path."""
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _admin_check(token: str):

@@ -31,8 +31,8 @@ class Job:
     kind: str
     work: Work
     future: asyncio.Future
-    #: called on the event loop with ``(choice index, new text, finish reason)`` while generating
-    on_text: Callable[[int, str, str | None], None] | None = None
+    #: called on the event loop with ``(choice index, new text, finished Choice or None)`` while generating
+    on_text: Callable[[int, str, Any], None] | None = None
     abandoned: bool = field(default=False)
 
     @property
@@ -82,7 +82,7 @@ class Batcher:
 
     # --- called by handlers -----------------------------------------------------------------
 
-    def submit(self, kind: str, work: Work, on_text: Callable[[int, str, str | None], None] | None = None) -> Job:
+    def submit(self, kind: str, work: Work, on_text: Callable[[int, str, Any], None] | None = None) -> Job:
         """Queue a request; 503 with ``Retry-After`` when the queue is full. A job marked
         ``abandoned`` (its client went away) is skipped, or stops generating if it has started."""
         assert self.queue is not None, "the batcher is not started"
@@ -152,9 +152,9 @@ class Batcher:
         kind = jobs[0].kind
         streaming = any(job.on_text is not None for job in jobs)
 
-        def on_text(index: int, choice: int, piece: str, finish: str | None) -> None:
+        def on_text(index: int, choice: int, piece: str, finished: Any) -> None:
             if jobs[index].on_text is not None:
-                loop.call_soon_threadsafe(jobs[index].on_text, choice, piece, finish)
+                loop.call_soon_threadsafe(jobs[index].on_text, choice, piece, finished)
 
         def work() -> list:
             if kind == CLASSIFY:

@@ -20,8 +20,8 @@ from .engine import CAUSAL_LM, Engine, Work
 from .errors import ApiError
 from .sampling import Generation, RowSampler, RowStops, held_back, stop_index
 
-#: ``(work index, choice index, new text, finish reason or None)``
-OnText = Callable[[int, int, str, "str | None"], None]
+#: ``(work index, choice index, new text, the finished Choice with the row's last piece, else None)``
+OnText = Callable[[int, int, str, "Choice | None"], None]
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RowStreamer(BaseStreamer):
     """Receives each decoding step's tokens (one per row) and reports each row's new text."""
 
     def __init__(self, tokenizer, settings: list[Generation], eos: set[int],
-                 on_piece: Callable[[int, str, str | None], None]) -> None:
+                 on_piece: Callable[[int, str, Choice | None], None]) -> None:
         self.tokenizer, self.settings, self.eos, self.on_piece = tokenizer, settings, eos, on_piece
         self.tokens: list[list[int]] = [[] for _ in settings]
         self.sent = [""] * len(settings)
@@ -85,15 +85,15 @@ class RowStreamer(BaseStreamer):
         pass
 
     def finish(self, choices: Sequence[Choice]) -> None:
-        """Send what is left of each row's final text, with its finish reason."""
+        """Send what is left of each row's final text, with the finished choice."""
         for row, choice in enumerate(choices):
             rest = choice.text[len(self.sent[row]):] if choice.text.startswith(self.sent[row]) else ""
-            self.on_piece(row, rest, choice.finish_reason)
+            self.on_piece(row, rest, choice)
 
-    def _send(self, row: int, piece: str, finish: str | None) -> None:
+    def _send(self, row: int, piece: str, finished: Choice | None) -> None:
         if piece:
             self.sent[row] += piece
-            self.on_piece(row, piece, finish)
+            self.on_piece(row, piece, finished)
 
 
 def complete(engine: Engine, works: Sequence[Work], on_text: OnText | None = None,

@@ -4,7 +4,8 @@ The subset of the OpenAI API that vLLM serves for text, so the official ``openai
 anything built on it) works against ``deltatune serve``: ``model`` names a delta or the base;
 sampling fields, ``n``, ``stop``, ``seed``, log-probabilities, penalties, ``usage`` and
 ``finish_reason`` mean what they mean there. Streaming sends server-sent events in the standard
-chunk shapes, ending with ``data: [DONE]``; a client that disconnects stops its generation.
+chunk shapes, ending with ``data: [DONE]``; a choice's log-probabilities (all its tokens) come
+with its last chunk; a client that disconnects stops its generation.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from fastapi.responses import StreamingResponse
 
 from .batcher import COMPLETE, Batcher, Job
 from .completions import Choice
-from .engine import Engine, Work
-from .errors import ApiError, as_api_error
+from .engine import CAUSAL_LM, Engine, Work
+from .errors import ApiError, as_api_error, error_responses
 from .library import BASE
 from .sampling import Generation
 from .schemas import ChatRequest, CompletionRequest, Sampled
@@ -31,6 +32,8 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
     """The routes, for ``engine``'s base and deltas, with ``settings``' limits."""
     router = APIRouter()
     created = int(time.time())
+    generates = engine.task == CAUSAL_LM  # the schema lists only the routes this base serves
+    chats = generates and bool(getattr(engine.tokenizer, "chat_template", None))
 
     def delta_of(name: str) -> str | None:
         if name in (BASE, engine.model_name):
@@ -48,12 +51,17 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
         return {"object": "list", "data": [model_card(engine.model_name)]
                 + [model_card(name) for name in engine.library.available()]}
 
-    @router.get("/v1/models/{model}", responses=responses)
+    @router.get("/v1/models/{model:path}", responses=error_responses(400, 404))
     async def get_model(model: str) -> dict:
         """One model card: the base (its id or ``base``) or a delta."""
         return model_card(engine.model_name if delta_of(model) is None else model)
 
-    @router.post("/v1/completions", responses=responses)
+    event = {"type": "object", "required": ["data"],  # one server-sent event: a JSON chunk, or [DONE]
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+    generated = {**responses, 200: {"description": "the completion (JSON), or server-sent events with stream=true",
+                                    "content": {"application/json": {}, "text/event-stream": {"schema": event}}}}
+
+    @router.post("/v1/completions", responses=generated, include_in_schema=generates)
     async def completions(body: CompletionRequest):
         """Text completion of one prompt or a list of prompts (``n`` choices each)."""
         prompts = _rows(body.prompt, body.n, settings.max_inputs)
@@ -64,19 +72,20 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
-            def chunk(index: int, piece: str, end: str | None) -> dict:
-                return {**head, "choices": [{"text": piece, "index": index, "logprobs": None, "finish_reason": end}]}
+            def chunk(index: int, piece: str, end: Choice | None) -> dict:
+                return {**head, "choices": [{"text": piece, "index": index, "logprobs": end and _completion_logprobs(end),
+                                             "finish_reason": end and end.finish_reason}]}
             return await _stream(batcher, work, head, settings.timeout_s, chunk, body)
         choices = await batcher.run(COMPLETE, work)
         return {**head, "choices": [{"text": c.text, "index": i, "logprobs": _completion_logprobs(c),
                                      "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
                 "usage": _usage(choices, body.n)}
 
-    @router.post("/v1/chat/completions", responses=responses)
+    @router.post("/v1/chat/completions", responses=generated, include_in_schema=chats)
     async def chat(body: ChatRequest):
         """A reply to a conversation, rendered with the base tokenizer's chat template."""
         prompt = _render(engine, body)
-        top = (body.top_logprobs or 0) if body.logprobs else None
+        top = (body.top_logprobs or 0) if body.logprobs else None  # top_logprobs alone asks for nothing
         work = Work(delta_of(body.model), _rows([prompt], body.n, settings.max_inputs),
                     _generation(body, settings, logprobs=top, chat=True))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
@@ -84,12 +93,13 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
         if body.stream:
             started: set[int] = set()
 
-            def chunk(index: int, piece: str, end: str | None) -> dict:
+            def chunk(index: int, piece: str, end: Choice | None) -> dict:
                 delta = {"content": piece} if piece or end is None else {}
                 if index not in started:
                     started.add(index)
                     delta = {"role": "assistant", **delta}
-                return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": end}]}
+                return {**head, "choices": [{"index": index, "delta": delta, "logprobs": end and _chat_logprobs(end),
+                                             "finish_reason": end and end.finish_reason}]}
             return await _stream(batcher, work, head, settings.timeout_s, chunk, body)
         choices = await batcher.run(COMPLETE, work)
         return {**head, "object": "chat.completion",
@@ -113,10 +123,11 @@ def _rows(prompts: list[str], n: int, limit: int) -> list[str]:
 
 
 def _generation(body: Sampled, settings, *, logprobs: int | None, chat: bool) -> Generation:
-    if body.new_tokens > settings.max_tokens:
-        raise ApiError(400, "max_tokens_too_large", f"max_tokens {body.new_tokens} is more than this server allows "
+    tokens = body.new_tokens(settings.max_tokens)
+    if tokens > settings.max_tokens:
+        raise ApiError(400, "max_tokens_too_large", f"max_tokens {tokens} is more than this server allows "
                        f"({settings.max_tokens}); ask for fewer", limit=settings.max_tokens)
-    return Generation(max_tokens=body.new_tokens, temperature=body.temperature, top_p=body.top_p,
+    return Generation(max_tokens=tokens, temperature=body.temperature, top_p=body.top_p,
                       top_k=max(0, body.top_k), stop=tuple(body.stop or ()), seed=body.seed, logprobs=logprobs,
                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, n=body.n,
                       chat=chat)
@@ -161,7 +172,7 @@ def _chat_logprobs(choice: Choice) -> dict | None:
 
 
 async def _stream(batcher: Batcher, work: Work, head: dict, timeout: float,
-                  chunk: Callable[[int, str, str | None], dict], body: Sampled) -> StreamingResponse:
+                  chunk: Callable[[int, str, Choice | None], dict], body: Sampled) -> StreamingResponse:
     """Server-sent events of the generation; errors before the first token answer with their status,
     later ones in-band. The job is marked abandoned when the client goes away, which stops its rows."""
     events: asyncio.Queue = asyncio.Queue()

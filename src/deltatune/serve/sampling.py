@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+#: temperatures below this decode greedily (dividing logits by them overflows; vLLM does the same)
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -89,7 +92,7 @@ def truncated(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         ordered, order = torch.sort(logits, descending=True)
         probabilities = torch.softmax(ordered, dim=-1)
         before = torch.cumsum(probabilities, dim=-1) - probabilities  # mass of the tokens ranked above
-        dropped = order[before >= top_p]  # the most likely token always stays (before == 0)
+        dropped = order[1:][before[1:] >= top_p]  # the most likely token always stays
         logits = logits.clone()
         logits[dropped] = float("-inf")
     return logits
@@ -100,7 +103,7 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, settings: list[Generation], prompt_length: int, choices: list[int]) -> None:
         self.settings, self.prompt_length = settings, prompt_length
-        self.generators = [_generator(None if s.seed is None else s.seed + c) if s.temperature > 0 else None
+        self.generators = [_generator(None if s.seed is None else s.seed + c) if s.temperature >= GREEDY_BELOW else None
                            for s, c in zip(settings, choices)]
         self.records = [TokenRecord() for _ in settings]
 
@@ -110,7 +113,7 @@ class RowSampler(LogitsProcessor):
             logits = scores[row]
             generated = self.records[row].tokens
             logits = penalised(logits, generated, setting.presence_penalty, setting.frequency_penalty)
-            if setting.temperature == 0:
+            if setting.temperature < GREEDY_BELOW:
                 token = int(torch.argmax(logits))
             else:
                 logits = truncated(logits / setting.temperature, setting.top_k, setting.top_p)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .library import NAME_RULE
 
@@ -22,7 +22,8 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 Model = Annotated[str, Field(min_length=1, max_length=256)]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 #: a list of texts; a single string is a list of one
-Texts = Annotated[list[Text], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
+Texts = Annotated[list[Text], BeforeValidator(lambda value: [value] if isinstance(value, str) else value,
+                                              json_schema_input_type=str | list[str])]
 Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
                  BeforeValidator(lambda value: [value] if isinstance(value, str) else value), Field(max_length=4)]
 
@@ -48,15 +49,17 @@ class Sampled(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Model = Field(..., description="a delta name, or the base (its id in /v1/models, or 'base')")
-    max_tokens: int | None = Field(None, ge=1, description="most new tokens per choice (default 16)")
-    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (the newer name)")
+    max_tokens: int | None = Field(None, ge=1, description="most new tokens per choice (default 16, or the "
+                                                           "server's --max-tokens if lower)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the same as max_tokens (the newer name; "
+                                                                      "it wins when both are sent)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy decoding; above 0: sampling")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="sample from the smallest set of tokens whose "
                                                           "probabilities add up to top_p")
     top_k: int = Field(0, ge=-1, description="sample from the top_k most likely tokens (0 or -1: all)")
     n: int = Field(1, ge=1, le=16, description="choices per prompt")
     stop: Stop | None = Field(None, description="up to 4 strings that end a choice; the stop string is not returned")
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63,
+    seed: int | None = Field(None, ge=-(2 ** 53), le=2 ** 53,  # integers JSON numbers hold exactly
                              description="the same request with the same seed gives the same text, "
                                          "alone or batched with others")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -64,30 +67,17 @@ class Sampled(BaseModel):
     stream: bool = Field(False, description="send the text as server-sent events while it is generated")
     stream_options: StreamOptions | None = None
 
-    @model_validator(mode="after")
-    def _one_length(self):
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("max_tokens and max_completion_tokens differ; send one of them")
-        return self
-
-    @property
-    def new_tokens(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or 16
+    def new_tokens(self, limit: int) -> int:
+        """The tokens asked for: ``max_completion_tokens``, else ``max_tokens``, else 16 (or the server's limit)."""
+        return self.max_completion_tokens or self.max_tokens or min(16, limit)
 
 
 class CompletionRequest(Sampled):
     """``POST /v1/completions`` in the OpenAI completions shape."""
 
-    prompt: Texts = Field(..., max_length=64, description="one prompt, or a list of prompts (n choices each)")
+    prompt: Texts = Field(..., description="one prompt, or a list of prompts (n choices each)")
     logprobs: int | None = Field(None, ge=0, le=20, description="the log-probabilities of the chosen token and "
                                                                 "of this many most likely ones, per position")
-
-    @model_validator(mode="after")
-    def _no_streamed_logprobs(self):
-        if self.stream and self.logprobs is not None:
-            raise ValueError("logprobs is not served with stream=true; ask without streaming")
-        return self
 
 
 class Message(BaseModel):
@@ -115,16 +105,8 @@ class ChatRequest(Sampled):
 
     messages: list[Message] = Field(..., min_length=1, max_length=256, description="the conversation so far")
     logprobs: bool = Field(False, description="return the log-probability of each generated token")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many most likely "
-                                                                    "tokens per position")
-
-    @model_validator(mode="after")
-    def _logprobs_fields(self):
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
-        if self.stream and self.logprobs:
-            raise ValueError("logprobs is not served with stream=true; ask without streaming")
-        return self
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs=true: this many most likely "
+                                                                    "tokens per position (ignored without it)")
 
 
 Message.model_rebuild()
