@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.build import first_input
+from ...core.build import first_input, replace_first_input
 from ...core.weight_delta import WeightDelta
 
 
@@ -122,6 +122,14 @@ class OFTLinear(WeightDelta):
         x = first_input(args, kwargs)
         change = self.rotate_input(x) - x.float()
         return output + F.linear(change, self.base_weight(module).float()).to(output.dtype)
+
+    def run(self, module, own, args, kwargs):
+        # alone at the module: one matmul, W (x R) + b, instead of the base call plus W (x R - x)
+        x = first_input(args, kwargs)
+        if x.dtype != torch.float32:
+            return super().run(module, own, args, kwargs)
+        args, kwargs = replace_first_input(args, kwargs, self.rotate_input(x))
+        return own(*args, **kwargs)
 
     def extra_repr(self) -> str:
         shared = ", block_share" if self.skew.shape[0] == 1 and self.blocks > 1 else ""
