@@ -45,6 +45,14 @@ class WeightDelta(DeltaUnit):
         delta = self.delta_weight(self.base_weight(module).float())
         return output + F.linear(x.to(delta.dtype), delta).to(output.dtype)
 
+    def run(self, module, own, args, kwargs):
+        # alone at a float32 nn.Linear with the generic kernel: one matmul with W + dW
+        x = first_input(args, kwargs)
+        generic = type(self).forward_post is WeightDelta.forward_post
+        if generic and type(module) is nn.Linear and x.dtype == module.weight.dtype == torch.float32:
+            return F.linear(x, module.weight + self.delta_weight(module.weight), module.bias)
+        return super().run(module, own, args, kwargs)
+
     def merge_params(self, module, params):
         weight = params["weight"]
         delta = self.delta_weight((weight.T if self.transposed else weight).float())
