@@ -3,11 +3,13 @@ random delta tensors, the mixed-batch and merging contracts, and both directions
 
 from __future__ import annotations
 
-import warnings
-
+import pytest
 import torch
 from torch import nn
 from tiny_models import MODELS, small_config
+from method_checks import (assert_linear_merge_equals_dense_reference,
+                           assert_rows_equal_alone as assert_routed_rows_equal_alone, edit_adapter_config, logits,
+                           quiet, saved_peft_adapter, token_batch)
 
 import deltatune as dt
 from deltatune.interop import export_peft, import_peft
@@ -36,10 +38,13 @@ def randomise(params, seed: int = 7, scale: float = 0.3) -> None:
             param.add_(scale * torch.randn(param.shape, generator=generator))
 
 
-def quiet(function, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return function(*args, **kwargs)
+def attached_to_linear_and_conv1d(config, name: str) -> nn.Module:
+    """A ``LinearAndConv1D`` (seed 0) with ``config`` attached as ``name``, its tensors randomised."""
+    torch.manual_seed(0)
+    model = LinearAndConv1D()
+    dt.attach(model, config, name=name)
+    randomise([p for _, p in dt.delta_parameters(model, name)])
+    return model
 
 
 def unit_output(model, unit, module, x, weight_change):
@@ -70,17 +75,8 @@ def assert_rows_equal_alone(case_name: str, configs: dict, rows: list) -> None:
         method = fields.pop("method")
         dt.attach(model, small_config(method, case, **fields), name=name)
         randomise([p for _, p in dt.delta_parameters(model, name)], seed=i + 1)
-    generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 100, (len(rows), 6), generator=generator)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     model.eval()
-    with torch.no_grad(), dt.route(model, rows):
-        mixed = case.output(model, inputs)
-    with torch.no_grad():
-        for i, name in enumerate(rows):
-            with dt.using(model, (name,) if name else ()):
-                alone = case.output(model, {k: v[i:i + 1] for k, v in inputs.items()})[0]
-            torch.testing.assert_close(mixed[i], alone, rtol=TOL, atol=TOL, msg=lambda m, i=i: f"row {i}: {m}")
+    assert_routed_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=3, attention_mask=True), TOL)
 
 
 def assert_linear_merge_is_the_dense_sum(tmp_path, configs: list) -> None:
@@ -99,19 +95,7 @@ def assert_linear_merge_is_the_dense_sum(tmp_path, configs: list) -> None:
                 change = slot[f"d{i}"].delta_weight().detach()
                 changes[path] = changes.get(path, 0) + weights[i] * change
         folders.append(dt.save(model, tmp_path / f"d{i}"))
-    reference = case.build()
-    with torch.no_grad():
-        for path, change in changes.items():
-            reference.get_submodule(path).weight.add_(change)
-    model = case.build()
-    dt.merge_deltas(model, folders, "linear", weights=list(weights))
-    with torch.no_grad():
-        torch.testing.assert_close(case.output(model), case.output(reference), rtol=TOL, atol=TOL)
-
-
-def _outputs(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
+    assert_linear_merge_equals_dense_reference(case, folders, list(weights), changes)
 
 
 def assert_export_loads_in_peft(tmp_path, case_name: str, config) -> float:
@@ -127,8 +111,8 @@ def assert_export_loads_in_peft(tmp_path, case_name: str, config) -> float:
     peft = __import__("peft")
     theirs = quiet(peft.PeftModel.from_pretrained, case.build(0), tmp_path / "peft").eval()
     inputs = case.inputs()
-    mine, their = _outputs(ours, inputs), _outputs(theirs, inputs)
-    base = _outputs(case.build(0), inputs)
+    mine, their = logits(ours, inputs), logits(theirs, inputs)
+    base = logits(case.build(0), inputs)
     assert (mine - base).abs().max() > 100 * TOL, "the delta changes nothing"
     torch.testing.assert_close(mine, their, rtol=0, atol=TOL)
     return (mine - their).abs().max().item()
@@ -138,19 +122,39 @@ def assert_peft_adapter_imports(tmp_path, case_name: str, peft_config) -> float:
     """A peft adapter with random tensors, saved by peft and imported, gives peft's logits; the
     largest difference is returned."""
     case = MODELS[case_name]
-    peft = __import__("peft")
-    theirs = quiet(peft.get_peft_model, case.build(0), peft_config).eval()
-    randomise([p for _, p in theirs.named_parameters() if p.requires_grad])
-    quiet(theirs.save_pretrained, tmp_path / "peft")
+    theirs = saved_peft_adapter(tmp_path / "peft", case.build(0), peft_config, seed=7, scale=0.3)
     import_peft(tmp_path / "peft", tmp_path / "delta", case.build(0))
     ours = case.build(0)
     dt.load(ours, tmp_path / "delta")
     ours.eval()
     inputs = case.inputs()
-    mine, their = _outputs(ours, inputs), _outputs(theirs, inputs)
-    assert (their - _outputs(case.build(0), inputs)).abs().max() > 100 * TOL, "the adapter changes nothing"
+    mine, their = logits(ours, inputs), logits(theirs, inputs)
+    assert (their - logits(case.build(0), inputs)).abs().max() > 100 * TOL, "the adapter changes nothing"
     torch.testing.assert_close(mine, their, rtol=0, atol=TOL)
     return (mine - their).abs().max().item()
+
+
+def assert_same_dropout_as_peft(ours, theirs, inputs: dict) -> None:
+    """In training and in eval, ``ours`` and ``theirs`` (equal tensors) give the same logits under
+    the same seed: the same draws in the same order, so the same dropout masks."""
+    for training in (True, False):
+        theirs.train(training), ours.train(training)
+        outputs = []
+        for model in (ours, theirs):
+            torch.manual_seed(5)
+            outputs.append(model(**inputs).logits.detach())
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-5)
+
+
+def assert_unknown_peft_option_is_refused(tmp_path, peft_config, option: str = "use_tucker") -> None:
+    """A peft adapter of ``peft_config`` on the tiny Llama, its adapter_config.json given
+    ``option=True``, is refused by ``import_peft`` with a ConfigError naming ``option``."""
+    peft = __import__("peft")
+    theirs = quiet(peft.get_peft_model, MODELS["llama"].build(0), peft_config)
+    quiet(theirs.save_pretrained, tmp_path / "peft")
+    edit_adapter_config(tmp_path / "peft", **{option: True})
+    with pytest.raises(dt.ConfigError, match=option):
+        import_peft(tmp_path / "peft", tmp_path / "delta", MODELS["llama"].build(0))
 
 
 def peft_trainable(case_name: str, peft_config) -> int:

@@ -3,7 +3,6 @@ the SVD start, refusals, mixed batches, task vectors and merging, and the CLI.""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,6 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.abba import ABBAConfig, ABBALinear
+from method_checks import (assert_peft_export_is_refused, assert_rows_equal_alone, randomise, saved_config, token_batch,
+                           train_from_the_command_line)
 from tiny_models import MODELS
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -89,13 +90,6 @@ def test_bad_field_values_fail_at_construction_naming_the_field(fields, name):
         ABBAConfig(**fields)
 
 
-def _randomised(model, name, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-
-
 @pytest.mark.parametrize("case_name", ["bert", "gpt2"])
 def test_mixed_batch_rows_equal_each_row_run_alone(case_name):
     case = MODELS[case_name]
@@ -104,18 +98,9 @@ def test_mixed_batch_rows_equal_each_row_run_alone(case_name):
     dt.attach(model, ABBAConfig(r1=4, r2=1, alpha=2.0), name="b")
     dt.attach(model, dt.LoRAConfig(r=2), name="lora")
     for seed, name in enumerate(("a", "b", "lora")):
-        _randomised(model, name, seed + 1)
+        randomise(model, name, seed + 1, scale=0.2)
     rows = ["a", None, "b", "lora", "a", None]
-    generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 100, (len(rows), 6), generator=generator)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.no_grad():
-        with dt.route(model, rows):
-            mixed = case.output(model, inputs)
-        for i, name in enumerate(rows):
-            one = {k: v[i:i + 1] for k, v in inputs.items()}
-            with dt.using(model, (name,) if name else ()):
-                torch.testing.assert_close(mixed[i], case.output(model, one)[0], **TOL)
+    assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=3, attention_mask=True))
 
 
 def test_task_vector_stays_factored_and_merges_equal_the_hand_computed_updates(tmp_path):
@@ -123,8 +108,8 @@ def test_task_vector_stays_factored_and_merges_equal_the_hand_computed_updates(t
     model = case.build()
     dt.attach(model, ABBAConfig(r1=2, r2=2), name="a")
     dt.attach(model, ABBAConfig(r1=3, r2=1, alpha=3.0), name="b")
-    _randomised(model, "a", 1)
-    _randomised(model, "b", 2)
+    randomise(model, "a", 1, scale=0.2)
+    randomise(model, "b", 2, scale=0.2)
     path = "bert.encoder.layer.0.attention.self.value"
     units = model.get_submodule(path).deltas
     with torch.no_grad():
@@ -140,20 +125,13 @@ def test_task_vector_stays_factored_and_merges_equal_the_hand_computed_updates(t
 
 
 def test_train_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-                 "--label-column", "sentiment", "--steps", "12", "--batch-size", "8", "--max-length", "16",
-                 "--no-progress", "--method", "abba", "--r1", "2", "--r2", "3", "--out", str(out)]) == 0
-    config = json.loads((out / "delta.json").read_text())["config"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "abba", "--r1", "2", "--r2", "3"],
+                                      steps=12)
+    config = saved_config(out)
     assert config["method"] == "abba" and (config["r1"], config["r2"]) == (2, 3)
 
 
 def test_peft_export_is_refused_with_the_reason(tmp_path):
-    from deltatune.interop.peft import save_peft
-
     model = MODELS["bert"].build()
     dt.attach(model, ABBAConfig())
-    with pytest.raises(dt.ConfigError, match="cannot export a 'abba' delta to peft: peft has no .*LoHa"):
-        save_peft(model, tmp_path / "peft")
+    assert_peft_export_is_refused(tmp_path, model, "cannot export a 'abba' delta to peft: peft has no .*LoHa")

@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 from tiny_models import MODELS
-from method_checks import randomise as _randomise
+from method_checks import (assert_linear_merge_equals_dense_reference, randomise as _randomise,
+                           train_from_the_command_line)
 
 import deltatune as dt
 from deltatune.core.inject import after_step, loss_terms
@@ -320,13 +321,7 @@ def test_linear_merge_and_task_vector_equal_the_dense_updates(tmp_path):
                                        unit.delta_weight(weight).detach(), rtol=1e-5, atol=1e-6)
         dt.save(model, tmp_path / f"d{seed}")
         folders.append(tmp_path / f"d{seed}")
-    merged = BERT.build()
-    dt.merge_deltas(merged, folders, "linear", [0.5, 0.5])
-    reference = BERT.build()
-    with torch.no_grad():
-        for path, update in dense.items():
-            reference.get_submodule(path).weight.add_(update)
-    torch.testing.assert_close(BERT.output(merged), BERT.output(reference), rtol=1e-5, atol=1e-5)
+    assert_linear_merge_equals_dense_reference(BERT, folders, [0.5, 0.5], dense)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,13 +398,8 @@ def test_peft_options_deltatune_lacks_are_refused_by_name(tmp_path):
 
 
 def test_train_from_flags(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-                 "--label-column", "sentiment", "--steps", "12", "--batch-size", "8", "--max-length", "16",
-                 "--no-progress", "--method", "adalora", "--init-r", "4", "--target-r", "2", "--tinit", "2",
-                 "--tfinal", "3", "--delta-t", "2", "--out", str(out)]) == 0
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "adalora", "--init-r", "4",
+                                      "--target-r", "2", "--tinit", "2", "--tfinal", "3", "--delta-t", "2"], steps=12)
     meta = dt.read_meta(out)
     assert meta["config"]["init_r"] == 4 and meta["config"]["delta_t"] == 2
     ranks = meta["config"]["rank_pattern"] or {}

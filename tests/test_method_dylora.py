@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 from tiny_models import MODELS
-from method_checks import randomise as _randomise
+from method_checks import (assert_linear_merge_equals_dense_reference, assert_peft_export_is_refused,
+                           randomise as _randomise, train_from_the_command_line)
 
 import deltatune as dt
 from deltatune.core.inject import after_step
@@ -234,31 +235,17 @@ def test_linear_merge_and_task_vector_equal_the_dense_updates(tmp_path):
             dense[path] = dense.get(path, 0) + 0.5 * update
         dt.save(model, tmp_path / f"d{seed}")
         folders.append(tmp_path / f"d{seed}")
-    merged = BERT.build()
-    dt.merge_deltas(merged, folders, "linear", [0.5, 0.5])
-    reference = BERT.build()
-    with torch.no_grad():
-        for path, update in dense.items():
-            reference.get_submodule(path).weight.add_(update)
-    torch.testing.assert_close(BERT.output(merged), BERT.output(reference), rtol=1e-5, atol=1e-5)
+    assert_linear_merge_equals_dense_reference(BERT, folders, [0.5, 0.5], dense)
 
 
 def test_peft_export_is_refused_with_the_reason(tmp_path):
-    from deltatune.interop import save_peft
-
     model = BERT.build()
     dt.attach(model, DyLoRAConfig(r=4, targets=["query"]), name="x")
-    with pytest.raises(dt.ConfigError, match="peft has no DyLoRA adapter"):
-        save_peft(model, tmp_path / "p")
+    assert_peft_export_is_refused(tmp_path, model, "peft has no DyLoRA adapter")
 
 
 def test_train_from_flags(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-                 "--label-column", "sentiment", "--steps", "12", "--batch-size", "8", "--max-length", "16",
-                 "--no-progress", "--method", "dylora", "--r", "4", "--r-min", "2", "--dylora-seed", "3",
-                 "--out", str(out)]) == 0
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "dylora", "--r", "4", "--r-min", "2",
+                                      "--dylora-seed", "3"], steps=12)
     config = dt.read_meta(out)["config"]
     assert (config["r"], config["r_min"], config["seed"], config["eval_rank"]) == (4, 2, 3, None)

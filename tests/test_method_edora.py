@@ -13,6 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.edora import EDoRAConfig, EDoRALinear
+from method_checks import (assert_peft_export_is_refused, assert_rows_equal_alone, randomise, saved_config, token_batch,
+                           train_from_the_command_line)
 from tiny_models import MODELS
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -90,13 +92,6 @@ def test_a_loaded_delta_uses_its_saved_factors_and_magnitude(tmp_path, monkeypat
         torch.testing.assert_close(case.output(fresh), expected, rtol=0, atol=0)
 
 
-def _randomised(model, name, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(model, name):
-            p.add_(0.1 * torch.randn(p.shape, generator=generator))
-
-
 @pytest.mark.parametrize("case_name", ["bert", "gpt2", "llama"])
 def test_mixed_batch_rows_equal_each_row_run_alone(case_name):
     case = MODELS[case_name]
@@ -106,18 +101,9 @@ def test_mixed_batch_rows_equal_each_row_run_alone(case_name):
     dt.attach(model, dt.get_method("loraxs").config_class(r=2), name="xs")
     dt.attach(model, dt.DoRAConfig(r=2), name="dora")
     for seed, name in enumerate(("a", "b", "xs", "dora")):
-        _randomised(model, name, seed + 1)
+        randomise(model, name, seed + 1, scale=0.1)
     rows = ["a", None, "b", "xs", "a", "dora", None]
-    generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 100, (len(rows), 6), generator=generator)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.no_grad():
-        with dt.route(model, rows):
-            mixed = case.output(model, inputs)
-        for i, name in enumerate(rows):
-            one = {k: v[i:i + 1] for k, v in inputs.items()}
-            with dt.using(model, (name,) if name else ()):
-                torch.testing.assert_close(mixed[i], case.output(model, one)[0], **TOL)
+    assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=3, attention_mask=True))
 
 
 def test_task_vector_and_linear_merge_equal_the_hand_computed_changes():
@@ -125,8 +111,8 @@ def test_task_vector_and_linear_merge_equal_the_hand_computed_changes():
     model = case.build()
     dt.attach(model, EDoRAConfig(r=4), name="a")
     dt.attach(model, EDoRAConfig(r=2, alpha=3.0), name="b")
-    _randomised(model, "a", 1)
-    _randomised(model, "b", 2)
+    randomise(model, "a", 1, scale=0.1)
+    randomise(model, "b", 2, scale=0.1)
     path = "bert.encoder.layer.1.attention.self.value"
     module = model.get_submodule(path)
     weight = module.weight.detach()
@@ -139,20 +125,12 @@ def test_task_vector_and_linear_merge_equal_the_hand_computed_changes():
 
 
 def test_train_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-                 "--label-column", "sentiment", "--steps", "12", "--batch-size", "8", "--max-length", "16",
-                 "--no-progress", "--method", "edora", "--r", "3", "--out", str(out)]) == 0
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "edora", "--r", "3"], steps=12)
     assert json.loads((out / "metrics.json").read_text())["method"] == "edora"
-    assert json.loads((out / "delta.json").read_text())["config"]["r"] == 3
+    assert saved_config(out)["r"] == 3
 
 
 def test_peft_export_is_refused_with_the_reason(tmp_path):
-    from deltatune.interop.peft import save_peft
-
     model = MODELS["bert"].build()
     dt.attach(model, EDoRAConfig(r=2))
-    with pytest.raises(dt.ConfigError, match="cannot export a 'edora' delta to peft: peft has no .*EDoRA"):
-        save_peft(model, tmp_path / "peft")
+    assert_peft_export_is_refused(tmp_path, model, "cannot export a 'edora' delta to peft: peft has no .*EDoRA")

@@ -4,11 +4,10 @@ merging, the peft refusal, and training from the command line."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
+from method_checks import assert_rows_equal_alone, randomise, saved_config, token_batch, train_from_the_command_line
 from tiny_models import MODELS, small_config
 
 import deltatune as dt
@@ -112,10 +111,7 @@ def _ether_model(case_name, deltas):
     for i, (name, fields) in enumerate(deltas.items()):
         torch.manual_seed(i)
         dt.attach(model, small_config("ether", case, **fields), name=name)
-        generator = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for _, p in dt.delta_parameters(model, name):
-                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+        randomise(model, name, i + 1)
     return case, model.eval()
 
 
@@ -123,15 +119,7 @@ def _ether_model(case_name, deltas):
 def test_each_row_of_a_mixed_batch_equals_the_row_run_alone(case_name):
     case, model = _ether_model(case_name, {"a": {}, "b": {"variant": "ether_plus"}, "c": {"blocks": 2}})
     rows = ["a", None, "b", "c", "b", None]
-    generator = torch.Generator().manual_seed(5)
-    inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=generator)}
-    with torch.no_grad(), dt.route(model, rows):
-        mixed = case.output(model, inputs)
-    with torch.no_grad():
-        for i, name in enumerate(rows):
-            with dt.using(model, (name,) if name else ()):
-                alone = case.output(model, {k: v[i:i + 1] for k, v in inputs.items()})[0]
-            torch.testing.assert_close(mixed[i], alone, **TOL)
+    assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=5))
 
 
 def _dense_change(model, name, key):
@@ -176,12 +164,7 @@ def test_peft_export_is_refused_with_why_hra_differs(tmp_path):
 
 
 def test_train_builds_ether_plus_from_flags(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "6", "--batch-size", "8", "--max-length", "16",
-            "--no-progress", "--out", str(tmp_path / "run"), "--method", "ether", "--variant", "ether_plus",
-            "--blocks", "2"]
-    assert main(args) == 0
-    config = json.loads((tmp_path / "run" / "delta.json").read_text())["config"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv,
+                                      ["--method", "ether", "--variant", "ether_plus", "--blocks", "2"])
+    config = saved_config(out)
     assert config["method"] == "ether" and config["variant"] == "ether_plus" and config["blocks"] == 2

@@ -3,27 +3,27 @@ width split, its options, mixed batches, merging, the command line and parity wi
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from lycoris_checks import (
-    LinearAndConv1D,
     assert_export_loads_in_peft,
     assert_linear_merge_is_the_dense_sum,
     assert_peft_adapter_imports,
     assert_rows_equal_alone,
+    assert_same_dropout_as_peft,
+    assert_unknown_peft_option_is_refused,
+    attached_to_linear_and_conv1d,
     copy_into_peft,
     peft_trainable,
     quiet,
     randomise,
     unit_output,
 )
+from method_checks import assert_conv1d_export_is_refused, saved_config, train_from_the_command_line
 from tiny_models import MODELS
 
 import deltatune as dt
 from deltatune.core.registry import config_from_dict
-from deltatune.interop import export_peft, import_peft
 from deltatune.methods.lokr import LoKrConfig, LoKrLinear, factorization
 
 peft = pytest.importorskip("peft")
@@ -46,11 +46,7 @@ def _kron_reference(unit: LoKrLinear) -> torch.Tensor:
 
 
 def _attached(config: LoKrConfig):
-    torch.manual_seed(0)
-    model = LinearAndConv1D()
-    dt.attach(model, config, name="k")
-    randomise([p for _, p in dt.delta_parameters(model, "k")])
-    return model
+    return attached_to_linear_and_conv1d(config, "k")
 
 
 @pytest.mark.parametrize("fields", [dict(r=1, decompose_both=True), dict(r=8), dict(r=1, decompose_factor=2)])
@@ -127,13 +123,7 @@ def test_rank_dropout_and_module_dropout_act_only_in_training_as_in_peft(scale):
     dt.attach(ours, LoKrConfig(targets=["q_proj", "v_proj"], **options), name="k")
     copy_into_peft(ours, "k", theirs)
     inputs = case.inputs()
-    for training in (True, False):  # same seed, same draws in the same order: the same masks
-        theirs.train(training), ours.train(training)
-        outputs = []
-        for model in (ours, theirs):
-            torch.manual_seed(5)
-            outputs.append(model(**inputs).logits.detach())
-        torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-5)
+    assert_same_dropout_as_peft(ours, theirs, inputs)
 
 
 def test_mixed_batches_equal_each_row_alone():
@@ -184,35 +174,23 @@ def test_export_loads_in_peft_with_the_same_outputs(case, tmp_path):
 @pytest.mark.parametrize("case", PEFT_CASES)
 def test_peft_adapter_imports_with_peft_outputs(case, tmp_path):
     assert_peft_adapter_imports(tmp_path, "llama", peft.LoKrConfig(**PEFT_CASES[case][1]))
-    recorded = config_from_dict(json.loads((tmp_path / "delta" / "delta.json").read_text())["config"])
+    recorded = config_from_dict(saved_config(tmp_path / "delta"))
     assert recorded == LoKrConfig(**PEFT_CASES[case][0]).replace(targets=recorded.targets)
 
 
 def test_export_of_a_conv1d_delta_is_refused_naming_the_layer(tmp_path):
-    model = MODELS["gpt2"].build()
-    dt.attach(model, LoKrConfig(r=2, targets=["c_attn"]), name="k")
-    dt.save(model, tmp_path / "delta")
-    with pytest.raises(dt.ConfigError, match="transformer.h.0.attn.c_attn.*Conv1D.*LOKR"):
-        export_peft(tmp_path / "delta", tmp_path / "peft", MODELS["gpt2"].build())
+    assert_conv1d_export_is_refused(tmp_path, LoKrConfig(r=2, targets=["c_attn"]), "transformer.h.0.attn.c_attn.*Conv1D.*LOKR",
+                                    name="k")
 
 
 def test_unknown_peft_option_is_refused_by_name(tmp_path):
-    theirs = quiet(peft.get_peft_model, MODELS["llama"].build(0), peft.LoKrConfig(r=2, target_modules=["q_proj"]))
-    quiet(theirs.save_pretrained, tmp_path / "peft")
-    path = tmp_path / "peft" / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "use_tucker": True}))
-    with pytest.raises(dt.ConfigError, match="use_tucker"):
-        import_peft(tmp_path / "peft", tmp_path / "delta", MODELS["llama"].build(0))
+    assert_unknown_peft_option_is_refused(tmp_path, peft.LoKrConfig(r=2, target_modules=["q_proj"]))
 
 
 def test_trains_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "6", "--batch-size", "8", "--max-length", "16", "--no-progress",
-            "--method", "lokr", "--r", "2", "--decompose-both", "true", "--out", str(tmp_path / "run")]
-    assert main(args) == 0
-    config = json.loads((tmp_path / "run" / "delta.json").read_text())["config"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv,
+                                      ["--method", "lokr", "--r", "2", "--decompose-both", "true"])
+    config = saved_config(out)
     assert config["method"] == "lokr" and config["r"] == 2 and config["decompose_both"] is True
 
 

@@ -13,6 +13,8 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.loraxs import LoRAXSConfig, LoRAXSLinear
+from method_checks import (assert_peft_export_is_refused, assert_rows_equal_alone, saved_config, token_batch,
+                           train_from_the_command_line)
 from tiny_models import MODELS
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -126,16 +128,7 @@ def test_mixed_batch_rows_equal_each_row_run_alone(case_name):
     for seed, name in enumerate(("a", "b", "lora")):
         _randomised(model, name, seed + 1)
     rows = ["a", None, "b", "a", "lora", None]
-    generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 100, (len(rows), 6), generator=generator)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.no_grad():
-        with dt.route(model, rows):
-            mixed = case.output(model, inputs)
-        for i, name in enumerate(rows):
-            one = {k: v[i:i + 1] for k, v in inputs.items()}
-            with dt.using(model, (name,) if name else ()):
-                torch.testing.assert_close(mixed[i], case.output(model, one)[0], **TOL)
+    assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=3, attention_mask=True))
 
 
 def test_task_vector_and_linear_merge_equal_the_hand_computed_updates():
@@ -158,22 +151,15 @@ def test_task_vector_and_linear_merge_equal_the_hand_computed_updates():
 
 
 def test_train_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-                 "--label-column", "sentiment", "--steps", "12", "--batch-size", "8", "--max-length", "16",
-                 "--no-progress", "--method", "loraxs", "--r", "3", "--alpha", "6", "--out", str(out)]) == 0
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "loraxs", "--r", "3", "--alpha", "6"],
+                                      steps=12)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "loraxs"
-    config = json.loads((out / "delta.json").read_text())["config"]
+    config = saved_config(out)
     assert config["r"] == 3 and config["alpha"] == 6.0
 
 
 def test_peft_export_is_refused_with_the_reason(tmp_path):
-    from deltatune.interop.peft import save_peft
-
     model = MODELS["bert"].build()
     dt.attach(model, LoRAXSConfig(r=2))
-    with pytest.raises(dt.ConfigError, match="cannot export a 'loraxs' delta to peft: peft has no .*LoRA-XS"):
-        save_peft(model, tmp_path / "peft")
+    assert_peft_export_is_refused(tmp_path, model, "cannot export a 'loraxs' delta to peft: peft has no .*LoRA-XS")

@@ -6,21 +6,20 @@ from the module's layer number, on BERT (``nn.Linear``) and GPT-2 (``Conv1D``).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import deltatune as dt
 from closed_form import expected_parameters
 from deltatune.algebra import LowRankEntry
-from deltatune.cli import main
 from deltatune.core.slot import slot_sites
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.msplora import MSPLoRAConfig
 from deltatune.methods.tiedlora import TiedLoRAConfig
 from tiny_models import MODELS
-from method_checks import assert_rows_equal_alone, randomise as _randomise
+from method_checks import (assert_each_reloads_with_its_output, assert_rows_equal_alone, attach_randomised,
+                           randomise as _randomise, save_each_alone, saved_config, token_batch,
+                           train_from_the_command_line)
 
 BERT, GPT2 = MODELS["bert"], MODELS["gpt2"]
 BERT_PATHS = [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
@@ -113,17 +112,8 @@ def test_two_deltas_have_their_own_shared_tensors(tmp_path):
     assert not {id(p) for p in a.values()} & {id(p) for p in b.values()}
     _randomise(model, "a", 1)
     _randomise(model, "b", 2)
-    outputs = {}
-    for name in ("a", "b"):
-        with dt.using(model, name):
-            outputs[name] = BERT.output(model)
-        dt.save(model, tmp_path / name, name=name)
-    fresh = BERT.build()
-    for name in ("a", "b"):
-        dt.load(fresh, tmp_path / name, activate=False)
-    for name in ("a", "b"):
-        with dt.using(fresh, name):
-            torch.testing.assert_close(BERT.output(fresh), outputs[name], rtol=0, atol=0)
+    outputs = save_each_alone(BERT, model, ("a", "b"), tmp_path)
+    assert_each_reloads_with_its_output(BERT, tmp_path, outputs)
 
 
 def test_a_module_it_cannot_adapt_is_refused_at_attach_naming_it():
@@ -145,14 +135,11 @@ def test_bad_fields_are_refused_naming_the_field(fields, field):
 @pytest.mark.parametrize("case", [BERT, GPT2], ids=["bert", "gpt2"])
 def test_rows_of_several_deltas_in_one_batch_equal_each_row_alone(case):
     model = case.build()
-    configs = {"a": MSPLoRAConfig(), "b": MSPLoRAConfig(r_global=3, r_group=2, r_layer=2, group_size=1, alpha=3.0),
-               "tied": TiedLoRAConfig(r=2)}
-    for i, (name, config) in enumerate(configs.items()):
-        dt.attach(model, config, name=name)
-        _randomise(model, name, i + 1)
+    attach_randomised(model, {"a": MSPLoRAConfig(),
+                              "b": MSPLoRAConfig(r_global=3, r_group=2, r_layer=2, group_size=1, alpha=3.0),
+                              "tied": TiedLoRAConfig(r=2)})
     rows = ["a", None, "b", "tied", "a", "b"]
-    inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=torch.Generator().manual_seed(7))}
-    assert_rows_equal_alone(case, model, rows, inputs)
+    assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=7))
 
 
 def test_task_vector_is_low_rank_and_merging_two_deltas_sums_the_formula():
@@ -174,11 +161,8 @@ def test_task_vector_is_low_rank_and_merging_two_deltas_sums_the_formula():
 
 
 def test_trains_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "12", "--batch-size", "8", "--max-length", "16",
-            "--no-progress", "--out", str(tmp_path / "run"), "--method", "msplora", "--r-global", "4",
-            "--r-group", "2", "--r-layer", "1", "--group-size", "1"]
-    assert main(args) == 0
-    config = json.loads((tmp_path / "run" / "delta.json").read_text())["config"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "msplora", "--r-global", "4",
+                                      "--r-group", "2", "--r-layer", "1", "--group-size", "1"], steps=12)
+    config = saved_config(out)
     assert (config["method"], config["r_global"], config["r_group"], config["r_layer"], config["group_size"]) == (
         "msplora", 4, 2, 1, 1)

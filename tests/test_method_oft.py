@@ -4,12 +4,11 @@ dropout, parity with the real peft 0.21.2 both ways, and training from the comma
 
 from __future__ import annotations
 
-import json
-import warnings
-
 import pytest
 import torch
 from torch import nn
+from method_checks import (assert_conv1d_export_is_refused, assert_rows_equal_alone, logits, quiet, randomise,
+                           saved_config, saved_peft_adapter, token_batch, train_from_the_command_line)
 from tiny_models import MODELS, small_config
 
 import deltatune as dt
@@ -113,10 +112,7 @@ def _oft_model(case_name, names):
     model = case.build(0)
     for i, (name, fields) in enumerate(names.items()):
         dt.attach(model, small_config("oft", case, **fields), name=name)
-        generator = torch.Generator().manual_seed(i + 1)
-        with torch.no_grad():
-            for _, p in dt.delta_parameters(model, name):
-                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+        randomise(model, name, i + 1)
     return case, model.eval()
 
 
@@ -124,15 +120,7 @@ def _oft_model(case_name, names):
 def test_each_row_of_a_mixed_batch_equals_the_row_run_alone(case_name):
     case, model = _oft_model(case_name, {"a": {}, "b": {"use_cayley_neumann": True}, "c": {"block_share": True}})
     rows = ["a", None, "b", "c", "a", None]
-    generator = torch.Generator().manual_seed(5)
-    inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=generator)}
-    with torch.no_grad(), dt.route(model, rows):
-        mixed = case.output(model, inputs)
-    with torch.no_grad():
-        for i, name in enumerate(rows):
-            with dt.using(model, (name,) if name else ()):
-                alone = case.output(model, {k: v[i:i + 1] for k, v in inputs.items()})[0]
-            torch.testing.assert_close(mixed[i], alone, **TOL)
+    assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=5))
 
 
 def _dense_change(model, name, path):
@@ -208,12 +196,6 @@ def test_module_dropout_sets_a_share_of_blocks_to_the_identity_in_training_only(
 peft = pytest.importorskip("peft")
 
 
-def _quiet(function, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return function(*args, **kwargs)
-
-
 PEFT_CASES = {
     "exact": ({"block_size": 8}, {"oft_block_size": 8, "use_cayley_neumann": False}),
     "neumann-r": ({"r": 2, "use_cayley_neumann": True, "num_cayley_neumann_terms": 4},
@@ -224,16 +206,11 @@ PEFT_CASES = {
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
 @pytest.mark.parametrize("case_name", PEFT_CASES)
 def test_trainable_count_equals_peft(case_name):
     ours_fields, theirs_fields = PEFT_CASES[case_name]
     report = dt.attach(MODELS["llama"].build(0), OFTConfig(targets=TARGETS, **ours_fields), name="x")
-    theirs = _quiet(peft.get_peft_model, MODELS["llama"].build(0), peft.OFTConfig(target_modules=TARGETS, **theirs_fields))
+    theirs = quiet(peft.get_peft_model, MODELS["llama"].build(0), peft.OFTConfig(target_modules=TARGETS, **theirs_fields))
     assert report.trainable == theirs.get_nb_trainable_parameters()[0]
 
 
@@ -242,21 +219,15 @@ def test_a_peft_adapter_imports_with_peft_outputs(case_name, tmp_path):
     from deltatune.interop import import_peft
 
     case = MODELS["llama"]
-    theirs = _quiet(peft.get_peft_model, case.build(0),
-                    peft.OFTConfig(target_modules=TARGETS, **PEFT_CASES[case_name][1])).eval()
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, p in theirs.named_parameters():
-            if p.requires_grad:
-                p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    _quiet(theirs.save_pretrained, tmp_path / "peft")
+    theirs = saved_peft_adapter(tmp_path / "peft", case.build(0),
+                                peft.OFTConfig(target_modules=TARGETS, **PEFT_CASES[case_name][1]), seed=3, scale=0.2)
     import_peft(tmp_path / "peft", tmp_path / "delta", case.build(0))
     ours = case.build(0)
     dt.load(ours, tmp_path / "delta")
     inputs = case.inputs()
-    expected = _logits(theirs, inputs)
-    assert (expected - _logits(case.build(0), inputs)).abs().max() > 1e-3
-    torch.testing.assert_close(_logits(ours.eval(), inputs), expected, rtol=0, atol=1e-5)
+    expected = logits(theirs, inputs)
+    assert (expected - logits(case.build(0), inputs)).abs().max() > 1e-3
+    torch.testing.assert_close(logits(ours.eval(), inputs), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("case_name", PEFT_CASES)
@@ -266,34 +237,25 @@ def test_an_export_loads_in_peft_with_the_same_outputs(case_name, tmp_path):
     case = MODELS["llama"]
     ours = case.build(0)
     dt.attach(ours, OFTConfig(targets=TARGETS, **PEFT_CASES[case_name][0]), name="x")
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for _, p in dt.delta_parameters(ours, "x"):
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    randomise(ours, "x", 4, scale=0.2)
     dt.save(ours, tmp_path / "delta")
     export_peft(tmp_path / "delta", tmp_path / "peft", case.build(0))
-    theirs = _quiet(peft.PeftModel.from_pretrained, case.build(0), tmp_path / "peft").eval()
+    theirs = quiet(peft.PeftModel.from_pretrained, case.build(0), tmp_path / "peft").eval()
     inputs = case.inputs()
-    torch.testing.assert_close(_logits(theirs, inputs), _logits(ours.eval(), inputs), rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(theirs, inputs), logits(ours.eval(), inputs), rtol=0, atol=1e-5)
 
 
 def test_peft_options_deltatune_lacks_are_refused_by_name(tmp_path):
     from deltatune.interop import import_peft
 
-    theirs = _quiet(peft.get_peft_model, MODELS["llama"].build(0), peft.OFTConfig(target_modules=["q_proj"], bias="all"))
-    _quiet(theirs.save_pretrained, tmp_path / "peft")
+    theirs = quiet(peft.get_peft_model, MODELS["llama"].build(0), peft.OFTConfig(target_modules=["q_proj"], bias="all"))
+    quiet(theirs.save_pretrained, tmp_path / "peft")
     with pytest.raises(ConfigError, match="option bias='all'"):
         import_peft(tmp_path / "peft", tmp_path / "delta", MODELS["llama"].build(0))
 
 
 def test_export_of_oft_on_gpt2_conv1d_is_refused_since_peft_has_no_such_layer(tmp_path):
-    from deltatune.interop import export_peft
-
-    model = MODELS["gpt2"].build(0)
-    dt.attach(model, OFTConfig(block_size=8, targets=["c_attn"]), name="x")
-    dt.save(model, tmp_path / "delta")
-    with pytest.raises(ConfigError, match="Conv1D"):
-        export_peft(tmp_path / "delta", tmp_path / "peft", MODELS["gpt2"].build(0))
+    assert_conv1d_export_is_refused(tmp_path, OFTConfig(block_size=8, targets=["c_attn"]), "Conv1D")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,11 +263,7 @@ def test_export_of_oft_on_gpt2_conv1d_is_refused_since_peft_has_no_such_layer(tm
 
 
 def test_train_builds_oft_from_flags(tmp_path, tiny_bert, reviews_csv):
-    from deltatune.cli import main
-
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "6", "--batch-size", "8", "--max-length", "16",
-            "--no-progress", "--out", str(tmp_path / "run"), "--method", "oft", "--block-size", "8", "--coft", "true"]
-    assert main(args) == 0
-    config = json.loads((tmp_path / "run" / "delta.json").read_text())["config"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv,
+                                      ["--method", "oft", "--block-size", "8", "--coft", "true"])
+    config = saved_config(out)
     assert config["method"] == "oft" and config["block_size"] == 8 and config["coft"] is True

@@ -11,13 +11,14 @@ import json
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
 from tiny_models import MODELS
-from method_checks import assert_rows_equal_alone, randomise as _randomise
+from method_checks import (assert_a_mixed_batch_trains_every_routed_delta, assert_folded_linear_merge_weight,
+                           assert_merge_adds_and_unmerge_restores, assert_output_adds, assert_refused_at_attach,
+                           assert_rows_equal_alone, attach_randomised, attached_at, loaded_inactive,
+                           randomise as _randomise, token_batch, train_from_the_command_line)
 
 import deltatune as dt
-from deltatune.algebra import TaskVector, merge_deltas
-from deltatune.cli import main
+from deltatune.algebra import TaskVector
 from deltatune.methods.paca import PaCAConfig
 
 
@@ -31,27 +32,16 @@ def _dense_reference(unit, fan_in: int, fan_out: int) -> torch.Tensor:
 @pytest.mark.parametrize("case_name,path", [("llama", "model.layers.0.self_attn.v_proj"),  # Linear 32 -> 16
                                             ("gpt2", "transformer.h.0.attn.c_attn")])  # Conv1D 32 -> 96
 def test_output_and_merge_change_only_the_chosen_columns(case_name, path):
-    case = MODELS[case_name]
-    model = case.build()
-    dt.attach(model, PaCAConfig(k=5, targets=[f"re:{path}"]), name="x")
-    _randomise(model, "x", 1)
-    module = model.get_submodule(path)
-    unit = module.deltas["x"]
-    transposed = case_name == "gpt2"
-    weight = (module.weight.T if transposed else module.weight).detach().clone()
-    fan_out, fan_in = weight.shape
+    attached = attached_at(case_name, path, PaCAConfig(k=5, targets=[f"re:{path}"]))
+    unit = attached.unit
+    fan_out, fan_in = attached.weight.shape
     columns = unit.columns.tolist()
     assert len(set(columns)) == 5 and columns == sorted(columns) and unit.columns.dtype == torch.int64
     dense = _dense_reference(unit, fan_in, fan_out)
     assert (dense != 0).any(dim=0).nonzero().squeeze(1).tolist() == columns
     x = torch.randn(2, 5, fan_in, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), F.linear(x, weight + dense, module.bias), rtol=1e-5, atol=1e-5)
-    original = module.weight.detach().clone()
-    dt.merge(model)
-    torch.testing.assert_close(module.weight.detach(), (weight + dense).T if transposed else weight + dense)
-    dt.unmerge(model)
-    assert torch.equal(module.weight, original)
+    assert_output_adds(attached, dense, x)
+    assert_merge_adds_and_unmerge_restores(attached, dense)
 
 
 def test_columns_come_from_torchs_rng_and_a_loaded_delta_keeps_its_own(tmp_path):
@@ -88,11 +78,9 @@ def test_bad_k_is_refused_at_construction():
 
 
 def test_k_above_an_input_width_is_refused_at_attach():
-    model = MODELS["llama"].build()
     # down_proj reads the 64-wide intermediate, q_proj the 32-wide hidden state
-    with pytest.raises(dt.NotApplicableError, match=r"'model.layers.0.self_attn.q_proj' \(Linear, in=32, out=32\)"):
-        dt.attach(model, PaCAConfig(k=40, targets=["down_proj", "q_proj"]), name="x")
-    assert dt.list_deltas(model) == [] and not hasattr(model.get_submodule("model.layers.0.mlp.down_proj"), "deltas")
+    assert_refused_at_attach("llama", PaCAConfig(k=40, targets=["down_proj", "q_proj"]),
+                             r"'model.layers.0.self_attn.q_proj' \(Linear, in=32, out=32\)", "model.layers.0.mlp.down_proj")
 
 
 def test_corrupt_column_indices_are_refused_on_load(tmp_path):
@@ -108,14 +96,10 @@ def test_corrupt_column_indices_are_refused_on_load(tmp_path):
 def test_mixed_batch_rows_equal_each_row_alone(case_name):
     case = MODELS[case_name]
     model = case.build()
-    configs = {"k4": PaCAConfig(k=4), "k8": PaCAConfig(k=8), "k2": PaCAConfig(k=2, targets=["re:.*\\.0\\..*(q_proj|c_attn)"]),
-               "lora": dt.LoRAConfig(r=2)}
-    for seed, (name, config) in enumerate(configs.items()):
-        dt.attach(model, config, name=name)
-        _randomise(model, name, seed + 1)
+    attach_randomised(model, {"k4": PaCAConfig(k=4), "k8": PaCAConfig(k=8),
+                              "k2": PaCAConfig(k=2, targets=["re:.*\\.0\\..*(q_proj|c_attn)"]), "lora": dt.LoRAConfig(r=2)})
     rows = ["k4", None, "k8", "k2", "lora", "k4", None, "k8"]
-    inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=torch.Generator().manual_seed(2))}
-    assert_rows_equal_alone(case, model, rows, inputs)
+    assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=2))
     assert dt.get_method("paca").mixing.mode == "batched"
 
 
@@ -128,9 +112,7 @@ def test_linear_merging_and_task_vectors_take_the_dense_column_changes(tmp_path)
         dt.attach(model, PaCAConfig(k=6, targets=["query"]), name=f"p{seed}")
         _randomise(model, f"p{seed}", seed)
         folders.append(dt.save(model, tmp_path / f"p{seed}"))
-    sources = case.build()
-    for folder in folders:
-        dt.load(sources, folder, activate=False)
+    sources = loaded_inactive(case, folders)
     path = "bert.encoder.layer.0.attention.self.query"
     module = sources.get_submodule(path)
     changes = []
@@ -138,19 +120,12 @@ def test_linear_merging_and_task_vectors_take_the_dense_column_changes(tmp_path)
         dense = _dense_reference(module.deltas[name], 32, 32)
         torch.testing.assert_close(TaskVector.from_delta(sources, name).dense()[f"{path}.weight"], dense)
         changes.append(dense)
-    merged = case.build()
-    merge_deltas(merged, folders, "linear", [1.0, -0.5])
-    dt.fold(merged)
-    torch.testing.assert_close(merged.get_submodule(path).weight, module.weight + changes[0] - 0.5 * changes[1],
-                               rtol=1e-5, atol=1e-6)
+    assert_folded_linear_merge_weight(case, folders, [1.0, -0.5], path, module.weight + changes[0] - 0.5 * changes[1])
 
 
 def test_paca_trains_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "6", "--batch-size", "8", "--max-length", "16", "--no-progress",
-            "--method", "paca", "--k", "4", "--out", str(tmp_path / "run")]
-    assert main(args) == 0
-    saved = json.loads((tmp_path / "run" / "delta.json").read_text())
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "paca", "--k", "4"])
+    saved = json.loads((out / "delta.json").read_text())
     assert saved["config"]["method"] == "paca" and saved["config"]["k"] == 4
     assert any(key.endswith(".columns") and info["dtype"] == "int64" for key, info in saved["tensors"].items())
 
@@ -160,12 +135,4 @@ def test_paca_has_no_peft_format():
 
 
 def test_a_mixed_batch_trains_every_routed_delta():
-    case = MODELS["bert"]
-    model = case.build()
-    for name in ("a", "b"):
-        dt.attach(model, PaCAConfig(k=4), name=name)
-        _randomise(model, name, ord(name))
-    with dt.route(model, ["a", "b", None]):
-        case.output(model, {"input_ids": torch.randint(1, 100, (3, 5))}).sum().backward()
-    for name in ("a", "b"):
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in dt.delta_parameters(model, name))
+    assert_a_mixed_batch_trains_every_routed_delta(PaCAConfig(k=4))

@@ -6,8 +6,6 @@ References are the paper's formula written out with explicit diagonal matrices, 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import safetensors.torch
 import torch
@@ -15,12 +13,13 @@ import torch
 import deltatune as dt
 from closed_form import expected_parameters
 from deltatune.algebra import LowRankEntry
-from deltatune.cli import main
 from deltatune.core.slot import slot_sites
 from deltatune.errors import ConfigError, TargetError
 from deltatune.methods.tiedlora import TiedLoRAConfig
 from tiny_models import MODELS
-from method_checks import randomise as _randomise
+from method_checks import (assert_each_reloads_with_its_output, assert_rows_equal_alone, attach_randomised,
+                           randomise as _randomise, save_each_alone, saved_config, token_batch,
+                           train_from_the_command_line)
 
 BERT, GPT2 = MODELS["bert"], MODELS["gpt2"]
 QUERIES = [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
@@ -130,18 +129,9 @@ def test_two_deltas_have_their_own_shared_tensors(tmp_path):
     assert a["groups.q_32x32.A"].shape == (4, 32) and b["groups.q_32x32.A"].shape == (2, 32)
     _randomise(model, "a", 1)
     _randomise(model, "b", 2)
-    outputs = {}
-    for name in ("a", "b"):
-        with dt.using(model, name):
-            outputs[name] = BERT.output(model)
-        dt.save(model, tmp_path / name, name=name)
+    outputs = save_each_alone(BERT, model, ("a", "b"), tmp_path)
     assert not torch.allclose(outputs["a"], outputs["b"])
-    fresh = BERT.build()
-    dt.load(fresh, tmp_path / "a", activate=False)
-    dt.load(fresh, tmp_path / "b", activate=False)
-    for name in ("a", "b"):
-        with dt.using(fresh, name):
-            torch.testing.assert_close(BERT.output(fresh), outputs[name], rtol=0, atol=0)
+    assert_each_reloads_with_its_output(BERT, tmp_path, outputs)
 
 
 def test_a_module_it_cannot_adapt_is_refused_at_attach_naming_it():
@@ -163,23 +153,10 @@ def test_bad_fields_are_refused_naming_the_field(fields, field):
 def test_rows_of_several_deltas_in_one_batch_equal_each_row_alone():
     for case in (BERT, GPT2):
         model = case.build()
-        configs = {"a": TiedLoRAConfig(r=4), "b": TiedLoRAConfig(r=2, alpha=3.0, trainable="ABu"),
-                   "c": TiedLoRAConfig(r=3, trainable="uv")}
-        for i, (name, config) in enumerate(configs.items()):
-            dt.attach(model, config, name=name)
-            _randomise(model, name, i + 1)
+        attach_randomised(model, {"a": TiedLoRAConfig(r=4), "b": TiedLoRAConfig(r=2, alpha=3.0, trainable="ABu"),
+                                  "c": TiedLoRAConfig(r=3, trainable="uv")})
         rows = ["a", None, "b", "c", "a", None]
-        generator = torch.Generator().manual_seed(7)
-        inputs = {"input_ids": torch.randint(1, 100, (len(rows), 6), generator=generator)}
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        with torch.no_grad(), dt.route(model, rows):
-            mixed = case.output(model, inputs)
-        with torch.no_grad():
-            for i, name in enumerate(rows):
-                one = {k: v[i:i + 1] for k, v in inputs.items()}
-                with dt.using(model, (name,) if name else ()):
-                    alone = case.output(model, one)[0]
-                torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+        assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=7, attention_mask=True))
 
 
 def test_mixed_batch_gradients_equal_each_delta_on_its_rows():
@@ -225,10 +202,7 @@ def test_task_vector_is_low_rank_and_merging_two_deltas_sums_the_formula():
 
 
 def test_trains_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "12", "--batch-size", "8", "--max-length", "16",
-            "--no-progress", "--out", str(tmp_path / "run"), "--method", "tiedlora", "--r", "2",
-            "--trainable", "ABu"]
-    assert main(args) == 0
-    meta = json.loads((tmp_path / "run" / "delta.json").read_text())
-    assert meta["config"]["method"] == "tiedlora" and meta["config"]["r"] == 2 and meta["config"]["trainable"] == "ABu"
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv,
+                                      ["--method", "tiedlora", "--r", "2", "--trainable", "ABu"], steps=12)
+    config = saved_config(out)
+    assert config["method"] == "tiedlora" and config["r"] == 2 and config["trainable"] == "ABu"

@@ -5,7 +5,6 @@ merging; peft parity; the CLI."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import safetensors.torch
@@ -13,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
-from deltatune.cli import main
 from deltatune.interop import load_peft, save_peft
 from deltatune.methods.vblora import VBLoRAConfig, VBLoRALinear, VectorBank
 from tiny_models import MODELS
-from method_checks import randomise as _randomise
+from method_checks import (assert_each_row_equals_it_alone, edit_adapter_config, last_hidden_states, padded_token_batch,
+                           quiet, randomise as _randomise, saved_config, saved_peft_adapter,
+                           train_from_the_command_line)
 
 #: (model, targets, whether the targets store their weight (in, out)); widths 32, 64 and 96
 CASES = {"bert": (["query", "value", "intermediate.dense"], False), "gpt2": (["c_attn", "mlp.c_proj"], True)}
@@ -132,14 +132,6 @@ def test_vector_length_not_dividing_a_width_fails_at_attach_naming_module_and_sh
     assert not hasattr(model, "deltas") and not dt.list_deltas(model)
 
 
-def _inputs(rows, seed=7):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (rows, 6), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("model_name", sorted(CASES))
 def test_mixed_batch_rows_equal_each_row_alone(model_name):
     case = MODELS[model_name]
@@ -149,15 +141,11 @@ def test_mixed_batch_rows_equal_each_row_alone(model_name):
         dt.attach(model, VBLoRAConfig(**{**SIZES, "r": r}, targets=targets if name != "c" else targets[:1]), name=name)
         _randomise(model, name, i + 1)
     model.eval()
-    inputs = _inputs(5)
+    inputs = padded_token_batch(5)
     ids = ["a", None, "b", "c", "a"]
     with torch.no_grad():
         mixed = case.output(model, {**inputs, "delta_ids": ids})
-    for row, name in enumerate(ids):
-        one = {k: v[row:row + 1] for k, v in inputs.items()}
-        with torch.no_grad(), (dt.base_only(model) if name is None else dt.using(model, name)):
-            alone = case.output(model, one)[0]
-        torch.testing.assert_close(mixed[row], alone, rtol=1e-5, atol=1e-5)
+    assert_each_row_equals_it_alone(case, model, ids, inputs, mixed)
 
 
 def test_linear_merge_of_two_deltas_is_the_weighted_sum_of_their_updates(tmp_path):
@@ -177,11 +165,9 @@ def test_linear_merge_of_two_deltas_is_the_weighted_sum_of_their_updates(tmp_pat
 
 
 def test_cli_trains_vblora_from_flags(tmp_path, tiny_bert, reviews_csv):
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "6", "--batch-size", "8", "--max-length", "16", "--no-progress",
-            "--out", str(tmp_path / "run"), "--method", "vblora", "--vector-length", "8", "--num-vectors", "16"]
-    assert main(args) == 0
-    config = json.loads((tmp_path / "run" / "delta.json").read_text())["config"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv,
+                                      ["--method", "vblora", "--vector-length", "8", "--num-vectors", "16"])
+    config = saved_config(out)
     assert config["method"] == "vblora" and config["vector_length"] == 8 and config["num_vectors"] == 16
 
 
@@ -193,21 +179,9 @@ except ImportError:  # pragma: no cover
 needs_peft = pytest.mark.skipif(peft is None, reason="peft is not installed")
 
 
-def _quiet(function, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return function(*args, **kwargs)
-
-
-def _hidden(model, inputs):
-    """The last hidden states (tiny BERT's logits are ~0.01; its hidden states are O(1))."""
-    with torch.no_grad():
-        return model(**inputs, output_hidden_states=True).hidden_states[-1]
-
-
 def _peft_config(model_name, **fields):
     targets, transposed = CASES[model_name]
-    return _quiet(peft.VBLoRAConfig, **SIZES, target_modules=targets, fan_in_fan_out=transposed, **fields)
+    return quiet(peft.VBLoRAConfig, **SIZES, target_modules=targets, fan_in_fan_out=transposed, **fields)
 
 
 @needs_peft
@@ -215,7 +189,7 @@ def _peft_config(model_name, **fields):
 def test_trainable_count_equals_peft(model_name):
     ours = MODELS[model_name].build(0)
     report = dt.attach(ours, VBLoRAConfig(**SIZES, targets=CASES[model_name][0]))
-    theirs = _quiet(peft.get_peft_model, MODELS[model_name].build(0), _peft_config(model_name))
+    theirs = quiet(peft.get_peft_model, MODELS[model_name].build(0), _peft_config(model_name))
     assert report.trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
 
@@ -223,22 +197,17 @@ def test_trainable_count_equals_peft(model_name):
 @pytest.mark.parametrize("model_name", sorted(CASES))
 @pytest.mark.parametrize("topk_only", [False, True])
 def test_peft_adapter_imports_with_equal_outputs(tmp_path, model_name, topk_only):
-    theirs = _quiet(peft.get_peft_model, MODELS[model_name].build(0),
-                    _peft_config(model_name, save_only_topk_weights=topk_only, vblora_dropout=0.05))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in (p for p in theirs.parameters() if p.requires_grad):
-            param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    theirs.eval()
-    _quiet(theirs.save_pretrained, tmp_path / "peft")
-    inputs = _inputs(3)
+    theirs = saved_peft_adapter(tmp_path / "peft", MODELS[model_name].build(0),
+                                _peft_config(model_name, save_only_topk_weights=topk_only, vblora_dropout=0.05),
+                                seed=1, scale=0.3)
+    inputs = padded_token_batch(3)
     ours = MODELS[model_name].build(0)
-    _quiet(load_peft, ours, tmp_path / "peft")
+    quiet(load_peft, ours, tmp_path / "peft")
     config = dt.get_config(ours, "default")
     assert (config.r, config.num_vectors, config.vector_length, config.save_only_topk_weights, config.dropout) == \
         (3, 10, 8, topk_only, 0.05)
-    assert (_hidden(ours.eval(), inputs) - _hidden(theirs, inputs)).abs().max().item() <= 1e-5
-    assert (_hidden(MODELS[model_name].build(0), inputs) - _hidden(theirs, inputs)).abs().max().item() > 1e-3
+    assert (last_hidden_states(ours.eval(), inputs) - last_hidden_states(theirs, inputs)).abs().max().item() <= 1e-5
+    assert (last_hidden_states(MODELS[model_name].build(0), inputs) - last_hidden_states(theirs, inputs)).abs().max().item() > 1e-3
 
 
 @needs_peft
@@ -250,15 +219,14 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, model_name, topk_only
     written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert written["peft_type"] == "VBLORA" and written["save_only_topk_weights"] == topk_only
     assert written["init_logits_std"] == 0.5 and written["vector_length"] == 8
-    theirs = _quiet(peft.PeftModel.from_pretrained, MODELS[model_name].build(0), tmp_path / "peft").eval()
-    inputs = _inputs(3)
-    assert (_hidden(model, inputs) - _hidden(theirs, inputs)).abs().max().item() <= 1e-5
+    theirs = quiet(peft.PeftModel.from_pretrained, MODELS[model_name].build(0), tmp_path / "peft").eval()
+    inputs = padded_token_batch(3)
+    assert (last_hidden_states(model, inputs) - last_hidden_states(theirs, inputs)).abs().max().item() <= 1e-5
 
 
 @needs_peft
 def test_peft_bias_option_is_refused_by_name(tmp_path):
     save_peft(_attached("bert"), tmp_path / "peft")
-    path = tmp_path / "peft" / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "bias": "vblora_only"}))
+    edit_adapter_config(tmp_path / "peft", bias="vblora_only")
     with pytest.raises(dt.ConfigError, match=r"option bias='vblora_only' is not supported.*biases"):
         load_peft(MODELS["bert"].build(0), tmp_path / "peft")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import safetensors.torch
@@ -15,11 +14,12 @@ import torch.nn.functional as F
 import deltatune as dt
 from deltatune.algebra import task_vector_of
 import deltatune.methods.vera.layer as vera_layer
-from deltatune.cli import main
 from deltatune.interop import load_peft, save_peft
 from deltatune.methods.vera import VeRAConfig, VeRALinear, VeRAProjections
 from tiny_models import MODELS
-from method_checks import randomise as _randomise
+from method_checks import (assert_each_row_equals_it_alone, edit_adapter_config, last_hidden_states, padded_token_batch,
+                           quiet, randomise as _randomise, saved_config, saved_peft_adapter,
+                           train_from_the_command_line)
 
 #: (model, targets, whether the targets store their weight (in, out))
 CASES = {"bert": (["query", "value", "intermediate.dense"], False), "gpt2": (["c_attn", "mlp.c_proj"], True)}
@@ -129,14 +129,6 @@ def test_a_target_vera_cannot_adapt_fails_at_attach_naming_it_and_leaves_the_mod
     assert not hasattr(model, "deltas") and not dt.list_deltas(model)
 
 
-def _inputs(rows, seed=7):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (rows, 6), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[0, 4:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("model_name", sorted(CASES))
 @pytest.mark.parametrize("shared", [True, False])
 def test_mixed_batch_rows_equal_each_row_alone(model_name, shared, monkeypatch):
@@ -152,21 +144,12 @@ def test_mixed_batch_rows_equal_each_row_alone(model_name, shared, monkeypatch):
     fallbacks = []
     real = vera_layer.per_delta_post
     monkeypatch.setattr(vera_layer, "per_delta_post", lambda *a: fallbacks.append(1) or real(*a))
-    inputs = _inputs(5)
+    inputs = padded_token_batch(5)
     ids = ["a", None, "b", "c", "a"]
     with torch.no_grad():
         mixed = case.output(model, {**inputs, "delta_ids": ids})
     assert bool(fallbacks) != shared
-    for row, name in enumerate(ids):
-        one = {k: v[row:row + 1] for k, v in inputs.items()}
-        with torch.no_grad():
-            if name is None:
-                with dt.base_only(model):
-                    alone = case.output(model, one)[0]
-            else:
-                with dt.using(model, name):
-                    alone = case.output(model, one)[0]
-        torch.testing.assert_close(mixed[row], alone, **TOL)
+    assert_each_row_equals_it_alone(case, model, ids, inputs, mixed)
 
 
 def test_linear_merge_of_two_deltas_is_the_weighted_sum_of_their_updates(tmp_path):
@@ -193,11 +176,9 @@ def _naive(unit):
 
 
 def test_cli_trains_vera_from_flags(tmp_path, tiny_bert, reviews_csv):
-    args = ["train", "--model", str(tiny_bert), "--data", str(reviews_csv), "--text-column", "review",
-            "--label-column", "sentiment", "--steps", "6", "--batch-size", "8", "--max-length", "16", "--no-progress",
-            "--out", str(tmp_path / "run"), "--method", "vera", "--r", "16", "--d-initial", "0.2"]
-    assert main(args) == 0
-    config = json.loads((tmp_path / "run" / "delta.json").read_text())["config"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv,
+                                      ["--method", "vera", "--r", "16", "--d-initial", "0.2"])
+    config = saved_config(out)
     assert config["method"] == "vera" and config["r"] == 16 and config["d_initial"] == 0.2
 
 
@@ -209,25 +190,13 @@ except ImportError:  # pragma: no cover
 needs_peft = pytest.mark.skipif(peft is None, reason="peft is not installed")
 
 
-def _quiet(function, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return function(*args, **kwargs)
-
-
-def _logits(model, inputs):
-    """The last hidden states (tiny BERT's logits are ~0.01; its hidden states are O(1))."""
-    with torch.no_grad():
-        return model(**inputs, output_hidden_states=True).hidden_states[-1]
-
-
 @needs_peft
 @pytest.mark.parametrize("model_name", sorted(CASES))
 def test_trainable_count_equals_peft(model_name):
     targets, transposed = CASES[model_name]
     ours = MODELS[model_name].build(0)
     report = dt.attach(ours, VeRAConfig(r=6, targets=targets))
-    theirs = _quiet(peft.get_peft_model, MODELS[model_name].build(0),
+    theirs = quiet(peft.get_peft_model, MODELS[model_name].build(0),
                     peft.VeraConfig(r=6, target_modules=targets, fan_in_fan_out=transposed))
     assert report.trainable == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
@@ -237,24 +206,17 @@ def test_trainable_count_equals_peft(model_name):
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_peft_adapter_imports_with_equal_outputs(tmp_path, model_name, save_projection):
     targets, transposed = CASES[model_name]
-    base = MODELS[model_name].build(0)
-    theirs = _quiet(peft.get_peft_model, base, _quiet(peft.VeraConfig,
-        r=6, target_modules=targets, fan_in_fan_out=transposed, projection_prng_key=5, save_projection=save_projection,
-        d_initial=0.2))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in (p for p in theirs.parameters() if p.requires_grad):
-            param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    theirs.eval()
-    _quiet(theirs.save_pretrained, tmp_path / "peft")
-    inputs = _inputs(3)
+    peft_config = quiet(peft.VeraConfig, r=6, target_modules=targets, fan_in_fan_out=transposed, projection_prng_key=5,
+                        save_projection=save_projection, d_initial=0.2)
+    theirs = saved_peft_adapter(tmp_path / "peft", MODELS[model_name].build(0), peft_config, seed=1, scale=0.3)
+    inputs = padded_token_batch(3)
     ours = MODELS[model_name].build(0)
-    _quiet(load_peft, ours, tmp_path / "peft")
+    quiet(load_peft, ours, tmp_path / "peft")
     config = dt.get_config(ours, "default")
     assert (config.r, config.projection_prng_key, config.save_projection, config.d_initial) == (6, 5, save_projection, 0.2)
-    difference = (_logits(ours.eval(), inputs) - _logits(theirs, inputs)).abs().max().item()
+    difference = (last_hidden_states(ours.eval(), inputs) - last_hidden_states(theirs, inputs)).abs().max().item()
     assert difference <= 1e-5
-    base_difference = (_logits(MODELS[model_name].build(0), inputs) - _logits(theirs, inputs)).abs().max().item()
+    base_difference = (last_hidden_states(MODELS[model_name].build(0), inputs) - last_hidden_states(theirs, inputs)).abs().max().item()
     assert base_difference > 1e-3
 
 
@@ -265,16 +227,15 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, model_name):
     save_peft(model, tmp_path / "peft")
     written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert written["peft_type"] == "VERA" and written["vera_dropout"] == 0.1 and written["projection_prng_key"] == 8
-    theirs = _quiet(peft.PeftModel.from_pretrained, MODELS[model_name].build(0), tmp_path / "peft").eval()
-    inputs = _inputs(3)
-    assert (_logits(model, inputs) - _logits(theirs, inputs)).abs().max().item() <= 1e-5
+    theirs = quiet(peft.PeftModel.from_pretrained, MODELS[model_name].build(0), tmp_path / "peft").eval()
+    inputs = padded_token_batch(3)
+    assert (last_hidden_states(model, inputs) - last_hidden_states(theirs, inputs)).abs().max().item() <= 1e-5
 
 
 @needs_peft
 def test_peft_bias_option_is_refused_by_name(tmp_path):
     model = _attached("bert")
     save_peft(model, tmp_path / "peft")
-    path = tmp_path / "peft" / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "bias": "vera_only"}))
+    edit_adapter_config(tmp_path / "peft", bias="vera_only")
     with pytest.raises(dt.ConfigError, match=r"option bias='vera_only' is not supported.*biases"):
         load_peft(MODELS["bert"].build(0), tmp_path / "peft")
