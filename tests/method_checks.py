@@ -140,6 +140,18 @@ def loaded_inactive(case, folders: list) -> nn.Module:
     return model
 
 
+def dense_changes_checked(sources, names, path: str, dense_reference) -> list:
+    """For each delta of ``names`` in ``sources``: its task vector's change to the weight at ``path``
+    equals ``dense_reference(unit)``; returns those dense changes, in order."""
+    module = sources.get_submodule(path)
+    changes = []
+    for name in names:
+        dense = dense_reference(module.deltas[name])
+        torch.testing.assert_close(dt.TaskVector.from_delta(sources, name).dense()[f"{path}.weight"], dense)
+        changes.append(dense)
+    return changes
+
+
 def assert_folded_linear_merge_weight(case, folders: list, weights: list, path: str, expected: torch.Tensor) -> None:
     """The ``"linear"`` merge of ``folders`` with ``weights``, folded into a fresh ``case`` base,
     leaves ``expected`` as the weight of the module at ``path``."""
@@ -181,6 +193,24 @@ def assert_each_reloads_with_its_output(case, folder: Path, outputs: dict) -> No
     for name in outputs:
         with dt.using(fresh, name):
             torch.testing.assert_close(case.output(fresh), outputs[name], rtol=0, atol=0)
+
+
+def interrupt_after_step(monkeypatch, step: int, run, folder: Path) -> None:
+    """``run(folder)`` with the training loop stopped by a KeyboardInterrupt right after ``step``
+    (the interrupt is expected); the loop is restored afterwards."""
+    from deltatune.train import loop
+
+    real_after_step = loop.after_step
+
+    def stop_after(model, at, total):
+        real_after_step(model, at, total)
+        if at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "after_step", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder)
+    monkeypatch.setattr(loop, "after_step", real_after_step)
 
 
 def train_from_the_command_line(tmp_path: Path, model: Path, data: Path, method_flags: list, steps: int = 6) -> Path:

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from tiny_models import MODELS
-from method_checks import (assert_linear_merge_equals_dense_reference, randomise as _randomise,
+from method_checks import (assert_linear_merge_equals_dense_reference, interrupt_after_step, randomise as _randomise,
                            train_from_the_command_line)
 
 import deltatune as dt
@@ -262,17 +262,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_delta(tmp_path, monk
         return {k: p.detach().clone() for k, p in dt.delta_parameters(model, "x")}, model
 
     straight, model = run(tmp_path / "straight")
-    real_after_step = loop.after_step
-
-    def stop_after_six(model, step, total):
-        real_after_step(model, step, total)
-        if step == 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "after_step", stop_after_six)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed")
-    monkeypatch.setattr(loop, "after_step", real_after_step)
+    interrupt_after_step(monkeypatch, 6, run, tmp_path / "killed")
     assert json.loads((tmp_path / "killed" / "latest.json").read_text())["step"] == 4
     resumed, resumed_model = run(tmp_path / "killed", resume=True)
     for key, value in straight.items():

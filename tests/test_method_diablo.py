@@ -11,8 +11,9 @@ import torch
 from tiny_models import MODELS
 from method_checks import (assert_a_mixed_batch_trains_every_routed_delta, assert_folded_linear_merge_weight,
                            assert_merge_adds_and_unmerge_restores, assert_output_adds, assert_refused_at_attach,
-                           assert_rows_equal_alone, attach_randomised, attached_at, loaded_inactive,
-                           randomise as _randomise, saved_config, token_batch, train_from_the_command_line)
+                           assert_rows_equal_alone, attach_randomised, attached_at, dense_changes_checked,
+                           loaded_inactive, randomise as _randomise, saved_config, token_batch,
+                           train_from_the_command_line)
 
 import deltatune as dt
 from deltatune.algebra import TaskVector, merge_deltas
@@ -82,11 +83,7 @@ def test_ties_and_linear_merging_take_the_dense_block_diagonal_changes(tmp_path)
     sources = loaded_inactive(case, folders)
     path = "bert.encoder.layer.1.attention.self.query"
     module = sources.get_submodule(path)
-    changes = []
-    for name in ("d4", "d8"):
-        dense = _dense_reference(module.deltas[name].blocks.detach(), 32, 32)
-        torch.testing.assert_close(TaskVector.from_delta(sources, name).dense()[f"{path}.weight"], dense)
-        changes.append(dense)
+    changes = dense_changes_checked(sources, ("d4", "d8"), path, lambda unit: _dense_reference(unit.blocks.detach(), 32, 32))
     assert_folded_linear_merge_weight(case, folders, [0.3, 0.7], path, module.weight + 0.3 * changes[0] + 0.7 * changes[1])
     ties = case.build()
     report = merge_deltas(ties, folders, "ties", density=0.5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import MODELS
 from method_checks import (assert_linear_merge_equals_dense_reference, assert_peft_export_is_refused,
-                           randomise as _randomise, train_from_the_command_line)
+                           interrupt_after_step, randomise as _randomise, train_from_the_command_line)
 
 import deltatune as dt
 from deltatune.core.inject import after_step
@@ -119,17 +119,7 @@ def test_training_uses_the_drawn_rank_and_resumes_to_the_same_delta(tmp_path, mo
     monkeypatch.setattr(DyLoRALinear, "forward_post", recording)
     straight = run(tmp_path / "straight")
     assert used == [config.rank_for_step(s) for s in range(10)]
-    real_after_step = loop.after_step
-
-    def stop_after_five(model, step, total):
-        real_after_step(model, step, total)
-        if step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "after_step", stop_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "killed")
-    monkeypatch.setattr(loop, "after_step", real_after_step)
+    interrupt_after_step(monkeypatch, 5, run, tmp_path / "killed")
     assert json.loads((tmp_path / "killed" / "latest.json").read_text())["step"] == 3
     used.clear()
     resumed = run(tmp_path / "killed", resume=True)

@@ -13,8 +13,9 @@ import torch
 from tiny_models import MODELS
 from method_checks import (assert_a_mixed_batch_trains_every_routed_delta, assert_folded_linear_merge_weight,
                            assert_merge_adds_and_unmerge_restores, assert_output_adds, assert_refused_at_attach,
-                           assert_rows_equal_alone, attach_randomised, attached_at, loaded_inactive,
-                           randomise as _randomise, saved_config, token_batch, train_from_the_command_line)
+                           assert_rows_equal_alone, attach_randomised, attached_at, dense_changes_checked,
+                           loaded_inactive, randomise as _randomise, saved_config, token_batch,
+                           train_from_the_command_line)
 
 import deltatune as dt
 from deltatune.algebra import TaskVector, merge_deltas
@@ -108,11 +109,7 @@ def test_ties_merging_and_task_vectors_take_the_dense_sparse_changes(tmp_path):
     sources = loaded_inactive(case, folders)
     path = "bert.encoder.layer.1.attention.self.value"
     module = sources.get_submodule(path)
-    changes = []
-    for name in ("n2", "n5"):
-        dense = _dense_reference(module.deltas[name], 32, 32)
-        torch.testing.assert_close(TaskVector.from_delta(sources, name).dense()[f"{path}.weight"], dense)
-        changes.append(dense)
+    changes = dense_changes_checked(sources, ("n2", "n5"), path, lambda unit: _dense_reference(unit, 32, 32))
     assert_folded_linear_merge_weight(case, folders, [0.5, 0.5], path, module.weight + 0.5 * (changes[0] + changes[1]))
     ties = case.build()
     assert merge_deltas(ties, folders, "ties", density=1.0).result == "dense"

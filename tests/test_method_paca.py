@@ -14,11 +14,10 @@ import torch
 from tiny_models import MODELS
 from method_checks import (assert_a_mixed_batch_trains_every_routed_delta, assert_folded_linear_merge_weight,
                            assert_merge_adds_and_unmerge_restores, assert_output_adds, assert_refused_at_attach,
-                           assert_rows_equal_alone, attach_randomised, attached_at, loaded_inactive,
-                           randomise as _randomise, token_batch, train_from_the_command_line)
+                           assert_rows_equal_alone, attach_randomised, attached_at, dense_changes_checked,
+                           loaded_inactive, randomise as _randomise, token_batch, train_from_the_command_line)
 
 import deltatune as dt
-from deltatune.algebra import TaskVector
 from deltatune.methods.paca import PaCAConfig
 
 
@@ -115,11 +114,7 @@ def test_linear_merging_and_task_vectors_take_the_dense_column_changes(tmp_path)
     sources = loaded_inactive(case, folders)
     path = "bert.encoder.layer.0.attention.self.query"
     module = sources.get_submodule(path)
-    changes = []
-    for name in ("p1", "p2"):
-        dense = _dense_reference(module.deltas[name], 32, 32)
-        torch.testing.assert_close(TaskVector.from_delta(sources, name).dense()[f"{path}.weight"], dense)
-        changes.append(dense)
+    changes = dense_changes_checked(sources, ("p1", "p2"), path, lambda unit: _dense_reference(unit, 32, 32))
     assert_folded_linear_merge_weight(case, folders, [1.0, -0.5], path, module.weight + changes[0] - 0.5 * changes[1])
 
 

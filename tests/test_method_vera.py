@@ -216,7 +216,8 @@ def test_peft_adapter_imports_with_equal_outputs(tmp_path, model_name, save_proj
     assert (config.r, config.projection_prng_key, config.save_projection, config.d_initial) == (6, 5, save_projection, 0.2)
     difference = (last_hidden_states(ours.eval(), inputs) - last_hidden_states(theirs, inputs)).abs().max().item()
     assert difference <= 1e-5
-    base_difference = (last_hidden_states(MODELS[model_name].build(0), inputs) - last_hidden_states(theirs, inputs)).abs().max().item()
+    base_difference = (last_hidden_states(MODELS[model_name].build(0), inputs)
+                       - last_hidden_states(theirs, inputs)).abs().max().item()
     assert base_difference > 1e-3
 
 
