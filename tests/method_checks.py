@@ -36,6 +36,17 @@ def assert_rows_equal_alone(case, model, rows: list, inputs: dict, tol: float = 
             torch.testing.assert_close(mixed[i], alone, rtol=tol, atol=tol, msg=lambda m, i=i: f"row {i}: {m}")
 
 
+def delta_tensors(model, name: str) -> dict:
+    """Every tensor delta ``name`` holds (trained parameters and frozen buffers), by portable name."""
+    from deltatune.core.slot import slot_sites
+
+    out = {}
+    for path, _, slot in slot_sites(model):
+        if name in slot:
+            out.update({f"{path}.{k}" if path else k: t for k, t in slot[name].saved_tensors().items()})
+    return out
+
+
 def token_batch(rows: int, seed: int, attention_mask: bool = False) -> dict:
     """``rows`` random sequences of 6 token ids in [1, 100), seeded; with ``attention_mask``, a mask of ones."""
     ids = torch.randint(1, 100, (rows, 6), generator=torch.Generator().manual_seed(seed))
@@ -132,6 +143,14 @@ def assert_refused_at_attach(case_name: str, config, match: str, untouched: str)
     assert dt.list_deltas(model) == [] and not hasattr(model.get_submodule(untouched), "deltas")
 
 
+def assert_target_refused_at_attach(model, config, match: str, name: str = "default") -> None:
+    """Attaching ``config`` to ``model`` raises TargetError matching ``match`` and leaves no delta
+    and no ``deltas`` child on the model."""
+    with pytest.raises(dt.TargetError, match=match):
+        dt.attach(model, config, name=name)
+    assert not dt.list_deltas(model) and not hasattr(model, "deltas")
+
+
 def loaded_inactive(case, folders: list) -> nn.Module:
     """A fresh ``case`` base with the delta of each of ``folders`` loaded, none active."""
     model = case.build()
@@ -193,6 +212,21 @@ def assert_each_reloads_with_its_output(case, folder: Path, outputs: dict) -> No
     for name in outputs:
         with dt.using(fresh, name):
             torch.testing.assert_close(case.output(fresh), outputs[name], rtol=0, atol=0)
+
+
+def encoded_examples(folder: Path, rows: int):
+    """``rows`` encoded classification examples (6 words, labels a/b/c in turn, length 10) with a
+    95-word BERT vocabulary written to ``folder``."""
+    import transformers
+
+    from deltatune.data.datasets import Example
+    from deltatune.train.batches import encode
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(95)]]))
+    tokenizer = transformers.BertTokenizer(str(vocab))
+    return encode([Example(" ".join(f"w{(i * 7 + j) % 95}" for j in range(6)), "abc"[i % 3]) for i in range(rows)],
+                  tokenizer, "classification", 10, ["a", "b", "c"])
 
 
 def interrupt_after_step(monkeypatch, step: int, run, folder: Path) -> None:

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 from tiny_models import MODELS
-from method_checks import (assert_linear_merge_equals_dense_reference, interrupt_after_step, randomise as _randomise,
-                           train_from_the_command_line)
+from method_checks import (assert_linear_merge_equals_dense_reference, encoded_examples, interrupt_after_step,
+                           randomise as _randomise, train_from_the_command_line)
 
 import deltatune as dt
 from deltatune.core.inject import after_step, loss_terms
@@ -217,23 +217,10 @@ def test_a_saved_delta_records_the_kept_ranks_and_reloads_exactly(tmp_path):
     assert dt.read_meta(tmp_path / "again")["config"] == meta["config"]
 
 
-def _encoded(folder, rows):
-    import transformers
-
-    from deltatune.data.datasets import Example
-    from deltatune.train.batches import encode
-
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(95)]]))
-    tokenizer = transformers.BertTokenizer(str(vocab))
-    return encode([Example(" ".join(f"w{(i * 7 + j) % 95}" for j in range(6)), "abc"[i % 3]) for i in range(rows)],
-                  tokenizer, "classification", 10, ["a", "b", "c"])
-
-
 def test_the_training_loop_adds_the_penalty_and_the_allocator_sees_gradients(tmp_path):
     from deltatune.train import loop
 
-    data = _encoded(tmp_path, 8)
+    data = encoded_examples(tmp_path, 8)
     model = BERT.build()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -251,7 +238,7 @@ def test_the_training_loop_adds_the_penalty_and_the_allocator_sees_gradients(tmp
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_delta(tmp_path, monkeypatch):
     from deltatune.train import loop
 
-    data = _encoded(tmp_path, 40)
+    data = encoded_examples(tmp_path, 40)
     settings = loop.Settings(steps=12, batch_size=8, lr=1e-2, save_every=4, progress=False)
     config = AdaLoRAConfig(init_r=4, target_r=2, tinit=1, tfinal=2, targets=["query", "value"], delta_t=2)
 

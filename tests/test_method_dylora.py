@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from tiny_models import MODELS
-from method_checks import (assert_linear_merge_equals_dense_reference, assert_peft_export_is_refused,
+from method_checks import (assert_linear_merge_equals_dense_reference, assert_peft_export_is_refused, encoded_examples,
                            interrupt_after_step, randomise as _randomise, train_from_the_command_line)
 
 import deltatune as dt
@@ -81,23 +81,10 @@ def test_the_step_hook_sets_the_next_steps_rank():
         assert all(int(u.train_rank) == config.rank_for_step(step) for u in _units(model).values())
 
 
-def _encoded(folder, rows):
-    import transformers
-
-    from deltatune.data.datasets import Example
-    from deltatune.train.batches import encode
-
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(95)]]))
-    tokenizer = transformers.BertTokenizer(str(vocab))
-    return encode([Example(" ".join(f"w{(i * 7 + j) % 95}" for j in range(6)), "abc"[i % 3]) for i in range(rows)],
-                  tokenizer, "classification", 10, ["a", "b", "c"])
-
-
 def test_training_uses_the_drawn_rank_and_resumes_to_the_same_delta(tmp_path, monkeypatch):
     from deltatune.train import loop
 
-    data = _encoded(tmp_path, 40)
+    data = encoded_examples(tmp_path, 40)
     settings = loop.Settings(steps=10, batch_size=8, lr=1e-2, save_every=3, progress=False)
     config = DyLoRAConfig(r=6, r_min=1, seed=2, targets=["query", "value"])
     used: list[int] = []

@@ -15,9 +15,9 @@ import deltatune as dt
 from deltatune.interop import load_peft, save_peft
 from deltatune.methods.vblora import VBLoRAConfig, VBLoRALinear, VectorBank
 from tiny_models import MODELS
-from method_checks import (assert_each_row_equals_it_alone, edit_adapter_config, last_hidden_states, padded_token_batch,
-                           quiet, randomise as _randomise, saved_config, saved_peft_adapter,
-                           train_from_the_command_line)
+from method_checks import (assert_each_row_equals_it_alone, assert_target_refused_at_attach, edit_adapter_config,
+                           last_hidden_states, padded_token_batch, quiet, randomise as _randomise, saved_config,
+                           saved_peft_adapter, train_from_the_command_line)
 
 #: (model, targets, whether the targets store their weight (in, out)); widths 32, 64 and 96
 CASES = {"bert": (["query", "value", "intermediate.dense"], False), "gpt2": (["c_attn", "mlp.c_proj"], True)}
@@ -126,10 +126,8 @@ def test_topk_above_the_bank_size_is_refused():
 def test_vector_length_not_dividing_a_width_fails_at_attach_naming_module_and_shape():
     model = MODELS["bert"].build(0)
     config = VBLoRAConfig(**{**SIZES, "vector_length": 12}, targets=["query", "intermediate.dense"])
-    with pytest.raises(dt.TargetError, match=r"vblora cannot adapt 'bert\.encoder\.layer\.0\.attention\.self\.query' "
-                                             r"\(Linear, in=32, out=32\): vector_length=12 must divide"):
-        dt.attach(model, config)
-    assert not hasattr(model, "deltas") and not dt.list_deltas(model)
+    assert_target_refused_at_attach(model, config, r"vblora cannot adapt 'bert\.encoder\.layer\.0\.attention\.self\.query' "
+                                                   r"\(Linear, in=32, out=32\): vector_length=12 must divide")
 
 
 @pytest.mark.parametrize("model_name", sorted(CASES))
