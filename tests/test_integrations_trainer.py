@@ -317,6 +317,22 @@ def test_sft_trainer_trains_a_lora_and_saves_a_delta_that_loads_on_a_fresh_base(
         torch.testing.assert_close(fresh(**ids).logits, model(**ids).logits, rtol=0, atol=0)
 
 
+def test_a_delta_on_the_lm_head_is_refused_under_trls_fused_head(tmp_path, tiny_llama):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+
+    class DeltaSFTTrainer(DeltaTrainerMixin, trl.SFTTrainer):
+        pass
+
+    model, tokenizer = _causal_lm(tiny_llama)
+    dt.attach(model, dt.LoRAConfig(r=4, targets=["q_proj", "lm_head"]), name="head")
+    args = trl.SFTConfig(str(tmp_path / "sft"), max_steps=1, report_to=[], use_cpu=True, bf16=False)
+    with pytest.raises(dt.ConfigError, match=r"deltas \['head'\] adapt the LM head .* fused LM head .* leave the head "
+                                             r"out of targets and modules_to_save"):
+        DeltaSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": TEXTS}),
+                        processing_class=tokenizer)
+
+
 def test_a_peft_export_loads_through_transformers_load_adapter(tmp_path, tiny_llama):
     pytest.importorskip("peft")
     from deltatune.interop import export_peft

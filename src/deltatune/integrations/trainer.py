@@ -29,7 +29,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..core.inject import after_step, list_deltas, loss_terms
-from ..errors import DeltaStateError
+from ..core.slot import get_slot
+from ..errors import ConfigError, DeltaStateError
 from .checkpoint import restore_deltas, save_deltas
 
 TRAINING_ARGS_FILE = "training_args.bin"  # transformers' TRAINING_ARGS_NAME
@@ -59,6 +60,7 @@ class DeltaTrainerMixin:
                 f"{type(self).__name__} trains deltatune deltas, but this {type(self.model).__name__} has none; "
                 f"call deltatune.attach(model, config) before building the trainer, or use transformers.Trainer"
             )
+        _refuse_a_bypassed_head(self.model)
         self.add_callback(DeltaStepCallback)
         self._writing_checkpoint = False
 
@@ -108,6 +110,21 @@ class DeltaTrainerMixin:
 
     def _load_best_model(self) -> None:
         restore_deltas(self.model, self.state.best_model_checkpoint)
+
+
+def _refuse_a_bypassed_head(model: nn.Module) -> None:
+    """TRL's trainers replace the model's forward with a fused LM head that multiplies by
+    ``lm_head.weight`` itself: the head's own forward, and so a delta on it, never runs."""
+    forward = getattr(getattr(model, "forward", None), "__func__", None)
+    fused = getattr(getattr(forward, "__code__", None), "co_name", "") == "_fused_forward"  # trl's add_fused_lm_head
+    head = model.get_output_embeddings() if fused and hasattr(model, "get_output_embeddings") else None
+    if head is not None and get_slot(head) is not None:
+        names = sorted(get_slot(head).keys())
+        raise ConfigError(
+            f"deltas {names} adapt the LM head of this {type(model).__name__}, but the trainer computes the loss with "
+            f"a fused LM head (TRL) that reads the head's weight directly, so they would not train; leave the head "
+            f"out of targets and modules_to_save, or train them with transformers.Trainer (DeltaTrainer)"
+        )
 
 
 class DeltaTrainer(DeltaTrainerMixin, Trainer):
