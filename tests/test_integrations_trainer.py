@@ -5,6 +5,8 @@ by transformers' own adapter loading."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -355,3 +357,16 @@ def test_a_peft_export_loads_through_transformers_load_adapter(tmp_path, tiny_ll
         with dt.base_only(model):
             assert not torch.allclose(model(**ids).logits, expected, atol=1e-3)  # the adapter changes the outputs
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_readme_trainer_snippet_runs(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## transformers Trainer and TRL\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(block, "README Trainer snippet", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    assert dt.read_meta(tmp_path / "runs" / "trainer" / "delta")["method"] == "lora"
+    assert (tmp_path / "runs" / "trainer" / "checkpoint-20" / STATE_FILE).is_file()
