@@ -167,6 +167,23 @@ def test_a_resumed_run_ends_with_the_uninterrupted_delta(tmp_path, method):
         assert any(not bool(unit.mask.all()) for _, unit in units_of(resumed_model, "default"))
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoints_delta(tmp_path):
+    import safetensors.torch
+
+    model = _bert()
+    _lora(model)
+    args = _args(tmp_path / "run", max_steps=9, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+                 metric_for_best_model="loss", greater_is_better=True)  # the worst loss: an earlier checkpoint
+    trainer = DeltaTrainer(model=model, args=args, train_dataset=_rows(), eval_dataset=_rows(8))
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != "checkpoint-9"  # so the delta was put back, not just left as trained
+    saved = safetensors.torch.load_file(str(best / STATE_FILE))
+    for path, _, slot in dt.core.slot.slot_sites(model):
+        for key, value in slot["default"].named_parameters():
+            assert torch.equal(value.detach(), saved[f"default/{path}.{key}"]), (best.name, path, key)
+
+
 def test_adalora_allocates_ranks_and_adds_its_penalty_inside_the_trainer(tmp_path):
     model = _bert()
     _attach(model, "adalora")
