@@ -139,7 +139,7 @@ def _attach(model, method: str) -> None:
                                           modules_to_save=["classifier"]))
 
 
-def _trained(folder: Path, method: str, *, stop_at: int | None = None, resume: str | None = None):
+def _trained(folder: Path, method: str, *, stop_at: int | None = None, resume: str | bool | None = None):
     model = _bert()
     _attach(model, method)
     callbacks = [_StopAt(stop_at)] if stop_at else None
@@ -159,7 +159,7 @@ def test_a_resumed_run_ends_with_the_uninterrupted_delta(tmp_path, method):
     _trained(tmp_path / "killed", method, stop_at=4)
     assert json.loads((tmp_path / "killed" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
     assert not (tmp_path / "killed" / "checkpoint-8").exists()
-    resumed_model, resumed = _trained(tmp_path / "killed", method, resume=str(tmp_path / "killed" / "checkpoint-4"))
+    resumed_model, resumed = _trained(tmp_path / "killed", method, resume=True)  # the last checkpoint: checkpoint-4
     assert set(resumed) == set(straight)
     for key, value in straight.items():  # parameters, the allocator's masks and statistics: bit for bit
         assert torch.equal(resumed[key], value), key
