@@ -36,7 +36,7 @@ def _schemathesis(url: str, tmp_path: Path) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(CONFIG), "run",
                f"{url}/openapi.json", "--checks", "all", "--max-examples", "25", "--seed", "7", "--workers", "1",
                "-H", f"Authorization: Bearer {TOKEN}", "--report-dir", str(tmp_path / "report")]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays there
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
