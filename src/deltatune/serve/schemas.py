@@ -57,7 +57,8 @@ class Sampled(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="sample from the smallest set of tokens whose "
                                                           "probabilities add up to top_p")
     top_k: int = Field(0, ge=-1, description="sample from the top_k most likely tokens (0 or -1: all)")
-    n: int = Field(1, ge=1, le=16, description="choices per prompt")
+    n: int = Field(1, ge=1, le=16, description="choices per prompt; prompts x n may not exceed the server's "
+                                               "--max-inputs (413 with the limit)")
     stop: Stop | None = Field(None, description="up to 4 strings that end a choice; the stop string is not returned")
     seed: int | None = Field(None, ge=-(2 ** 53), le=2 ** 53,  # integers JSON numbers hold exactly
                              description="the same request with the same seed gives the same text, "
