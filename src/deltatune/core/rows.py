@@ -121,6 +121,21 @@ def gathered(
     return stacked[index.to(stacked.device)]
 
 
+def add_row_low_rank(units: Sequence[Any], routing: Routing, x: torch.Tensor, right_t: torch.Tensor,
+                     left_t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``output + ((x_row dropped) R_row^T) L_row^T`` for every row, with each row's unit's
+    input dropout (``unit.dropout``, an ``nn.Dropout`` or ``None``) while training."""
+    batch = routing.index.numel()
+    x = as_rows(x, batch).to(right_t.dtype)
+    present = [u for u in units if u is not None]
+    if present[0].training and any(u.dropout is not None for u in present):
+        rates = torch.tensor([u.dropout.p if u is not None and u.dropout is not None else 0.0 for u in units] + [0.0])
+        rate = rates[routing.index].to(x.device, x.dtype).view(batch, 1, 1)
+        x = x * (torch.rand_like(x) >= rate) / (1 - rate)
+    update = torch.bmm(torch.bmm(x, right_t), left_t)
+    return output + update.view(output.shape).to(output.dtype)
+
+
 def per_delta_post(units: Sequence[Any], module: nn.Module, args: tuple, kwargs: dict, output: Any,
                    routing: Routing) -> Any:
     """The fallback kernel: each delta's ``forward_post`` on its own rows, scattered back."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.build import first_input
-from ...core.rows import as_rows, gathered
+from ...core.rows import add_row_low_rank, gathered
 from ...core.slot import get_slot
 from ...core.weight_delta import WeightDelta
 from .config import AdaLoRAConfig
@@ -63,18 +63,10 @@ class AdaLoRALinear(WeightDelta):
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
-        batch = routing.index.numel()
         cache = get_slot(module).mixed_cache
         right_t = gathered(units, routing.index, lambda u: (u.lora_A * u.lora_E).T, 0.0, cache, "adalora_right_t")
         left_t = gathered(units, routing.index, lambda u: u.lora_B.T * u.scaling, 0.0, cache, "adalora_left_t")
-        x = as_rows(first_input(args, kwargs), batch).to(right_t.dtype)
-        present = [u for u in units if u is not None]
-        if present[0].training and any(u.dropout is not None for u in present):
-            rates = torch.tensor([u.dropout.p if u is not None and u.dropout is not None else 0.0 for u in units] + [0.0])
-            rate = rates[routing.index].to(x.device, x.dtype).view(batch, 1, 1)
-            x = x * (torch.rand_like(x) >= rate) / (1 - rate)
-        update = torch.bmm(torch.bmm(x, right_t), left_t)
-        return output + update.view(output.shape).to(output.dtype)
+        return add_row_low_rank(units, routing, first_input(args, kwargs), right_t, left_t, output)
 
     def low_rank_update(self):
         left, right = self.scaled_factors()
