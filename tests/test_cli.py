@@ -130,3 +130,9 @@ def test_inspect_shows_method_size_fingerprint_and_metrics(tmp_path, tiny_bert, 
     text = capsys.readouterr().out
     for part in ("(lora)", "parameters", "bytes", "fingerprint", "metrics"):
         assert part in text
+
+
+def test_a_method_that_cannot_apply_to_the_model_exits_with_status_3(tmp_path, tiny_llama, reviews_csv, capsys):
+    assert _train(tmp_path, tiny_llama, reviews_csv, "--method", "bitfit") == 3  # a Llama has no biases
+    assert "deltatune: error: no module of LlamaForSequenceClassification has a bias" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "delta.safetensors").exists()
