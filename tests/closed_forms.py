@@ -174,3 +174,14 @@ def _vblora(model, config, modules):
     bank for the r x in/L pieces of A and the out/L x r pieces of B."""
     pieces = sum(config.r * sum(_linear(model.get_submodule(p))) // config.vector_length for p in modules if p)
     return config.num_vectors * config.vector_length + pieces * config.num_vectors
+
+
+@closed_form("adapterbias")
+def _adapterbias(model, config, modules):
+    """v (out) and alpha's w (in) per module, plus alpha's bias c (1) where the module has a bias."""
+    total = 0
+    for path in modules:
+        module = model.get_submodule(path)
+        fan_in, fan_out = _linear(module)
+        total += fan_in + fan_out + int(config.alpha_bias and getattr(module, "bias", None) is not None)
+    return total
