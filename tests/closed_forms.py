@@ -185,3 +185,13 @@ def _adapterbias(model, config, modules):
         fan_in, fan_out = _linear(module)
         total += fan_in + fan_out + int(config.alpha_bias and getattr(module, "bias", None) is not None)
     return total
+
+
+@closed_form("hydra")
+def _hydra(model, config, modules):
+    """Parallel A_p (r_p x in), B_p (out x r_p) and sequential A_s (r_s x out), B_s (out x r_s) per module."""
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        total += config.r_parallel * (fan_in + fan_out) + config.r_sequential * 2 * fan_out
+    return total

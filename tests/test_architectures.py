@@ -37,6 +37,7 @@ EXPECTED_REFUSALS = {
     ("mixtral", "ia3"): "role 'ffn_down'",
     ("mixtral", "adapter"): "role 'ffn_down'",
     ("mixtral", "adapterbias"): "role 'ffn_down'",
+    ("mixtral", "hydra"): "role 'ffn_down'",
     **{(arch, "bitfit"): "has a bias" for arch in _NO_BIAS},
     **{(arch, "prefix"): "attention interface" for arch in _OWN_ATTENTION},
 }
