@@ -178,13 +178,18 @@ def _vblora(model, config, modules):
 
 @closed_form("adapterbias")
 def _adapterbias(model, config, modules):
-    """v (out) and alpha's w (in) per module, plus alpha's bias c (1) where the module has a bias."""
-    total = 0
+    """v (out) per module; alpha's w (in) and, where the module has a bias, c (1): per module, or
+    once per (input width, bias) kind with share_alpha."""
+    total, alphas = 0, []
     for path in modules:
+        if not path:
+            continue
         module = model.get_submodule(path)
         fan_in, fan_out = _linear(module)
-        total += fan_in + fan_out + int(config.alpha_bias and getattr(module, "bias", None) is not None)
-    return total
+        with_bias = bool(config.alpha_bias and getattr(module, "bias", None) is not None)
+        total += fan_out
+        alphas.append((fan_in, with_bias) if config.share_alpha else (path, fan_in, with_bias))
+    return total + sum(kind[-2] + kind[-1] for kind in set(alphas))
 
 
 @closed_form("hydra")

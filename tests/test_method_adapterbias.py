@@ -27,8 +27,8 @@ FFN_DOWN = {"bert": "bert.encoder.layer.{}.output.dense", "gpt2": "transformer.h
 
 def _naive_output(x, weight, bias, tensors, path):
     """The paper's formula: ``x W^T + b + alpha(x) v`` with ``alpha(x) = sum_i w_i x_i + c``, per token."""
-    w, v = tensors[f"{path}.alpha_weight"], tensors[f"{path}.vector"]
-    c = tensors.get(f"{path}.alpha_bias", torch.zeros(1))
+    w, v = tensors[f"{path}.alpha.weight"], tensors[f"{path}.vector"]
+    c = tensors.get(f"{path}.alpha.bias", torch.zeros(1))
     alpha = (x * w).sum(-1, keepdim=True) + c  # one scalar per token
     base = x @ weight.T + (bias if bias is not None else 0)
     return base + alpha * v
@@ -43,7 +43,7 @@ def test_output_merge_and_unmerge_follow_the_papers_formula(case_name, transpose
     assert sorted(report.modules) == paths  # default targets: the feed-forward output projections
     randomise(model, "ab", seed=1)
     tensors = delta_tensors(model, "ab")
-    assert (f"{paths[0]}.alpha_bias" in tensors) == (case_name != "llama")  # Llama's down_proj has no bias
+    assert (f"{paths[0]}.alpha.bias" in tensors) == (case_name != "llama")  # Llama's down_proj has no bias
     for path in paths:
         module, plain = model.get_submodule(path), base.get_submodule(path)
         weight = plain.weight.T if transposed else plain.weight
@@ -58,11 +58,11 @@ def test_output_merge_and_unmerge_follow_the_papers_formula(case_name, transpose
     dt.merge(model)
     for path in paths:
         module, plain = model.get_submodule(path), base.get_submodule(path)
-        w, v = tensors[f"{path}.alpha_weight"], tensors[f"{path}.vector"]
+        w, v = tensors[f"{path}.alpha.weight"], tensors[f"{path}.vector"]
         weight = (plain.weight.T if transposed else plain.weight) + torch.outer(v, w)
         torch.testing.assert_close(module.weight.T if transposed else module.weight, weight, rtol=1e-5, atol=1e-6)
         if plain.bias is not None:
-            torch.testing.assert_close(module.bias, plain.bias + tensors[f"{path}.alpha_bias"] * v)
+            torch.testing.assert_close(module.bias, plain.bias + tensors[f"{path}.alpha.bias"] * v)
     with torch.no_grad():
         torch.testing.assert_close(case.output(model), unmerged, rtol=1e-5, atol=1e-5)
     dt.unmerge(model)
@@ -77,7 +77,7 @@ def test_a_new_delta_changes_nothing_and_only_the_vector_and_alpha_train():
     with torch.no_grad():
         torch.testing.assert_close(BERT.output(model), BERT.output(BERT.build()), rtol=0, atol=0)
     names = {k.rsplit(".", 1)[1] for k, _ in dt.delta_parameters(model, "ab")}
-    assert names == {"vector", "alpha_weight", "alpha_bias"}
+    assert names == {"vector", "weight", "bias"}
     module = model.get_submodule(FFN_DOWN["bert"].format(0))
     assert report.trainable == 2 * (module.in_features + module.out_features + 1) == expected_parameters(
         "adapterbias", model, dt.get_config(model, "ab"), report.modules)
@@ -91,7 +91,7 @@ def test_without_alpha_bias_the_change_is_rank_one_and_the_bias_is_untouched():
     vector = dt.TaskVector.from_delta(model, "ab")
     path = FFN_DOWN["gpt2"].format(0)
     assert isinstance(vector[f"{path}.weight"], LowRankEntry) and f"{path}.bias" not in vector
-    change = torch.outer(tensors[f"{path}.vector"], tensors[f"{path}.alpha_weight"])
+    change = torch.outer(tensors[f"{path}.vector"], tensors[f"{path}.alpha.weight"])
     torch.testing.assert_close(vector.dense()[f"{path}.weight"], change.T)  # Conv1D stores (in, out)
 
 
@@ -105,7 +105,7 @@ def test_task_vectors_and_a_linear_merge_of_two_deltas_equal_the_hand_computed_s
         for i in range(2):
             path = FFN_DOWN["bert"].format(i)
             v = tensors[f"{path}.vector"]
-            weight, bias = torch.outer(v, tensors[f"{path}.alpha_weight"]), tensors[f"{path}.alpha_bias"] * v
+            weight, bias = torch.outer(v, tensors[f"{path}.alpha.weight"]), tensors[f"{path}.alpha.bias"] * v
             torch.testing.assert_close(vector[f"{path}.weight"], weight)
             torch.testing.assert_close(vector[f"{path}.bias"], bias)
             changes[name, path] = weight, bias
@@ -124,6 +124,40 @@ def test_task_vectors_and_a_linear_merge_of_two_deltas_equal_the_hand_computed_s
             reference.get_submodule(path).bias.add_(merged[f"{path}.bias"])
         with dt.using(model, "sum"):
             torch.testing.assert_close(BERT.output(model), BERT.output(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_alpha_is_one_map_per_input_width_and_both_layers_train_it(tmp_path):
+    model = BERT.build()
+    report = dt.attach(model, AdapterBiasConfig(share_alpha=True), name="ab")
+    tensors = dict(dt.delta_parameters(model, "ab"))
+    module = model.get_submodule(FFN_DOWN["bert"].format(0))
+    fan_in, fan_out = module.in_features, module.out_features
+    assert {k for k in tensors if k.startswith("maps.")} == {f"maps.in{fan_in}.weight", f"maps.in{fan_in}.bias"}
+    assert report.trainable == fan_in + 1 + 2 * fan_out == expected_parameters(
+        "adapterbias", model, dt.get_config(model, "ab"), report.modules)
+    randomise(model, "ab", seed=2)
+    all_tensors = delta_tensors(model, "ab")
+    w, c = all_tensors[f"maps.in{fan_in}.weight"], all_tensors[f"maps.in{fan_in}.bias"]
+    for i in range(2):  # each layer: its own v, the shared w and c
+        path = FFN_DOWN["bert"].format(i)
+        plain = BERT.build().get_submodule(path)
+        x = torch.randn(3, fan_in, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            expected = F.linear(x, plain.weight, plain.bias) + ((x * w).sum(-1, keepdim=True) + c) * all_tensors[
+                f"{path}.vector"]
+            torch.testing.assert_close(model.get_submodule(path)(x), expected, rtol=1e-5, atol=1e-5)
+    weight = tensors[f"maps.in{fan_in}.weight"]
+    x = torch.randn(3, fan_in, generator=torch.Generator().manual_seed(4))
+    parts = []
+    for i in range(2):
+        weight.grad = None
+        model.get_submodule(FFN_DOWN["bert"].format(i))(x).sum().backward()
+        parts.append(weight.grad.clone())
+    weight.grad = None
+    sum(model.get_submodule(FFN_DOWN["bert"].format(i))(x).sum() for i in range(2)).backward()
+    torch.testing.assert_close(weight.grad, parts[0] + parts[1])
+    outputs = save_each_alone(BERT, model, ("ab",), tmp_path)
+    assert_each_reloads_with_its_output(BERT, tmp_path, outputs)
 
 
 def test_saved_deltas_reload_on_a_fresh_base_with_their_outputs(tmp_path):
@@ -149,14 +183,14 @@ def test_bad_fields_are_refused_naming_the_field(fields, field):
 def test_rows_of_several_deltas_in_one_batch_equal_each_row_alone(case):
     model = case.build()
     attach_randomised(model, {"a": AdapterBiasConfig(), "b": AdapterBiasConfig(alpha_bias=False),
-                              "c": AdapterBiasConfig()})
+                              "c": AdapterBiasConfig(share_alpha=True)})
     rows = ["a", None, "b", "c", "a", None]
     assert_rows_equal_alone(case, model, rows, token_batch(len(rows), seed=7, attention_mask=True))
 
 
 def test_mixed_batch_gradients_equal_each_delta_on_its_rows():
     model = BERT.build()
-    attach_randomised(model, {"a": AdapterBiasConfig(), "b": AdapterBiasConfig(alpha_bias=False)})
+    attach_randomised(model, {"a": AdapterBiasConfig(), "b": AdapterBiasConfig(alpha_bias=False, share_alpha=True)})
     rows = ["a", "b", None, "a"]
     ids = torch.randint(1, 100, (4, 5), generator=torch.Generator().manual_seed(3))
     with dt.route(model, rows):
@@ -168,13 +202,13 @@ def test_mixed_batch_gradients_equal_each_delta_on_its_rows():
         with dt.using(model, name):
             BERT.output(model, {"input_ids": ids[picked]}).sum().backward()
     separate = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-    assert mixed.keys() == separate.keys() and len(mixed) == 2 * 5  # v, w per module; c only for "a"
+    assert mixed.keys() == separate.keys() and len(mixed) == 2 * 3 + 2 + 1  # "a": v, w, c per module; "b": v each, one w
     for key in mixed:
         torch.testing.assert_close(mixed[key], separate[key], rtol=1e-5, atol=1e-5)
 
 
 def test_trains_from_the_command_line(tmp_path, tiny_bert, reviews_csv):
-    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, ["--method", "adapterbias", "--alpha-bias", "false"],
-                                      steps=6)
+    flags = ["--method", "adapterbias", "--alpha-bias", "false", "--share-alpha", "true"]
+    out = train_from_the_command_line(tmp_path, tiny_bert, reviews_csv, flags, steps=6)
     config = saved_config(out)
-    assert config["method"] == "adapterbias" and config["alpha_bias"] is False
+    assert config["method"] == "adapterbias" and config["alpha_bias"] is False and config["share_alpha"] is True
