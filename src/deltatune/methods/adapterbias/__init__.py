@@ -12,6 +12,8 @@ with ``v`` a vector of the output width (zero at start, so a new delta changes n
 code's ``nn.Linear(intermediate_size, 1)`` reads the feed-forward hidden states that enter the
 output projection). Because ``alpha`` is linear, the shift is a rank-1 weight change plus a
 bias change, ``dW = v w^T`` and ``db = c v``: merging, folding and task vectors are exact.
+With ``share_alpha`` (the paper's partial weight-sharing variant) one ``alpha`` per input width
+serves every layer, each keeping its own ``v``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ...core.slot import get_slot
 from ...core.unit import DeltaUnit, Placement, Placements
 from ...core.weight_delta import WeightDelta
 
-__all__ = ["AdapterBiasConfig", "AdapterBiasLinear"]
+__all__ = ["AdapterBiasConfig", "AdapterBiasLinear", "AlphaMap", "AlphaTable"]
 
 DEFAULT_ROLES = ["ffn_down"]
 
