@@ -19,6 +19,10 @@ class MoLoRAConfig(DeltaConfig):
         num_experts: experts per adapted layer (when ``experts_per_layer`` is not given).
         top_k: experts each token uses; their router probabilities, renormalised to sum to
             one, weight their outputs.
+        renormalize: renormalise the chosen experts' probabilities to sum to one (MoLA,
+            Mixtral); ``False`` weights each chosen expert by its plain router probability (the
+            Switch Transformer's form: with ``top_k=1`` renormalised gates are always 1, so only
+            the balancing loss would train the router).
         experts_per_layer: experts per depth group, lowest layers first: the transformer blocks
             of each stack (encoder, decoder) are split into this many equal groups by depth
             (block ``i`` of ``n`` is in group ``i * len // n``), so ``2,4,6,8`` gives the
@@ -40,6 +44,7 @@ class MoLoRAConfig(DeltaConfig):
     alpha: float = 16.0
     num_experts: int = 4
     top_k: int = 2
+    renormalize: bool = True
     experts_per_layer: tuple[int, ...] | None = None
     aux_loss_coef: float = 0.01
     capacity_factor: float | None = None

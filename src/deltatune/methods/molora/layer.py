@@ -20,17 +20,19 @@ NOT_A_WEIGHT_CHANGE = ("a molora delta changes activations, not weights: its rou
                        "vector (keep it unmerged)")
 
 
-def top_k_routing(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_k_routing(logits: torch.Tensor, top_k: int, renormalize: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each token's ``top_k`` experts from its router logits ``(tokens, E)``.
 
     Returns:
         ``(probs, chosen, gates)``: the softmax over all experts ``(tokens, E)``; the chosen
         experts ``(tokens, top_k)``, most probable first (ties as ``torch.topk`` breaks them);
-        their probabilities renormalised to sum to one over the chosen ``(tokens, top_k)``.
+        their probabilities ``(tokens, top_k)``, renormalised to sum to one over the chosen
+        unless ``renormalize`` is false.
     """
     probs = logits.softmax(dim=-1)
     top, chosen = probs.topk(top_k, dim=-1)
-    return probs, chosen, top / top.sum(dim=-1, keepdim=True)
+    return probs, chosen, top / top.sum(dim=-1, keepdim=True) if renormalize else top
 
 
 def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -72,6 +74,7 @@ class MoLoRALinear(DeltaUnit):
                  fan_in_fan_out: bool = False):
         super().__init__()
         self.num_experts, self.rank, self.top_k = num_experts, config.r, config.top_k
+        self.renormalize = config.renormalize
         self.scaling = config.scaling
         self.capacity_factor = config.capacity_factor
         self.fan_in_fan_out = fan_in_fan_out
@@ -89,9 +92,9 @@ class MoLoRALinear(DeltaUnit):
         self._tokens = 0
 
     def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Each token's weight on each expert ``(tokens, E)``: its renormalised router
+        """Each token's weight on each expert ``(tokens, E)``: its (renormalised) router
         probability for a chosen expert it keeps, zero elsewhere. ``x``: ``(tokens, in)``."""
-        probs, chosen, gates = top_k_routing(F.linear(x, self.router), self.top_k)
+        probs, chosen, gates = top_k_routing(F.linear(x, self.router), self.top_k, self.renormalize)
         keep = None
         if self.capacity_factor is not None:
             keep = capacity_keep(chosen, self.num_experts, self.capacity_factor)
