@@ -103,7 +103,7 @@ register_method(MethodSpec(
     "molora", MoLoRAConfig, build, mergeable=False, identity_at_init=True,
     summary="mixture of LoRA experts per layer, chosen per token by a top-k router (not mergeable: "
             "input-dependent)",
-    default_lr=2e-3,
+    default_lr=5e-3,
     mixing=Mixing("per_delta", reason="each delta routes its own rows' tokens; capacity and balancing statistics "
                                       "count that delta's rows only"),
     loss_term=balancing_term, stats=expert_load,
