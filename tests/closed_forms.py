@@ -199,4 +199,21 @@ def _hydra(model, config, modules):
     for path in modules:
         fan_in, fan_out = _linear(model.get_submodule(path))
         total += config.r_parallel * (fan_in + fan_out) + config.r_sequential * 2 * fan_out
+@closed_form("molora")
+def _molora(model, config, modules):
+    """Per module, E experts of A (r x in) and B (out x r) and a router (E x in); E from
+    ``experts_per_layer`` by the block's depth in its stack (block i of n: entry i * len // n)."""
+    from deltatune.core.roles import find_roles
+
+    found = find_roles(model)
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        experts = config.num_experts
+        if config.experts_per_layer is not None:
+            block = found.block_of[path]
+            stack = [b for b in found.blocks if b.rpartition(".")[0] == block.rpartition(".")[0]]
+            groups = config.experts_per_layer
+            experts = groups[stack.index(block) * len(groups) // len(stack)]
+        total += experts * (config.r * (fan_in + fan_out) + fan_in)
     return total
