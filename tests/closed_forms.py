@@ -174,3 +174,23 @@ def _vblora(model, config, modules):
     bank for the r x in/L pieces of A and the out/L x r pieces of B."""
     pieces = sum(config.r * sum(_linear(model.get_submodule(p))) // config.vector_length for p in modules if p)
     return config.num_vectors * config.vector_length + pieces * config.num_vectors
+
+
+@closed_form("compacter")
+def _compacter(model, config, modules):
+    """Per adapted module of output width d, bottleneck k: the down and up B_i (n of them) as
+    s_i (rows x r) t_i (r x cols), i.e. r (k + d) each, or n (k/n)(d/n) = k d / n each when not
+    factorised, plus the biases (k + d); the A_i, n^3 numbers (n^2 + n^2 when factorised), once
+    for all layers when shared, else twice per module."""
+    from closed_form import _block
+
+    n = config.phm_dim
+    rule = 2 * n * n if config.factorized_phm_rule else n ** 3
+    total = rule if config.shared_phm_rule else 0
+    for path in (p for p in modules if p):
+        module = model.get_submodule(path)
+        width = (_block(module) if not hasattr(module, "weight") else _linear(module))[1]
+        k = config.bottleneck or width // config.reduction_factor
+        projections = 2 * config.phm_rank * (k + width) if config.factorized_phm_W else 2 * k * width // n
+        total += projections + k + width + (0 if config.shared_phm_rule else 2 * rule)
+    return total
