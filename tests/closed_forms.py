@@ -194,3 +194,20 @@ def _compacter(model, config, modules):
         projections = 2 * config.phm_rank * (k + width) if config.factorized_phm_W else 2 * k * width // n
         total += projections + k + width + (0 if config.shared_phm_rule else 2 * rule)
     return total
+
+
+@closed_form("sparseadapter")
+def _sparseadapter(model, config, modules):
+    """Per adapted module: the kept entries of the down (k x d_in) and up (d_out x k) weights,
+    each numel - round(sparsity numel) (at least 1), plus the dense biases k + d_out; k is the
+    bottleneck, round(bottleneck / (1 - sparsity)) under large_sparse."""
+    from closed_form import _block
+
+    k = max(1, round(config.bottleneck / (1 - config.sparsity))) if config.large_sparse else config.bottleneck
+    total = 0
+    for path in modules:
+        module = model.get_submodule(path)
+        fan_in, fan_out = _block(module) if not hasattr(module, "weight") else _linear(module)
+        d_in = fan_in if config.placement == "parallel" else fan_out
+        total += sum(max(1, n - round(config.sparsity * n)) for n in (k * d_in, fan_out * k)) + k + fan_out
+    return total
