@@ -189,3 +189,33 @@ def test_cli_trains_compacter_from_flags(tmp_path, tiny_bert, reviews_csv):
                                        "--bottleneck", "4"])
     config = saved_config(out)
     assert config["method"] == "compacter" and config["variant"] == "compacter++" and config["phm_dim"] == 2
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_it_composes_in_a_stack_and_a_batch_split_only_without_the_shared_unit(shared):
+    """The shared A_i live in a unit on the model itself, which a BatchSplit cannot split (the
+    model's output is not a tensor): refused by name, as for VeRA's and VB-LoRA's shared units;
+    with shared_phm_rule=False every unit sits at an adapted module and the split runs."""
+    case = MODELS["bert"]
+    model = case.build(0)
+    config = CompacterConfig(bottleneck=8, shared_phm_rule=shared)
+    for i, (name, c) in enumerate({"a": config, "b": config, "lora": dt.LoRAConfig(r=2)}.items()):
+        dt.attach(model, c, name=name)
+        randomise(model, name, i + 1)
+    inputs = padded_token_batch(4)
+    with torch.no_grad():
+        with dt.using(model, ["a", "lora"]):
+            expected = case.output(model, inputs)
+        with dt.compose(model, dt.Stack("a", "lora")):
+            torch.testing.assert_close(case.output(model, inputs), expected, rtol=0, atol=0)
+        if shared:
+            with pytest.raises(dt.NotApplicableError, match=r"'a' \(compacter\) cannot take part in BatchSplit"):
+                with dt.compose(model, dt.BatchSplit("a", "b", sizes=[1, 3])):
+                    case.output(model, inputs)
+            return
+        with dt.compose(model, dt.BatchSplit("a", "b", sizes=[1, 3])):
+            split = case.output(model, inputs)
+        for rows, name in ((slice(0, 1), "a"), (slice(1, 4), "b")):
+            with dt.using(model, name):
+                torch.testing.assert_close(split[rows], case.output(model, {k: v[rows] for k, v in inputs.items()}),
+                                           **TOL)

@@ -214,3 +214,24 @@ def test_cli_trains_sparseadapter_from_flags(tmp_path, tiny_bert, reviews_csv):
                                        "--bottleneck", "4"])
     config = saved_config(out)
     assert config["method"] == "sparseadapter" and config["sparsity"] == 0.5 and config["criterion"] == "magnitude"
+
+
+def test_it_composes_in_a_stack_and_a_batch_split_like_the_active_set():
+    case = MODELS["bert"]
+    model = case.build(0)
+    for i, (name, config) in enumerate({"a": SparseAdapterConfig(bottleneck=8, sparsity=0.6), "b": SparseAdapterConfig(bottleneck=8, sparsity=0.6),
+                                        "lora": dt.LoRAConfig(r=2)}.items()):
+        dt.attach(model, config, name=name)
+        randomise(model, name, i + 1)
+    inputs = padded_token_batch(4)
+    with torch.no_grad():
+        with dt.using(model, ["a", "lora"]):
+            expected = case.output(model, inputs)
+        with dt.compose(model, dt.Stack("a", "lora")):
+            torch.testing.assert_close(case.output(model, inputs), expected, rtol=0, atol=0)
+        with dt.compose(model, dt.BatchSplit("a", "b", sizes=[1, 3])):
+            split = case.output(model, inputs)
+        for rows, name in ((slice(0, 1), "a"), (slice(1, 4), "b")):
+            with dt.using(model, name):
+                torch.testing.assert_close(split[rows], case.output(model, {k: v[rows] for k, v in inputs.items()}),
+                                           **TOL)

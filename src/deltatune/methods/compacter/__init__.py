@@ -119,7 +119,7 @@ class PHMRule(DeltaUnit):
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
-        return output
+        return output  # holds the A_i only; the model's output is not changed here
 
     def fingerprint_module(self, module, model):
         return None  # the adapted modules carry the base's identity

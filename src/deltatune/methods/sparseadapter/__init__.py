@@ -142,7 +142,9 @@ class SparseBottleneck(Bottleneck):
         return self.up_b
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().saved_tensors(), "down.positions": self.down.positions, "up.positions": self.up.positions}
+        # int32 on file (half the bytes of int64; a projection has far fewer than 2^31 entries)
+        return {**super().saved_tensors(), "down.positions": self.down.positions.to(torch.int32),
+                "up.positions": self.up.positions.to(torch.int32)}
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
         rest = dict(tensors)
