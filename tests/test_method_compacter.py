@@ -168,6 +168,22 @@ def test_mixed_batch_rows_equal_each_row_alone(model_name):
     assert_each_row_equals_it_alone(case, model, ids, inputs, mixed)
 
 
+def test_a_mixed_batch_sees_a_change_to_the_shared_slow_weights_at_once():
+    case = MODELS["bert"]
+    model = case.build(0)
+    for i, name in enumerate("ab"):
+        dt.attach(model, CompacterConfig(bottleneck=8), name=name)
+        randomise(model, name, i + 1)
+    model.eval()
+    inputs = padded_token_batch(3)
+    ids = ["a", "b", None]
+    with torch.no_grad():
+        case.output(model, {**inputs, "delta_ids": ids})  # a first mixed batch, as a server would run
+        model.deltas["a"].rule.mul_(3.0)
+        mixed = case.output(model, {**inputs, "delta_ids": ids})
+    assert_each_row_equals_it_alone(case, model, ids, inputs, mixed)
+
+
 def test_merging_and_task_vectors_refuse_it_as_not_a_weight_change(tmp_path):
     model = _attached()
     with pytest.raises(dt.MergeError, match=r"compacter\) changes activations, not weights"):

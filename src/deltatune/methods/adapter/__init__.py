@@ -8,7 +8,7 @@ only. He et al., 2021 (arXiv:2110.04366): in parallel to the feed-forward block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,11 @@ class Bottleneck(DeltaUnit):
     batched mixed-batch product follow.
     """
 
+    #: whether a mixed batch served without gradients may keep the stacked weights until the
+    #: unit's own parameters change; ``False`` for units whose weights also read tensors they do
+    #: not own (a table shared by all layers)
+    stacks_cacheable: ClassVar[bool] = True
+
     def __init__(self, parallel: bool, non_linearity: str, scaling: float):
         super().__init__()
         self.parallel = parallel
@@ -96,7 +101,8 @@ class Bottleneck(DeltaUnit):
         present = [u for u in units if u is not None]
         if len({(u.parallel, type(u.act)) for u in present}) > 1:
             return per_delta_post(units, module, args, kwargs, output, routing)
-        batch, cache = routing.index.numel(), get_slot(module).mixed_cache
+        batch = routing.index.numel()
+        cache = get_slot(module).mixed_cache if cls.stacks_cacheable else None
         down = gathered(units, routing.index, lambda u: u.down_weight(), 0.0, cache, "down")  # (batch, k, in)
         down_bias = gathered(units, routing.index, lambda u: u.down_bias(), 0.0, cache, "down_bias")
         up = gathered(units, routing.index, lambda u: u.up_weight() * u.scaling, 0.0, cache, "up")  # (batch, out, k)

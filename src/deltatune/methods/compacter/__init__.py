@@ -146,6 +146,8 @@ class CompacterAdapter(Bottleneck):
     """One layer's Compacter: ``W_down = sum_i A_i ⊗ B_i^down``, ``W_up = sum_i A_i ⊗ B_i^up``
     (``A_i`` from the shared :class:`PHMRule`, or this layer's own two rules)."""
 
+    stacks_cacheable = False  # its weights read the shared A_i, which are not its own parameters
+
     def __init__(self, width: int, bottleneck: int, config: CompacterConfig, shared: PHMRule | None):
         super().__init__(False, config.non_linearity, config.scaling)
         n = config.phm_dim
@@ -213,5 +215,5 @@ def build(model: nn.Module, config: CompacterConfig) -> Placements:
 register_method(MethodSpec(
     "compacter", CompacterConfig, build, mergeable=False, identity_at_init=True,
     summary="bottleneck adapters whose projections are Kronecker sums with shared slow weights (Compacter, Compacter++)",
-    default_lr=3e-3, mixing=Mixing("batched"),
+    default_lr=1e-2, mixing=Mixing("batched"),
     peft_refusal="peft has no Compacter (it is adapter-hub's format)"))
