@@ -131,7 +131,7 @@ def test_the_bottleneck_follows_the_reduction_factor_when_not_given():
 @pytest.mark.parametrize("fields,match", [
     ({"phm_dim": 3}, r"phm_dim 3 must divide its output width 32"),
     ({"phm_dim": 16, "bottleneck": 8}, r"phm_dim 16 must divide .* the bottleneck 8"),
-    ({"reduction_factor": 64}, r"bottleneck 0"),
+    ({"reduction_factor": 64}, r"32 // reduction_factor 64 is a bottleneck of 0"),
 ])
 def test_a_phm_dim_that_does_not_divide_the_widths_fails_at_attach_naming_the_module(fields, match):
     model = MODELS["gpt2"].build(0)

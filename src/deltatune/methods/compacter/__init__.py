@@ -197,11 +197,15 @@ def build(model: nn.Module, config: CompacterConfig) -> Placements:
             return f"{type(module).__name__} has no linear layer to read its width from"
         width = dims[1]
         bottleneck = config.bottleneck or width // config.reduction_factor
-        if bottleneck == 0 or width % n or bottleneck % n:
+        where = f"compacter cannot adapt {path} ({type(module).__name__}, {dims[0]} -> {width})"
+        if bottleneck == 0:
+            raise NotApplicableError(f"{where}: its width {width} // reduction_factor {config.reduction_factor} is a "
+                                     f"bottleneck of 0; lower reduction_factor or set bottleneck")
+        if width % n or bottleneck % n:
             raise NotApplicableError(
-                f"compacter cannot adapt {path} ({type(module).__name__}, {dims[0]} -> {width}): phm_dim {n} must "
-                f"divide its output width {width} and the bottleneck {bottleneck} (bottleneck={config.bottleneck}, "
-                f"reduction_factor={config.reduction_factor}); choose a phm_dim dividing both, or set bottleneck"
+                f"{where}: phm_dim {n} must divide its output width {width} and the bottleneck {bottleneck} "
+                f"(bottleneck={config.bottleneck}, reduction_factor={config.reduction_factor}); choose a phm_dim "
+                f"dividing both, or set bottleneck"
             )
         return CompacterAdapter(width, bottleneck, config, shared)
 
