@@ -216,4 +216,38 @@ def _molora(model, config, modules):
             groups = config.experts_per_layer
             experts = groups[stack.index(block) * len(groups) // len(stack)]
         total += experts * (config.r * (fan_in + fan_out) + fan_in)
+@closed_form("compacter")
+def _compacter(model, config, modules):
+    """Per adapted module of output width d, bottleneck k: the down and up B_i (n of them) as
+    s_i (rows x r) t_i (r x cols), i.e. r (k + d) each, or n (k/n)(d/n) = k d / n each when not
+    factorised, plus the biases (k + d); the A_i, n^3 numbers (n^2 + n^2 when factorised), once
+    for all layers when shared, else twice per module."""
+    from closed_form import _block
+
+    n = config.phm_dim
+    rule = 2 * n * n if config.factorized_phm_rule else n ** 3
+    total = rule if config.shared_phm_rule else 0
+    for path in (p for p in modules if p):
+        module = model.get_submodule(path)
+        width = (_block(module) if not hasattr(module, "weight") else _linear(module))[1]
+        k = config.bottleneck or width // config.reduction_factor
+        projections = 2 * config.phm_rank * (k + width) if config.factorized_phm_W else 2 * k * width // n
+        total += projections + k + width + (0 if config.shared_phm_rule else 2 * rule)
+    return total
+
+
+@closed_form("sparseadapter")
+def _sparseadapter(model, config, modules):
+    """Per adapted module: the kept entries of the down (k x d_in) and up (d_out x k) weights,
+    each numel - round(sparsity numel) (at least 1), plus the dense biases k + d_out; k is the
+    bottleneck, round(bottleneck / (1 - sparsity)) under large_sparse."""
+    from closed_form import _block
+
+    k = max(1, round(config.bottleneck / (1 - config.sparsity))) if config.large_sparse else config.bottleneck
+    total = 0
+    for path in modules:
+        module = model.get_submodule(path)
+        fan_in, fan_out = _block(module) if not hasattr(module, "weight") else _linear(module)
+        d_in = fan_in if config.placement == "parallel" else fan_out
+        total += sum(max(1, n - round(config.sparsity * n)) for n in (k * d_in, fan_out * k)) + k + fan_out
     return total

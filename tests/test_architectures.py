@@ -38,6 +38,8 @@ EXPECTED_REFUSALS = {
     ("mixtral", "adapter"): "role 'ffn_down'",
     ("mixtral", "adapterbias"): "role 'ffn_down'",
     ("mixtral", "hydra"): "role 'ffn_down'",
+    ("mixtral", "compacter"): "role 'ffn_down'",
+    ("mixtral", "sparseadapter"): "role 'ffn_down'",
     **{(arch, "bitfit"): "has a bias" for arch in _NO_BIAS},
     **{(arch, "prefix"): "attention interface" for arch in _OWN_ATTENTION},
 }

@@ -30,4 +30,6 @@ from . import vblora  # noqa: F401
 from . import adapterbias  # noqa: F401
 from . import hydra  # noqa: F401
 from . import molora  # noqa: F401
+from . import compacter  # noqa: F401
+from . import sparseadapter  # noqa: F401
 from . import full  # noqa: F401  (the full fine-tuning reference, listed last)
