@@ -130,3 +130,13 @@ def test_inspect_shows_method_size_fingerprint_and_metrics(tmp_path, tiny_bert, 
     text = capsys.readouterr().out
     for part in ("(lora)", "parameters", "bytes", "fingerprint", "metrics"):
         assert part in text
+
+
+def test_a_flag_shared_by_methods_with_different_meanings_explains_each():
+    from deltatune.cli.train import method_flags
+
+    _, methods, text = method_flags()["--init"]
+    assert {"lora", "prompt", "prefix"} <= set(methods)
+    assert "lora, dora: " in text and "prompt: " in text and "prefix: " in text and "kaiming" in text and "vocab" in text
+    _, methods, text = method_flags()["--use-rslora"]  # one meaning: said once, unlabelled
+    assert methods == ["lora", "dora"] and text.startswith("rank-stabilised")
