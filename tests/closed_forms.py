@@ -4,6 +4,7 @@ function per method, computed by hand from the adapted modules' shapes (see clos
 from __future__ import annotations
 
 from closed_form import _linear, closed_form  # noqa: F401
+from torch import nn
 
 
 @closed_form("loha")
@@ -174,3 +175,25 @@ def _vblora(model, config, modules):
     bank for the r x in/L pieces of A and the out/L x r pieces of B."""
     pieces = sum(config.r * sum(_linear(model.get_submodule(p))) // config.vector_length for p in modules if p)
     return config.num_vectors * config.vector_length + pieces * config.num_vectors
+
+
+@closed_form("reft")
+def _reft(model, config, modules):
+    """Per edited module: one edit (tied, or one kind of position) or two (prefix, suffix), each
+    two (r, d) matrices and an r bias, d the module's output width (the hidden width of a block).
+    The other sites (the model, an encoder-decoder's encoder and decoder) record masks, no tensors."""
+    from deltatune.core.roles import find_roles
+
+    edits = 1 if config.tied_weights or not (config.prefix_positions and config.suffix_positions) else 2
+    found = find_roles(model)
+    total = 0
+    for path in modules:
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            width = _linear(module)[1]
+        elif path in found.blocks:
+            width = found.hidden
+        else:
+            continue
+        total += edits * config.r * (2 * width + 1)
+    return total
