@@ -180,8 +180,7 @@ def _vblora(model, config, modules):
 @closed_form("reft")
 def _reft(model, config, modules):
     """Per edited module: one edit (tied, or one kind of position) or two (prefix, suffix), each
-    two (r, d) matrices and an r bias, d the module's output width (the hidden width of a block).
-    The other sites (the model, an encoder-decoder's encoder and decoder) record masks, no tensors."""
+    two (r, d) matrices and an r bias, d the module's output width (the hidden width of a block)."""
     from deltatune.core.roles import find_roles
 
     edits = 1 if config.tied_weights or not (config.prefix_positions and config.suffix_positions) else 2
@@ -191,9 +190,7 @@ def _reft(model, config, modules):
         module = model.get_submodule(path)
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             width = _linear(module)[1]
-        elif path in found.blocks:
-            width = found.hidden
         else:
-            continue
+            width = found.hidden
         total += edits * config.r * (2 * width + 1)
     return total

@@ -25,7 +25,7 @@ from ...core.build import linear_shape, per_module
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import find_roles
-from ...core.unit import Placement, Placements
+from ...core.unit import Placements
 from ...errors import NotApplicableError, TargetError
 from .layer import EDITS, ReftIntervention, TokenMask
 
@@ -114,8 +114,7 @@ def build(model: nn.Module, config: ReftConfig) -> Placements:
         return ReftIntervention(width, config.r, config.variant, config.prefix_positions, config.suffix_positions,
                                 config.tied_weights, tokens, _source_of(path, sources), path)
 
-    placements = per_module(model, config, every_block, make)
-    return Placements([Placement("", tokens, type(model).__name__), *placements], placements.skipped)
+    return per_module(model, config, every_block, make)
 
 
 register_method(MethodSpec(

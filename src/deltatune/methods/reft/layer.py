@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from typing import Any
 
 import torch
@@ -107,20 +106,21 @@ def _cached_length(cache: Any) -> int:
         return 0
 
 
-class TokenMask(DeltaUnit):
-    """Placed on the model, holds no tensors: while a source module runs (the model, or an
-    encoder-decoder's encoder or decoder), the call's 2-D ``attention_mask`` and the length of
-    its key/value cache, for the edits of the blocks that source runs.
+class TokenMask:
+    """The attention masks of the calls in progress, for the edits of one delta.
 
-    A forward pre-hook on each source records them and a forward hook that always runs (errors
-    included) drops them, so they live exactly as long as the call.
+    While a source module runs (the model, or an encoder-decoder's encoder or decoder), it holds
+    that call's 2-D ``attention_mask`` and the length of its key/value cache: a forward
+    pre-hook on the source records them and a forward hook that always runs (errors included)
+    drops them, so they live exactly as long as the call. The hooks are installed when the
+    delta's first edit is attached and removed when its last one is detached.
     """
 
     def __init__(self, sources: list[str]) -> None:
-        super().__init__()
         self.sources = list(sources)
         self._calls: dict[str, list[tuple[torch.Tensor | None, int]]] = {s: [] for s in self.sources}
         self._handles: list[Any] = []
+        self._users = 0
 
     def current(self, source: str) -> tuple[torch.Tensor | None, int] | None:
         """``(mask or None, cached tokens)`` of the call of ``source`` in progress, else ``None``."""
@@ -137,7 +137,10 @@ class TokenMask(DeltaUnit):
         if self._calls[source]:
             self._calls[source].pop()
 
-    def attached(self, module: nn.Module, model: nn.Module) -> None:
+    def attach(self, model: nn.Module) -> None:
+        self._users += 1
+        if self._users > 1:
+            return
         for source in self.sources:
             part = model.get_submodule(source)
             self._handles += [
@@ -145,13 +148,12 @@ class TokenMask(DeltaUnit):
                 part.register_forward_hook(functools.partial(self._drop, source), with_kwargs=True, always_call=True),
             ]
 
-    def detached(self, module: nn.Module, model: nn.Module) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def fingerprint_module(self, module: nn.Module, model: nn.Module) -> nn.Module | None:
-        return None  # the blocks it serves carry the base's identity
+    def detach(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
 
 def select_positions(real: torch.Tensor, prefix: torch.Tensor, suffix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +172,7 @@ class ReftIntervention(DeltaUnit):
     tokens of each row of a module's output (a block's hidden states).
 
     ``edits`` holds one edit (tied weights, or only one kind of position) or two (prefix,
-    suffix). The positions come from the attention mask its :class:`TokenMask` recorded, so
+    suffix). The positions come from the attention mask its delta's :class:`TokenMask` holds, so
     a padded row (left or right) is edited exactly as the same row alone.
     """
 
@@ -181,7 +183,7 @@ class ReftIntervention(DeltaUnit):
         self.prefix_positions, self.suffix_positions = prefix_positions, suffix_positions
         count = 1 if tied_weights or not (prefix_positions and suffix_positions) else 2
         self.edits = nn.ModuleList(EDITS[variant](width, r) for _ in range(count))
-        self._tokens = weakref.ref(tokens)
+        self.tokens = tokens
 
     def edit_factors(self, kind: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(up, down, bias)`` of the prefix (``kind`` 0) or suffix (1) edit."""
@@ -190,8 +192,7 @@ class ReftIntervention(DeltaUnit):
     def real_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``(batch, tokens)`` bool marking real tokens of ``hidden`` (batch, tokens, width), or
         ``None`` when this call continues a key/value cache (generation edits the prompt only)."""
-        tokens = self._tokens()
-        call = tokens.current(self.source) if tokens is not None else None
+        call = self.tokens.current(self.source)
         mask, cached = call if call is not None else (None, 0)
         batch, length = hidden.shape[:2]
         if mask is None:
@@ -204,6 +205,12 @@ class ReftIntervention(DeltaUnit):
                 f"hidden states have {batch} rows of {length} tokens; reft needs one mask entry per token"
             )
         return mask.to(hidden.device) != 0
+
+    def attached(self, module: nn.Module, model: nn.Module) -> None:
+        self.tokens.attach(model)
+
+    def detached(self, module: nn.Module, model: nn.Module) -> None:
+        self.tokens.detach()
 
     def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden = _hidden(output)
