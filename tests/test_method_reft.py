@@ -97,6 +97,24 @@ def test_a_linear_target_is_edited_on_its_output():
     torch.testing.assert_close(_block_output(model, path, inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_output_without_a_token_axis_is_one_real_token_per_row():
+    case = MODELS["mlp"]
+    base = case.build()
+    model = copy.deepcopy(base)
+    path = next(n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear))
+    dt.attach(model, ReftConfig(r=2, targets=(path,)), name="t")
+    randomise(model, "t")
+    seen = {}
+    for name, m in (("base", base), ("reft", model)):
+        m.get_submodule(path).register_forward_hook(lambda mod, a, o, name=name: seen.__setitem__(name, o))
+        with torch.no_grad():
+            case.output(m)
+    unit = get_slot(model.get_submodule(path))["t"]
+    h = seen["base"]
+    expected = torch.stack([row + _edit(unit, 0, row) + _edit(unit, 1, row) for row in h])  # first and last token
+    torch.testing.assert_close(seen["reft"], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_short_row_gets_both_edits_where_prefix_and_suffix_overlap():
     case = MODELS["gpt2"]
     base = case.build()

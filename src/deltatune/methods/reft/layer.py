@@ -191,10 +191,13 @@ class ReftIntervention(DeltaUnit):
 
     def real_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``(batch, tokens)`` bool marking real tokens of ``hidden`` (batch, tokens, width), or
-        ``None`` when this call continues a key/value cache (generation edits the prompt only)."""
+        ``None`` when this call continues a key/value cache (generation edits the prompt only).
+        A module output without a token axis (batch, width) is one real token per row."""
+        batch, length = hidden.shape[0], hidden.shape[1] if hidden.dim() > 2 else 1
+        if hidden.dim() == 2:
+            return hidden.new_ones(batch, 1, dtype=torch.bool)
         call = self.tokens.current(self.source)
         mask, cached = call if call is not None else (None, 0)
-        batch, length = hidden.shape[:2]
         if mask is None:
             return None if cached else hidden.new_ones(batch, length, dtype=torch.bool)
         if mask.shape[1] > length:  # the mask covers cached tokens too: a later step of generation
@@ -215,7 +218,7 @@ class ReftIntervention(DeltaUnit):
     def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden = _hidden(output)
         rows = self._rows(hidden)
-        real = self.real_tokens(rows)
+        real = self.real_tokens(hidden)
         if real is None:
             return output
         batch = rows.shape[0]
@@ -232,11 +235,12 @@ class ReftIntervention(DeltaUnit):
         return _with_hidden(output, (rows + change.to(rows.dtype)).view(hidden.shape))
 
     def _rows(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not isinstance(hidden, torch.Tensor) or hidden.shape[-1] != self.width:
+        """``hidden`` as (batch, tokens, width); a (batch, width) output is one token per row."""
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3) or hidden.shape[-1] != self.width:
             shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise DeltaStateError(f"reft at {self.where!r} edits vectors of width {self.width}, but the module "
-                                  f"returned {shape}")
-        return hidden.unsqueeze(1) if hidden.dim() == 2 else hidden.reshape(hidden.shape[0], -1, self.width)
+            raise DeltaStateError(f"reft at {self.where!r} edits (batch, tokens, {self.width}) or (batch, {self.width}) "
+                                  f"hidden states, but the module returned {shape}")
+        return hidden.unsqueeze(1) if hidden.dim() == 2 else hidden
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
@@ -245,7 +249,7 @@ class ReftIntervention(DeltaUnit):
         present = [u for u in units if u is not None]
         hidden = _hidden(output)
         rows = as_rows(present[0]._rows(hidden), routing.index.numel())
-        real = present[0].real_tokens(rows)
+        real = present[0].real_tokens(hidden)
         if real is None:
             return output
         index = routing.index.to(real.device)
