@@ -216,16 +216,36 @@ def test_generation_of_left_padded_prompts_equals_each_prompt_alone():
     mask = torch.zeros_like(ids)
     for i, prompt in enumerate(prompts):
         ids[i, 5 - len(prompt):], mask[i, 5 - len(prompt):] = prompt, 1
-    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    settings = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0,
+                "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad():
         batch = model.generate(input_ids=ids, attention_mask=mask, **settings)
         for i, prompt in enumerate(prompts):
             alone = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    **settings)
-            assert torch.equal(batch[i, 5:], alone[0, len(prompt):])
+            assert torch.equal(batch.sequences[i, 5:], alone.sequences[0, len(prompt):])
+            for step_batch, step_alone in zip(batch.scores, alone.scores):
+                torch.testing.assert_close(step_batch[i], step_alone[0], rtol=1e-5, atol=1e-5)
         with dt.base_only(model):
             plain = model.generate(input_ids=ids, attention_mask=mask, **settings)
-    assert not torch.equal(plain, batch), "the edit should change what is generated"
+    assert not torch.allclose(plain.scores[0], batch.scores[0]), "the edit should change what is generated"
+
+
+def test_encoder_decoder_generation_of_padded_inputs_equals_each_input_alone():
+    model = ARCHITECTURES["t5"].build()  # generate runs the encoder through get_encoder(), not the model
+    dt.attach(model, ReftConfig(r=2, prefix_positions=1, suffix_positions=2))
+    randomise(model, "default", scale=1.0)
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    settings = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "output_scores": True,
+                "return_dict_in_generate": True}
+    with torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, **settings)
+        alone = model.generate(input_ids=ids[1:, :4], attention_mask=mask[1:, :4], **settings)
+    assert torch.equal(batch.sequences[1], alone.sequences[0])
+    for step_batch, step_alone in zip(batch.scores, alone.scores):
+        torch.testing.assert_close(step_batch[1], step_alone[0], rtol=1e-5, atol=1e-5)
 
 
 # --- mixed batches and composition ----------------------------------------------------------
@@ -318,8 +338,11 @@ def test_a_rank_above_the_width_is_refused_at_attach_naming_the_module():
 def test_merge_fold_and_task_vectors_refuse_an_activation_edit():
     model = MODELS["gpt2"].build()
     dt.attach(model, ReftConfig(r=2), name="t")
-    for call in (lambda: dt.merge(model), lambda: dt.fold(model), lambda: dt.TaskVector.from_delta(model, "t")):
-        with pytest.raises(dt.MergeError, match=r"'t' \(reft\) changes activations, not weights"):
+    dt.attach(model, ReftConfig(r=2), name="u")
+    calls = (lambda: dt.merge(model), lambda: dt.fold(model), lambda: dt.TaskVector.from_delta(model, "t"),
+             lambda: dt.merge_deltas(model, ["t", "u"], "ties"))
+    for call in calls:
+        with pytest.raises(dt.MergeError, match=r"'[tu]' \(reft\) changes activations, not weights"):
             call()
 
 
