@@ -108,8 +108,8 @@ def build(model: nn.Module, config: ReftConfig) -> Placements:
         if config.r > width:
             raise NotApplicableError(
                 f"reft cannot edit {path!r} ({type(module).__name__}, output width {width}): r={config.r} exceeds "
-                f"the width, and an r x {width} projection has at most {width} orthonormal rows; lower r or "
-                f"exclude the module"
+                f"the width (LoReFT's r x {width} projection has at most {width} orthonormal rows, and no edit of "
+                f"that space needs a higher rank); lower r or exclude the module"
             )
         return ReftIntervention(width, config.r, config.variant, config.prefix_positions, config.suffix_positions,
                                 config.tied_weights, tokens, _source_of(path, sources), path)
