@@ -265,8 +265,15 @@ class ReftIntervention(DeltaUnit):
         cache = get_slot(module).mixed_cache
         x = rows.to(present[0].edits[0].bias.dtype)
         result = x
+        factors: dict[tuple[int, int], tuple] = {}  # each unit's factors formed once per call (R is a product)
+
+        def factor(unit: ReftIntervention, kind: int, i: int) -> torch.Tensor:
+            if (id(unit), kind) not in factors:
+                factors[(id(unit), kind)] = unit.edit_factors(kind)
+            return factors[(id(unit), kind)][i]
+
         for kind in (0, 1):
-            parts = [gathered(units, routing.index, lambda u, i=i: u.edit_factors(kind)[i], 0.0, cache, f"{kind}.{i}")
+            parts = [gathered(units, routing.index, lambda u, k=kind, i=i: factor(u, k, i), 0.0, cache, f"{kind}.{i}")
                      for i in range(3)]
             up, down, bias = parts  # (batch, r, d), (batch, r, d), (batch, r)
             term = torch.bmm(torch.baddbmm(bias.unsqueeze(1), x, down.mT), up)
