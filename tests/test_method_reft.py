@@ -359,6 +359,15 @@ def test_a_mask_that_does_not_fit_the_hidden_states_is_an_error_naming_the_block
         calls.pop()
 
 
+def test_a_failed_call_leaves_no_mask_behind():
+    model = MODELS["gpt2"].build()
+    dt.attach(model, ReftConfig(r=2), name="t")
+    tokens = get_slot(model.get_submodule("transformer.h.0"))["t"].tokens
+    with pytest.raises(IndexError):
+        model(input_ids=torch.full((1, 3), 1000), attention_mask=torch.ones(1, 3))  # ids beyond the vocabulary
+    assert all(not calls for calls in tokens._calls.values())
+
+
 def test_the_recorder_leaves_no_hook_after_delete():
     model = MODELS["gpt2"].build()
     dt.attach(model, ReftConfig(r=2), name="t")
