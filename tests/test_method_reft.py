@@ -154,6 +154,22 @@ def test_rotation_keeps_orthonormal_rows_through_training():
         torch.testing.assert_close(R @ R.T, torch.eye(4), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant,tied", VARIANTS)
+def test_save_and_load_on_a_fresh_base_gives_the_same_outputs(variant, tied, tmp_path):
+    case = MODELS["t5"]
+    model = case.build()
+    dt.attach(model, ReftConfig(r=3, variant=variant, tied_weights=tied, prefix_positions=2, suffix_positions=1))
+    randomise(model, "default")
+    inputs = {**_padded_inputs(), "decoder_input_ids": torch.randint(1, 100, (3, 4))}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    dt.save(model, tmp_path / "d")
+    fresh = case.build()
+    dt.load(fresh, tmp_path / "d")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, expected, rtol=0, atol=0)
+
+
 # --- positions from the attention mask ------------------------------------------------------
 
 
