@@ -4,6 +4,7 @@ function per method, computed by hand from the adapted modules' shapes (see clos
 from __future__ import annotations
 
 from closed_form import _linear, closed_form  # noqa: F401
+from torch import nn
 
 
 @closed_form("loha")
@@ -250,4 +251,20 @@ def _sparseadapter(model, config, modules):
         fan_in, fan_out = _block(module) if not hasattr(module, "weight") else _linear(module)
         d_in = fan_in if config.placement == "parallel" else fan_out
         total += sum(max(1, n - round(config.sparsity * n)) for n in (k * d_in, fan_out * k)) + k + fan_out
+@closed_form("reft")
+def _reft(model, config, modules):
+    """Per edited module: one edit (tied, or one kind of position) or two (prefix, suffix), each
+    two (r, d) matrices and an r bias, d the module's output width (the hidden width of a block)."""
+    from deltatune.core.roles import find_roles
+
+    edits = 1 if config.tied_weights or not (config.prefix_positions and config.suffix_positions) else 2
+    found = find_roles(model)
+    total = 0
+    for path in modules:
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            width = _linear(module)[1]
+        else:
+            width = found.hidden
+        total += edits * config.r * (2 * width + 1)
     return total

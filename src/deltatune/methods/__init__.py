@@ -32,4 +32,5 @@ from . import hydra  # noqa: F401
 from . import molora  # noqa: F401
 from . import compacter  # noqa: F401
 from . import sparseadapter  # noqa: F401
+from . import reft  # noqa: F401
 from . import full  # noqa: F401  (the full fine-tuning reference, listed last)
