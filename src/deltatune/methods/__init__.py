@@ -28,3 +28,4 @@ from . import dylora  # noqa: F401
 from . import vera  # noqa: F401
 from . import vblora  # noqa: F401
 from . import full  # noqa: F401  (the full fine-tuning reference, listed last)
+from . import hyperadapter  # noqa: F401

@@ -252,8 +252,11 @@ def run_multi(jobs: dict[str, TrainJob], out: str | Path) -> dict[str, Any]:
     loaded = load_model(shared.model, first.task, len(first.labels) or None, first.labels or None)
     model, tokenizer = loaded.model, loaded.tokenizer
     configs: dict[str, DeltaConfig] = {}
+    owners: dict[str, str] = {}  # method -> the run's first task of that method
     for name, job in jobs.items():
-        configs[name] = delta_config(job, model, first.task)
+        config = delta_config(job, model, first.task)
+        owner = owners.setdefault(config.method, name)
+        configs[name] = config if owner == name else config.shared_with(owner)
         attach(model, configs[name], name=name, activate=False)
     model.to(distributed.device())
     encoded = {name: {part: encode(getattr(splits[name], part), tokenizer, first.task, job.max_length, splits[name].labels)
