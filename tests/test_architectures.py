@@ -36,6 +36,7 @@ EXPECTED_REFUSALS = {
     # is no feed-forward down projection to scale (ia3) or to put an adapter after (houlsby)
     ("mixtral", "ia3"): "role 'ffn_down'",
     ("mixtral", "adapter"): "role 'ffn_down'",
+    ("mixtral", "hyperadapter"): "role 'ffn_down'",
     **{(arch, "bitfit"): "has a bias" for arch in _NO_BIAS},
     **{(arch, "prefix"): "attention interface" for arch in _OWN_ATTENTION},
 }

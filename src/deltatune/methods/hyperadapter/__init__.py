@@ -35,7 +35,7 @@ from ...core.slot import get_slot, get_state
 from ...core.unit import DeltaUnit, Placement, Placements
 from ...errors import ConfigError, DeltaStateError
 from ..adapter import io_features
-from .network import ACTIVATIONS, MERGE_REFUSAL, HyperAdapterSite, HyperNetwork, TaskRoot
+from .network import ACTIVATIONS, HyperAdapterSite, HyperNetwork, TaskRoot
 
 PLACEMENT_ROLES = {"houlsby": ["o", "ffn_down"], "pfeiffer": ["ffn_down"]}
 #: fields that shape the hypernetwork: a task that shares one must agree with its owner on them
@@ -145,8 +145,6 @@ def build(model: nn.Module, config: HyperAdapterConfig) -> Placements:
         if dims is None:
             return f"{type(module).__name__} has no linear layer to read its width from"
         shape = f"{type(module).__name__} {dims[0]}->{dims[1]}"
-        if config.bottleneck > dims[1]:
-            return f"{shape}: bottleneck {config.bottleneck} is wider than its output width {dims[1]}"
         if not widths:
             widths.append(dims[1])
         if dims[1] != widths[0]:
@@ -182,4 +180,4 @@ register_method(MethodSpec(
     default_lr=1e-3, mixing=Mixing("batched"), saved_config=saved_config,
     peft_refusal="peft has no hypernetwork-generated adapters (Hyperformer's official code is its own format)"))
 
-__all__ = ["HyperAdapterConfig", "HyperNetwork", "MERGE_REFUSAL"]
+__all__ = ["HyperAdapterConfig", "HyperNetwork"]

@@ -13,7 +13,6 @@ from torch import nn
 
 from ...core.rows import as_rows, gathered, per_delta_post
 from ...core.unit import DeltaUnit
-from ...errors import MergeError
 
 if TYPE_CHECKING:
     from . import HyperAdapterConfig
@@ -113,15 +112,8 @@ class TaskRoot(DeltaUnit):
         """Every tensor the generated adapters depend on (for the no-grad cache)."""
         return [self.task_embedding, *self.hypernetwork.parameters()]
 
-    def merge_params(self, module, params):
-        raise MergeError(MERGE_REFUSAL)
-
     def fingerprint_module(self, module, model):
         return None  # the adapted modules carry the base's identity
-
-
-MERGE_REFUSAL = ("a hyper-adapter adds a non-linear bottleneck (down, activation, up) to a module's output; it "
-                 "changes activations, not weights, so it cannot be merged")
 
 
 class HyperAdapterSite(DeltaUnit):
@@ -161,9 +153,6 @@ class HyperAdapterSite(DeltaUnit):
             h = F.layer_norm(h, (self.width,), w["norm_weight"], w["norm_bias"], NORM_EPS)
         update = F.linear(self.act(F.linear(h, w["down"], w["down_bias"])), w["up"], w["up_bias"])
         return output + update.to(output.dtype)
-
-    def merge_params(self, module, params):
-        raise MergeError(MERGE_REFUSAL)
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
