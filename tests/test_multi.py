@@ -191,3 +191,17 @@ def test_cli_trains_two_deltas_and_each_evaluates_as_recorded(tmp_path, tiny_ber
         assert main(["eval", "--delta", str(folder), "--no-progress"]) == 0  # a fresh base + dt.load
         evaluated = json.loads(capsys.readouterr().out)["test"]
         assert evaluated == pytest.approx(recorded["test"], abs=1e-6)
+
+
+def test_narrowing_a_nested_head_keeps_its_first_outputs():
+    from tiny_models import ARCHITECTURES
+
+    from deltatune.train.multi import narrow_heads
+
+    case = ARCHITECTURES["roberta"]  # classifier = dense (32 -> 32) then out_proj (32 -> 3)
+    model = case.build()
+    dt.attach(model, dt.LoRAConfig(r=2, modules_to_save=["classifier"]), name="task")
+    with torch.no_grad():
+        before = case.output(model)
+        narrow_heads(model, "task", width=3, rows=2)
+        torch.testing.assert_close(case.output(model), before[:, :2], rtol=0, atol=0)
