@@ -268,3 +268,26 @@ def _reft(model, config, modules):
             width = found.hidden
         total += edits * config.r * (2 * width + 1)
     return total
+@closed_form("hyperadapter")
+def _hyperadapter(model, config, modules):
+    """A sharing task: its task embedding alone. An owner adds the hypernetwork: a layer embedding
+    per transformer block holding adapted modules (a module outside the blocks counts as one),
+    a position embedding per adapted module of the fullest block, the mixing MLP [t; l; p] (3t)
+    -> hidden -> t, its layer norm, and one generator (t -> n, with bias) per generated tensor:
+    down (k d), down bias (k), up (d k), up bias (d) and, with layer_norm, gamma and beta (d each)."""
+    from collections import Counter
+
+    from closed_form import _block
+    from deltatune.core.roles import find_roles
+
+    t, h, k = config.task_dim, config.hidden_dim, config.bottleneck
+    if config.shares is not None:
+        return t
+    sites = [p for p in modules if p]
+    blocks = find_roles(model).blocks
+    per_block = Counter(next((b for b in blocks if p.startswith(b + ".")), p) for p in sites)
+    first = model.get_submodule(sites[0])
+    d = (_linear(first) if hasattr(first, "weight") else _block(first))[1]
+    generated = k * d + k + d * k + d + (2 * d if config.layer_norm else 0)
+    network = (len(per_block) + max(per_block.values())) * t + (3 * t * h + h) + (h * t + t) + 2 * t
+    return t + network + (t + 1) * generated

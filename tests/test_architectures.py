@@ -40,6 +40,7 @@ EXPECTED_REFUSALS = {
     ("mixtral", "hydra"): "role 'ffn_down'",
     ("mixtral", "compacter"): "role 'ffn_down'",
     ("mixtral", "sparseadapter"): "role 'ffn_down'",
+    ("mixtral", "hyperadapter"): "role 'ffn_down'",
     **{(arch, "bitfit"): "has a bias" for arch in _NO_BIAS},
     **{(arch, "prefix"): "attention interface" for arch in _OWN_ATTENTION},
 }

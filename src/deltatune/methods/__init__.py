@@ -34,3 +34,4 @@ from . import compacter  # noqa: F401
 from . import sparseadapter  # noqa: F401
 from . import reft  # noqa: F401
 from . import full  # noqa: F401  (the full fine-tuning reference, listed last)
+from . import hyperadapter  # noqa: F401
