@@ -55,15 +55,15 @@ def test_keep_reuses_rows_trained_on_the_same_budget_only(tmp_path, monkeypatch)
     (tmp_path / "compare.json").write_text(json.dumps([same, other]))
     trained = []
 
-    def fake_run(command, **_):
-        config = json.loads(json.dumps(__import__("yaml").safe_load(open(command[-1]))))
+    def fake_train(config_path):
+        config = __import__("yaml").safe_load(open(config_path))
         trained.append(config["method"])
         folder = tmp_path / "runs" / config["method"]
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({**same, "method": config["method"]}))
-        return type("Done", (), {"returncode": 0})()
+        return 0, ""
 
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    monkeypatch.setattr(compare, "_train", fake_train)
     compare.run_compare(base, tmp_path / "runs", tmp_path, methods=["head", "ia3"], keep=True)
     assert trained == ["ia3"]  # head kept; ia3's old row had another step count
     assert [r["method"] for r in json.loads((tmp_path / "compare.json").read_text())] == ["head", "ia3"]
@@ -84,3 +84,22 @@ def test_causal_rows_compare_test_loss_with_the_base_models(tmp_path):
     assert "| lora * | 2.1000 | 3.0000 |" in text
     plot(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_method_that_cannot_apply_is_recorded_with_its_reason_and_the_others_still_run(tmp_path, tiny_llama, reviews_csv):
+    """A Llama has no biases: BitFit's training process exits with status 3 (not applicable),
+    the compare records why and trains the next method; ``--keep`` reuses the refusal."""
+    import json
+
+    from deltatune.cli import compare
+
+    base = TrainJob(model=str(tiny_llama), data=str(reviews_csv), text_column="review", label_column="sentiment",
+                    steps=2, batch_size=4, max_length=16, seed=0, progress=False)
+    assert compare.run_compare(base, tmp_path / "runs", tmp_path, methods=["bitfit", "head"]) == 0
+    rows = json.loads((tmp_path / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["bitfit", "head"]
+    assert "has a bias" in rows[0]["not_applicable"] and "test" in rows[1]
+    text = (tmp_path / "compare.md").read_text()
+    assert f"Not applicable to {tiny_llama}: `bitfit` (no module of LlamaForSequenceClassification has a bias" in text
+    assert "| head * |" in text and "| bitfit" not in text
+    assert compare.same_budget(rows[0], base)  # so --keep does not retry it

@@ -19,6 +19,9 @@ class TargetError(DeltaError, ValueError):
 class NotApplicableError(DeltaError, ValueError):
     """A method cannot be attached to this kind of model at all."""
 
+    #: the ``deltatune`` command's exit status for it (2 is any other bad input)
+    exit_code = 3
+
 
 class DeltaStateError(DeltaError, RuntimeError):
     """An operation does not fit the model's current delta state (unknown name, merged, ...)."""

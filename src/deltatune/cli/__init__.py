@@ -11,7 +11,7 @@ import sys
 import os
 
 from ..core.registry import PLUGIN_ENV, load_plugins
-from ..errors import DeltaError
+from ..errors import DeltaError, NotApplicableError
 from . import algebra, bench, compare, demo, generate, info, interop, merge, serve, train
 
 
@@ -35,7 +35,9 @@ def _plugins(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``deltatune`` console script; exit code 2 for bad input."""
+    """Entry point of the ``deltatune`` console script: exit code 2 for bad input, 3 when the
+    chosen method cannot apply to the model at all (:class:`NotApplicableError`: ``compare``
+    records such a method as not applicable instead of stopping)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     plugins = _plugins(argv)
     try:
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
+    except NotApplicableError as error:
+        print(f"deltatune: error: {error}", file=sys.stderr)
+        return NotApplicableError.exit_code
     except DeltaError as error:
         print(f"deltatune: error: {error}", file=sys.stderr)
         return 2

@@ -11,9 +11,12 @@ from pathlib import Path
 import yaml
 
 from ..core.registry import get_method, method_specs
-from ..errors import DeltaError
+from ..errors import DeltaError, NotApplicableError
 from ..io.atomic import write_text_atomic
 from .train import add_job_flags, job_from_args
+
+
+ERROR_PREFIX = "deltatune: error: "
 
 
 def compared_methods() -> list[str]:
@@ -51,17 +54,35 @@ def run_compare(base, out: Path, results: Path, methods=None, targets=None, keep
         job = dataclasses.replace(base, method=method, targets=targets if takes_targets else None, out=str(out / method))
         config = out / f"{method}.yaml"
         write_text_atomic(config, yaml.safe_dump(dataclasses.asdict(job), sort_keys=False))
-        done = subprocess.run([sys.executable, "-m", "deltatune.cli", "train", "--config", str(config)])
-        if done.returncode != 0:
-            raise DeltaError(f"training {method} failed (exit code {done.returncode}); see the output above")
-        row = json.loads((out / method / "metrics.json").read_text())
-        rows.append({**row, "settings": {"batch_size": base.batch_size, "max_length": base.max_length}})
+        code, last_error = _train(config)
+        settings = {"batch_size": base.batch_size, "max_length": base.max_length}
+        if code == NotApplicableError.exit_code:  # recorded with its reason; the others still run
+            rows.append({"method": method, "not_applicable": last_error, "model": base.model,
+                         "data": {"name": base.data}, "steps": base.steps, "seed": base.seed, "settings": settings})
+        elif code != 0:
+            raise DeltaError(f"training {method} failed (exit code {code}); see the output above")
+        else:
+            row = json.loads((out / method / "metrics.json").read_text())
+            rows.append({**row, "settings": settings})
         _save_rows(results, rows + [previous[m] for m in methods[i:] if m in previous])
     _save_rows(results, rows)
     write_text_atomic(results / "compare.md", table(rows, base))
     plot(rows, results / "compare.png")
     print(table(rows, base))
     return 0
+
+
+def _train(config: Path) -> tuple[int, str]:
+    """Run one training job in a fresh process, its output passed through; return its exit
+    code and the last ``deltatune: error:`` line it printed (without the prefix)."""
+    child = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "train", "--config", str(config)],
+                             stderr=subprocess.PIPE, text=True, bufsize=1)
+    error = ""
+    for line in child.stderr:
+        sys.stderr.write(line)
+        if line.startswith(ERROR_PREFIX):
+            error = line.removeprefix(ERROR_PREFIX).strip()
+    return child.wait(), error
 
 
 def _save_rows(results: Path, rows: list[dict]) -> None:
@@ -125,7 +146,14 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def trained(rows: list[dict]) -> list[dict]:
+    """The rows of methods that trained (not those recorded as not applicable to the model)."""
+    return [r for r in rows if "not_applicable" not in r]
+
+
 def table(rows: list[dict], base) -> str:
+    refused = [r for r in rows if "not_applicable" in r]
+    rows = trained(rows)
     data = rows[0]["data"]
     front = set(pareto_front(rows))
     causal = _causal(rows)
@@ -153,7 +181,9 @@ def table(rows: list[dict], base) -> str:
             f"{m['percent_trainable']:.3f}% | {m['delta_bytes'] / 1024:,.0f} KiB | {m['train_seconds']:.0f} s | "
             f"{m['peak_memory_mb']:,.0f} MiB |"
         )
-    return "\n".join([*lines, "", *summary(rows)]) + "\n"
+    lines += ["", *summary(rows)]
+    lines += [f"Not applicable to {base.model}: `{r['method']}` ({r['not_applicable']})." for r in refused]
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -164,6 +194,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = trained(rows)
     causal = _causal(rows)
     value = (lambda m: m["test"]["loss"]) if causal else (lambda m: m["test"]["accuracy"])
     figure, axis = plt.subplots(figsize=(8, 5))
