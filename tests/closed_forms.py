@@ -174,3 +174,12 @@ def _vblora(model, config, modules):
     bank for the r x in/L pieces of A and the out/L x r pieces of B."""
     pieces = sum(config.r * sum(_linear(model.get_submodule(p))) // config.vector_length for p in modules if p)
     return config.num_vectors * config.vector_length + pieces * config.num_vectors
+
+
+@closed_form("llamaadapter")
+def _llamaadapter(model, config, modules):
+    """Per adapted attention layer: an adapter_len x hidden prompt and one gate (or one per head)."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
+    return len(modules) * (config.adapter_len * hidden + (heads if config.gate_per_head else 1))
