@@ -183,3 +183,13 @@ def _llamaadapter(model, config, modules):
     hidden = getattr(c, "hidden_size", None) or c.d_model
     heads = getattr(c, "num_attention_heads", None) or c.num_heads
     return len(modules) * (config.adapter_len * hidden + (heads if config.gate_per_head else 1))
+
+
+@closed_form("aligner")
+def _aligner(model, config, modules):
+    """num_tokens x hidden shared tokens (at the model, path ""), a gate per head (or one) per attention layer."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
+    layers = len([p for p in modules if p])
+    return config.num_tokens * hidden + layers * (heads if config.gate_per_head else 1)

@@ -42,6 +42,7 @@ EXPECTED_REFUSALS = {
     **{(arch, "bitfit"): "has a bias" for arch in _NO_BIAS},
     **{(arch, "prefix"): "attention interface" for arch in _OWN_ATTENTION},
     **{(arch, "llamaadapter"): "attention interface" for arch in _OWN_SCORES},
+    **{(arch, "aligner"): "attention interface" for arch in _OWN_SCORES},
 }
 
 #: pairs that attach but do not work: a bug to fix, not a refusal (strict: a fix makes them fail)

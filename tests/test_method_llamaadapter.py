@@ -89,6 +89,18 @@ def test_gpt2_conv1d_fused_projection_gains_the_gated_prompt_attention():
     torch.testing.assert_close(adapted, expected, **TOL)
 
 
+@pytest.mark.parametrize("arch,layout", [("gpt2", "blocks"), ("gpt-bigcode", "blocks"), ("phi3", "blocks"),
+                                         ("gpt-neox", "heads")])
+def test_a_fused_projections_layout_is_read_from_the_values_the_model_computed(arch, layout):
+    case = ARCHITECTURES[arch]
+    model = case.build(seed=0)
+    dt.attach(model, LlamaAdapterConfig(adapter_len=2), name="a")
+    with torch.no_grad():
+        case.output(model)
+    units = [m.deltas["a"] for _, m in model.named_modules() if hasattr(m, "deltas") and "a" in m.deltas]
+    assert units and {u.layout for u in units} == {layout}
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_identity_at_init_and_trains(arch):
     case = ARCHITECTURES[arch]

@@ -28,4 +28,5 @@ from . import dylora  # noqa: F401
 from . import vera  # noqa: F401
 from . import vblora  # noqa: F401
 from . import llamaadapter  # noqa: F401
+from . import aligner  # noqa: F401
 from . import full  # noqa: F401  (the full fine-tuning reference, listed last)

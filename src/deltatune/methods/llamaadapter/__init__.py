@@ -1,6 +1,6 @@
 """LLaMA-Adapter: learned adaption prompts in the top attention layers, through zero-init gates.
 
-Zhang, Han, Liu, Zhou, Lu, Zhou, Li, Gao, Qiao, 2023, "LLaMA-Adapter: Efficient Fine-tuning of
+Renrui Zhang, Jiaming Han, Chris Liu, Peng Gao, Aojun Zhou et al., 2023, "LLaMA-Adapter: Efficient Fine-tuning of
 Language Models with Zero-init Attention" (arXiv:2303.16199).
 
 Each of the top ``adapter_layers`` self-attention layers ``l`` gets its own prompt ``P_l``
@@ -13,13 +13,13 @@ alone. The formula and how it is found in a model are in :mod:`.layer` and :mod:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
+from ...core.shapes import linear_shape
 from ...core.targeting import layer_index, pattern_matches
 from ...core.unit import Placement, Placements
 from ...errors import ConfigError, NotApplicableError
@@ -28,7 +28,7 @@ from .attention import AttentionSite
 from .layer import AdaptionPrompt, GatedPrompt
 from .peft import AdaptionPromptCodec
 
-__all__ = ["LlamaAdapterConfig", "AdaptionPrompt", "GatedPrompt", "gated_sites"]
+__all__ = ["LlamaAdapterConfig", "AdaptionPrompt", "GatedPrompt", "gated_sites", "hidden_width"]
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,10 @@ def _heads(module: nn.Module, method: str, path: str) -> int:
     return int(heads)
 
 
-def gated_sites(model: nn.Module, config: DeltaConfig, method: str,
-                top_layers: int | None) -> list[tuple[AttentionSite, nn.Module, int]]:
-    """The self-attention layers a gated-prompt method adapts: ``(site, module, heads)`` each.
+def gated_sites(model: nn.Module, config: DeltaConfig, method: str, top_layers: int | None
+                ) -> tuple[list[tuple[AttentionSite, nn.Module, int]], list[tuple[str, str]]]:
+    """The self-attention layers a gated-prompt method adapts, ``(site, module, heads)`` each, and
+    the attention modules it cannot adapt with the reason.
 
     ``targets`` (patterns on attention module paths), ``layers`` and ``exclude`` filter them;
     then only the top ``top_layers`` of each block stack are kept.
@@ -111,7 +112,7 @@ def gated_sites(model: nn.Module, config: DeltaConfig, method: str,
                 f"cannot share the model); load the model with attn_implementation='sdpa'")
         out.append((site, module, _heads(module, method, site.path)))
     attention.register()
-    return out
+    return out, skipped
 
 
 def _stack_of(path: str) -> str:
@@ -121,22 +122,18 @@ def _stack_of(path: str) -> str:
     return ".".join(parts[:index])
 
 
-def _skipped(model: nn.Module) -> list[tuple[str, str]]:
-    return attention.attention_sites(model)[1]
+def hidden_width(module: nn.Module, site: AttentionSite) -> int:
+    """The width of the tokens the attention layer projects (its key projection's input)."""
+    return linear_shape(module.get_submodule(site.key))[0]
 
 
 def build(model: nn.Module, config: LlamaAdapterConfig) -> Placements:
-    make: Callable[[AttentionSite, nn.Module, int], GatedPrompt] = lambda site, module, heads: AdaptionPrompt(  # noqa: E731
-        site, heads, _hidden(module, site), config.adapter_len, config.gate_per_head)
-    placements = [Placement(site.path, make(site, module, heads), type(module).__name__)
-                  for site, module, heads in gated_sites(model, config, config.method, config.adapter_layers)]
-    return Placements(placements, _skipped(model))
-
-
-def _hidden(module: nn.Module, site: AttentionSite) -> int:
-    from ...core.shapes import linear_shape
-
-    return linear_shape(module.get_submodule(site.key))[0]
+    sites, skipped = gated_sites(model, config, config.method, config.adapter_layers)
+    placements = [
+        Placement(site.path, AdaptionPrompt(site, heads, hidden_width(module, site), config.adapter_len,
+                                            config.gate_per_head), type(module).__name__)
+        for site, module, heads in sites]
+    return Placements(placements, skipped)
 
 
 register_method(MethodSpec(

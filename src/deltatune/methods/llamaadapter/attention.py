@@ -22,7 +22,7 @@ from ...core.shapes import linear_shape
 
 IMPL_PREFIX = "gated_prompt_"
 SUPPORTED = ("sdpa", "eager")
-#: the attribute (in the module's ``__dict__``, not a buffer) holding ``(query, scaling)`` of its last call
+#: the attribute (in the module's ``__dict__``, not a buffer) holding ``(query, scaling, value)`` of its last call
 QUERY_ATTR = "_deltatune_gated_query"
 
 
@@ -101,11 +101,11 @@ def _inner(module: nn.Module, implementation: str) -> Callable:
 
 
 def recording_attention(module: nn.Module, query: torch.Tensor, key, value, attention_mask, **kwargs):
-    """The original attention function, after recording ``(query, scaling)`` on ``module``."""
+    """The original attention function, after recording ``(query, scaling, value)`` on ``module``."""
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    module.__dict__[QUERY_ATTR] = (query, float(scaling))
+    module.__dict__[QUERY_ATTR] = (query, float(scaling), value)
     implementation = module.config._attn_implementation.removeprefix(IMPL_PREFIX)
     return _inner(module, implementation)(module, query, key, value, attention_mask, **kwargs)
 
@@ -131,8 +131,9 @@ def switch_off(module: nn.Module) -> None:
     module.__dict__.pop(QUERY_ATTR, None)
 
 
-def recorded_query(module: nn.Module) -> tuple[torch.Tensor, float]:
-    """``(query (batch, heads, tokens, head_dim), scaling)`` of the module's call in progress."""
+def recorded_query(module: nn.Module) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``(query (batch, heads, tokens, head_dim), scaling, value (batch, kv_heads, keys, head_dim))``
+    of the module's call in progress."""
     try:
         return module.__dict__[QUERY_ATTR]
     except KeyError:

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.build import first_input
 from ...core.rows import Routing
 from ...core.shapes import linear_shape, weight_as_out_in
 from ...core.slot import slot_sites
 from ...core.unit import DeltaUnit
-from ...errors import MergeError
+from ...errors import MergeError, NotApplicableError
 from . import attention
 from .attention import AttentionSite
 
@@ -54,19 +55,49 @@ class GatedPrompt(DeltaUnit):
         self.site = site
         self.heads = heads
         self.gate = nn.Parameter(torch.zeros(heads if gate_per_head else 1))
+        #: a fused projection's output order ("blocks" or "heads"), read from the first call
+        self.layout: str | None = None
 
     def tokens(self) -> torch.Tensor:
         """The prompt tokens ``(L, hidden)`` this layer attends to."""
         raise NotImplementedError
+
+    def _split_fused(self, projected: torch.Tensor, head_dim: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(..., kv_heads * head_dim)`` of a fused projection's output."""
+        if layout == "heads":  # GPT-NeoX: [q_h, k_h, v_h] for each head in turn
+            _, keys, values = projected.view(*projected.shape[:-1], self.heads, 3 * head_dim).chunk(3, dim=-1)
+            return keys.flatten(-2), values.flatten(-2)
+        queries = self.heads * head_dim  # GPT-2, BigCode, Phi-3, ModernBERT: [queries | keys | values]
+        width = (projected.shape[-1] - queries) // 2
+        return projected[..., queries:queries + width], projected[..., queries + width:]
+
+    def _fused_layout(self, module: nn.Module, args: tuple, kwargs: dict, value: torch.Tensor) -> str:
+        """How the fused projection orders its outputs: the layout whose values equal the values
+        the model computed in this call (checked once)."""
+        if self.layout is not None:
+            return self.layout
+        hidden = kwargs.get("hidden_states", first_input(args, kwargs))
+        batch, kv_heads, _, head_dim = value.shape
+        length = hidden.shape[1]
+        computed = value[:1, :, -length:].transpose(1, 2).reshape(1, length, kv_heads * head_dim)
+        candidates = ("blocks", "heads") if kv_heads == self.heads else ("blocks",)
+        with torch.no_grad():
+            projected = _project(module.get_submodule(self.site.key), hidden[:1])
+            for layout in candidates:
+                if torch.allclose(self._split_fused(projected, head_dim, layout)[1].to(computed.dtype), computed,
+                                  rtol=1e-3, atol=1e-4):
+                    self.layout = layout
+                    return layout
+        raise NotApplicableError(
+            f"{type(self).__name__} at {self.site.path}: the fused projection {self.site.key!r} orders its outputs "
+            f"neither as [queries | keys | values] nor per head as [q, k, v]; its keys and values cannot be read")
 
     def prompt_key_value(self, module: nn.Module, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's keys and values, ``(kv_heads, L, head_dim)`` each."""
         prompt = self.tokens()
         if self.site.fused:
             projected = _project(module.get_submodule(self.site.key), prompt)
-            width = (projected.shape[-1] - self.heads * head_dim) // 2
-            keys = projected[:, self.heads * head_dim: self.heads * head_dim + width]
-            values = projected[:, self.heads * head_dim + width:]
+            keys, values = self._split_fused(projected, head_dim, self.layout or "blocks")
         else:
             keys = _project(module.get_submodule(self.site.key), prompt)
             values = _project(module.get_submodule(self.site.value), prompt)
@@ -88,7 +119,9 @@ class GatedPrompt(DeltaUnit):
         return heads_out
 
     def forward_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        query, scaling = attention.recorded_query(module)
+        query, scaling, value = attention.recorded_query(module)
+        if self.site.fused:
+            self._fused_layout(module, args, kwargs, value)
         states = output[0] if isinstance(output, tuple) else output
         changed = states + self.contribution(module, query, scaling).to(states.dtype)
         return (changed, *output[1:]) if isinstance(output, tuple) else changed
@@ -102,7 +135,10 @@ class GatedPrompt(DeltaUnit):
     def mixed_post(cls, units: list[DeltaUnit | None], module: nn.Module, args: tuple, kwargs: dict, output: Any,
                    routing: Routing) -> Any:
         """Each delta's gated prompt on its own rows (prompt lengths may differ between deltas)."""
-        query, scaling = attention.recorded_query(module)
+        query, scaling, value = attention.recorded_query(module)
+        for unit in units:
+            if unit is not None and unit.site.fused:
+                unit._fused_layout(module, args, kwargs, value)
         states = output[0] if isinstance(output, tuple) else output
         routing.check_batch(states.shape[0], type(module).__name__)
         result = states
