@@ -150,6 +150,16 @@ def test_models_whose_attention_computes_its_own_scores_are_refused_by_name(arch
     assert not hasattr(model, "deltas")
 
 
+def test_target_types_are_refused_with_what_selects_layers():
+    with pytest.raises(ConfigError, match=r"target_types \['Linear'\] does not apply.*'model.layers.0.self_attn'"):
+        dt.attach(ARCHITECTURES["llama"].build(seed=0), LlamaAdapterConfig(target_types=("Linear",)))
+
+
+def test_targets_select_attention_modules():
+    report = dt.attach(ARCHITECTURES["llama"].build(seed=0), LlamaAdapterConfig(targets=("model.layers.0.self_attn",)))
+    assert report.modules == ["model.layers.0.self_attn"]
+
+
 def test_a_plain_model_is_refused_by_name():
     with pytest.raises((NotApplicableError, dt.TargetError), match="llamaadapter"):
         dt.attach(MODELS["mlp"].build(), LlamaAdapterConfig())
@@ -203,6 +213,18 @@ def test_mixed_batch_rows_equal_each_row_alone(arch):
             one = {k: v[i:i + 1] for k, v in inputs.items()}
             with dt.using(model, (name,) if name else ()):
                 torch.testing.assert_close(mixed[i], case.output(model, one)[0], **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt-neox"])
+def test_a_bfloat16_model_runs_with_float32_prompts_and_gates(arch):
+    case = ARCHITECTURES[arch]
+    model = case.build(seed=0).to(torch.bfloat16)
+    dt.attach(model, LlamaAdapterConfig(adapter_len=2), name="a")
+    _randomise(model, "a", 1)
+    with torch.no_grad():
+        output = case.output(model)
+    assert output.dtype == torch.bfloat16 and torch.isfinite(output).all()
+    assert {p.dtype for _, p in dt.delta_parameters(model, "a")} == {torch.float32}
 
 
 def test_generation_with_a_kv_cache_equals_full_recompute():

@@ -82,6 +82,10 @@ def gated_sites(model: nn.Module, config: DeltaConfig, method: str, top_layers: 
         raise NotApplicableError(
             f"{method} needs self-attention modules that call transformers' attention interface (to read their "
             f"queries); {type(model).__name__} has none ({why})")
+    if config.target_types:
+        raise ConfigError(f"{method} adapts self-attention modules, found from the model's structure; target_types "
+                          f"{list(config.target_types)} does not apply: select layers with targets (attention module "
+                          f"paths such as {sites[0].path!r}), layers or exclude")
     if config.targets is not None:
         sites = [s for s in sites if any(pattern_matches(t, s.path) for t in config.targets)]
     if config.layers is not None:

@@ -77,15 +77,16 @@ class GatedPrompt(DeltaUnit):
         if self.layout is not None:
             return self.layout
         hidden = kwargs.get("hidden_states", first_input(args, kwargs))
-        batch, kv_heads, _, head_dim = value.shape
+        _, kv_heads, _, head_dim = value.shape
         length = hidden.shape[1]
         computed = value[:1, :, -length:].transpose(1, 2).reshape(1, length, kv_heads * head_dim)
         candidates = ("blocks", "heads") if kv_heads == self.heads else ("blocks",)
+        tolerance = max(1e-4, 16 * torch.finfo(computed.dtype).eps)  # the same product, up to the dtype's rounding
         with torch.no_grad():
             projected = _project(module.get_submodule(self.site.key), hidden[:1])
             for layout in candidates:
                 if torch.allclose(self._split_fused(projected, head_dim, layout)[1].to(computed.dtype), computed,
-                                  rtol=1e-3, atol=1e-4):
+                                  rtol=tolerance, atol=tolerance):
                     self.layout = layout
                     return layout
         raise NotApplicableError(
