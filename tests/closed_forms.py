@@ -291,3 +291,20 @@ def _hyperadapter(model, config, modules):
     generated = k * d + k + d * k + d + (2 * d if config.layer_norm else 0)
     network = (len(per_block) + max(per_block.values())) * t + (3 * t * h + h) + (h * t + t) + 2 * t
     return t + network + (t + 1) * generated
+@closed_form("llamaadapter")
+def _llamaadapter(model, config, modules):
+    """Per adapted attention layer: an adapter_len x hidden prompt and one gate (or one per head)."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
+    return len(modules) * (config.adapter_len * hidden + (heads if config.gate_per_head else 1))
+
+
+@closed_form("aligner")
+def _aligner(model, config, modules):
+    """num_tokens x hidden shared tokens (at the model, path ""), a gate per head (or one) per attention layer."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
+    layers = len([p for p in modules if p])
+    return config.num_tokens * hidden + layers * (heads if config.gate_per_head else 1)
