@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.build import first_input, linear_shape, per_module
+from ...core.build import first_input, linear_shape, per_module, with_shared
 from ...core.config import DeltaConfig
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import default_targets
 from ...core.rows import as_rows, gathered
 from ...core.slot import get_slot
-from ...core.unit import DeltaUnit, Placement, Placements
+from ...core.unit import DeltaUnit, Placements
 from ...core.weight_delta import WeightDelta
 
 __all__ = ["AdapterBiasConfig", "AdapterBiasLinear", "AlphaMap", "AlphaTable"]
@@ -174,9 +174,7 @@ def build(model: nn.Module, config: AdapterBiasConfig) -> Placements:
         return AdapterBiasLinear(*shape, with_bias, shared)
 
     placements = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
-    if table is None:
-        return placements
-    return Placements([Placement("", table, type(model).__name__), *placements], placements.skipped)
+    return with_shared(model, table, placements)
 
 
 register_method(MethodSpec(

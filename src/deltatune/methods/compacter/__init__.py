@@ -22,11 +22,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...core.build import per_module
+from ...core.build import per_module, with_shared
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import default_targets
-from ...core.unit import DeltaUnit, Placement, Placements
+from ...core.unit import DeltaUnit, Placements
 from ...errors import NotApplicableError
 from ..adapter import ACTIVATIONS, PLACEMENT_ROLES, Bottleneck, io_features
 
@@ -211,9 +211,7 @@ def build(model: nn.Module, config: CompacterConfig) -> Placements:
 
     roles = PLACEMENT_ROLES[VARIANT_PLACEMENTS[config.variant]]
     placements = per_module(model, config, lambda: default_targets(model, roles, config.method), make)
-    if shared is None:
-        return placements
-    return Placements([Placement("", shared, type(model).__name__), *placements], placements.skipped)
+    return with_shared(model, shared, placements)
 
 
 register_method(MethodSpec(

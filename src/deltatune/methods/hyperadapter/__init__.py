@@ -27,12 +27,12 @@ from typing import Literal
 
 from torch import nn
 
-from ...core.build import per_module
+from ...core.build import per_module, with_shared
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import default_targets, find_roles
 from ...core.slot import get_slot, get_state
-from ...core.unit import DeltaUnit, Placement, Placements
+from ...core.unit import DeltaUnit, Placements
 from ...errors import ConfigError, DeltaStateError
 from ..adapter import io_features
 from .network import ACTIVATIONS, HyperAdapterSite, HyperNetwork, TaskRoot
@@ -163,7 +163,7 @@ def build(model: nn.Module, config: HyperAdapterConfig) -> Placements:
     root = TaskRoot(config.task_dim, network, owns=config.shares is None)
     for placement in placements:
         placement.unit.bind(root, *network.layout[placement.path])
-    return Placements([Placement("", root, type(model).__name__), *placements], placements.skipped)
+    return with_shared(model, root, placements)
 
 
 def saved_config(config: HyperAdapterConfig, sites: list[tuple[str, DeltaUnit]]) -> HyperAdapterConfig:
