@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import deltatune as dt
 from deltatune.methods.compacter import CompacterAdapter, CompacterConfig, PHMRule
-from method_checks import (assert_each_row_equals_it_alone, assert_peft_export_is_refused, padded_token_batch,
+from method_checks import (assert_each_row_equals_it_alone, assert_merging_is_refused_as_not_a_weight_change,
+                           assert_peft_export_is_refused, padded_token_batch,
                            randomise, saved_config, train_from_the_command_line)
 from tiny_models import MODELS
 
@@ -185,14 +186,7 @@ def test_a_mixed_batch_sees_a_change_to_the_shared_slow_weights_at_once():
 
 
 def test_merging_and_task_vectors_refuse_it_as_not_a_weight_change(tmp_path):
-    model = _attached()
-    with pytest.raises(dt.MergeError, match=r"compacter\) changes activations, not weights"):
-        dt.merge(model)
-    with pytest.raises(dt.MergeError, match="compacter"):
-        dt.TaskVector.from_delta(model, "x")
-    dt.save(model, tmp_path / "a")
-    with pytest.raises(dt.MergeError, match="compacter"):
-        dt.merge_deltas(MODELS["bert"].build(0), [tmp_path / "a", tmp_path / "a"], "linear", [0.5, 0.5])
+    assert_merging_is_refused_as_not_a_weight_change(tmp_path, _attached(), "compacter", MODELS["bert"].build(0))
 
 
 def test_peft_export_is_refused_with_the_reason(tmp_path):

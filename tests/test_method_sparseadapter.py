@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import deltatune as dt
 from deltatune.methods.sparseadapter import SparseAdapterConfig, SparseBottleneck
-from method_checks import (assert_each_row_equals_it_alone, assert_peft_export_is_refused,
+from method_checks import (assert_each_row_equals_it_alone, assert_merging_is_refused_as_not_a_weight_change,
+                           assert_peft_export_is_refused,
                            assert_target_refused_at_attach, padded_token_batch, randomise, saved_config,
                            train_from_the_command_line)
 from tiny_models import MODELS
@@ -194,14 +195,7 @@ def test_mixed_batch_rows_equal_each_row_alone(model_name):
 
 
 def test_merging_and_task_vectors_refuse_it_as_not_a_weight_change(tmp_path):
-    model = _attached()
-    with pytest.raises(dt.MergeError, match=r"sparseadapter\) changes activations, not weights"):
-        dt.merge(model)
-    with pytest.raises(dt.MergeError, match="sparseadapter"):
-        dt.TaskVector.from_delta(model, "x")
-    dt.save(model, tmp_path / "a")
-    with pytest.raises(dt.MergeError, match="sparseadapter"):
-        dt.merge_deltas(MODELS["bert"].build(0), [tmp_path / "a", tmp_path / "a"], "linear", [0.5, 0.5])
+    assert_merging_is_refused_as_not_a_weight_change(tmp_path, _attached(), "sparseadapter", MODELS["bert"].build(0))
 
 
 def test_peft_export_is_refused_with_the_reason(tmp_path):

@@ -148,16 +148,22 @@ def io_features(module: nn.Module) -> tuple[int, int] | None:
     return (linears[0][0], linears[-1][1]) if linears else None
 
 
-def build(model: nn.Module, config: AdapterConfig) -> Placements:
+def build_bottlenecks(model: nn.Module, config, unit_class: type) -> Placements:
+    """``unit_class(width in, width out, config)`` at every module ``config.placement`` names
+    (the bottleneck adapters of this method and of those built on it)."""
     def make(path: str, module: nn.Module):
         dims = io_features(module)
         if dims is None:
             return f"{type(module).__name__} has no linear layer to read its width from"
         fan_in, fan_out = dims
-        return BottleneckAdapter(fan_in if config.placement == "parallel" else fan_out, fan_out, config)
+        return unit_class(fan_in if config.placement == "parallel" else fan_out, fan_out, config)
 
     roles = PLACEMENT_ROLES[config.placement]
     return per_module(model, config, lambda: default_targets(model, roles, config.method), make)
+
+
+def build(model: nn.Module, config: AdapterConfig) -> Placements:
+    return build_bottlenecks(model, config, BottleneckAdapter)
 
 
 register_method(MethodSpec(

@@ -24,13 +24,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...core.build import per_module
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.roles import default_targets
 from ...core.unit import Placements
 from ...errors import DeltaFileError
-from ..adapter import ACTIVATIONS, PLACEMENT_ROLES, Bottleneck, io_features
+from ..adapter import ACTIVATIONS, PLACEMENT_ROLES, Bottleneck, build_bottlenecks
 
 CRITERIA = ("random", "magnitude")
 
@@ -155,15 +153,7 @@ class SparseBottleneck(Bottleneck):
 
 
 def build(model: nn.Module, config: SparseAdapterConfig) -> Placements:
-    def make(path: str, module: nn.Module):
-        dims = io_features(module)
-        if dims is None:
-            return f"{type(module).__name__} has no linear layer to read its width from"
-        fan_in, fan_out = dims
-        return SparseBottleneck(fan_in if config.placement == "parallel" else fan_out, fan_out, config)
-
-    roles = PLACEMENT_ROLES[config.placement]
-    return per_module(model, config, lambda: default_targets(model, roles, config.method), make)
+    return build_bottlenecks(model, config, SparseBottleneck)
 
 
 register_method(MethodSpec(
