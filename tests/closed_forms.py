@@ -192,7 +192,6 @@ def _adapterbias(model, config, modules):
         alphas.append((fan_in, with_bias) if config.share_alpha else (path, fan_in, with_bias))
     return total + sum(kind[-2] + kind[-1] for kind in set(alphas))
 
-
 @closed_form("hydra")
 def _hydra(model, config, modules):
     """Parallel A_p (r_p x in), B_p (out x r_p) and sequential A_s (r_s x out), B_s (out x r_s) per module."""
@@ -200,6 +199,8 @@ def _hydra(model, config, modules):
     for path in modules:
         fan_in, fan_out = _linear(model.get_submodule(path))
         total += config.r_parallel * (fan_in + fan_out) + config.r_sequential * 2 * fan_out
+    return total
+
 @closed_form("molora")
 def _molora(model, config, modules):
     """Per module, E experts of A (r x in) and B (out x r) and a router (E x in); E from
@@ -217,6 +218,8 @@ def _molora(model, config, modules):
             groups = config.experts_per_layer
             experts = groups[stack.index(block) * len(groups) // len(stack)]
         total += experts * (config.r * (fan_in + fan_out) + fan_in)
+    return total
+
 @closed_form("compacter")
 def _compacter(model, config, modules):
     """Per adapted module of output width d, bottleneck k: the down and up B_i (n of them) as
@@ -236,7 +239,6 @@ def _compacter(model, config, modules):
         total += projections + k + width + (0 if config.shared_phm_rule else 2 * rule)
     return total
 
-
 @closed_form("sparseadapter")
 def _sparseadapter(model, config, modules):
     """Per adapted module: the kept entries of the down (k x d_in) and up (d_out x k) weights,
@@ -251,6 +253,8 @@ def _sparseadapter(model, config, modules):
         fan_in, fan_out = _block(module) if not hasattr(module, "weight") else _linear(module)
         d_in = fan_in if config.placement == "parallel" else fan_out
         total += sum(max(1, n - round(config.sparsity * n)) for n in (k * d_in, fan_out * k)) + k + fan_out
+    return total
+
 @closed_form("reft")
 def _reft(model, config, modules):
     """Per edited module: one edit (tied, or one kind of position) or two (prefix, suffix), each
@@ -268,6 +272,7 @@ def _reft(model, config, modules):
             width = found.hidden
         total += edits * config.r * (2 * width + 1)
     return total
+
 @closed_form("hyperadapter")
 def _hyperadapter(model, config, modules):
     """A sharing task: its task embedding alone. An owner adds the hypernetwork: a layer embedding
@@ -291,6 +296,7 @@ def _hyperadapter(model, config, modules):
     generated = k * d + k + d * k + d + (2 * d if config.layer_norm else 0)
     network = (len(per_block) + max(per_block.values())) * t + (3 * t * h + h) + (h * t + t) + 2 * t
     return t + network + (t + 1) * generated
+
 @closed_form("llamaadapter")
 def _llamaadapter(model, config, modules):
     """Per adapted attention layer: an adapter_len x hidden prompt and one gate (or one per head)."""
@@ -298,7 +304,6 @@ def _llamaadapter(model, config, modules):
     hidden = getattr(c, "hidden_size", None) or c.d_model
     heads = getattr(c, "num_attention_heads", None) or c.num_heads
     return len(modules) * (config.adapter_len * hidden + (heads if config.gate_per_head else 1))
-
 
 @closed_form("aligner")
 def _aligner(model, config, modules):
