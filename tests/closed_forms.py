@@ -4,6 +4,7 @@ function per method, computed by hand from the adapted modules' shapes (see clos
 from __future__ import annotations
 
 from closed_form import _linear, closed_form  # noqa: F401
+from torch import nn
 
 
 @closed_form("loha")
@@ -174,3 +175,141 @@ def _vblora(model, config, modules):
     bank for the r x in/L pieces of A and the out/L x r pieces of B."""
     pieces = sum(config.r * sum(_linear(model.get_submodule(p))) // config.vector_length for p in modules if p)
     return config.num_vectors * config.vector_length + pieces * config.num_vectors
+
+
+@closed_form("adapterbias")
+def _adapterbias(model, config, modules):
+    """v (out) per module; alpha's w (in) and, where the module has a bias, c (1): per module, or
+    once per (input width, bias) kind with share_alpha."""
+    total, alphas = 0, []
+    for path in modules:
+        if not path:
+            continue
+        module = model.get_submodule(path)
+        fan_in, fan_out = _linear(module)
+        with_bias = bool(config.alpha_bias and getattr(module, "bias", None) is not None)
+        total += fan_out
+        alphas.append((fan_in, with_bias) if config.share_alpha else (path, fan_in, with_bias))
+    return total + sum(kind[-2] + kind[-1] for kind in set(alphas))
+
+@closed_form("hydra")
+def _hydra(model, config, modules):
+    """Parallel A_p (r_p x in), B_p (out x r_p) and sequential A_s (r_s x out), B_s (out x r_s) per module."""
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        total += config.r_parallel * (fan_in + fan_out) + config.r_sequential * 2 * fan_out
+    return total
+
+@closed_form("molora")
+def _molora(model, config, modules):
+    """Per module, E experts of A (r x in) and B (out x r) and a router (E x in); E from
+    ``experts_per_layer`` by the block's depth in its stack (block i of n: entry i * len // n)."""
+    from deltatune.core.roles import find_roles
+
+    found = find_roles(model)
+    total = 0
+    for path in modules:
+        fan_in, fan_out = _linear(model.get_submodule(path))
+        experts = config.num_experts
+        if config.experts_per_layer is not None:
+            block = found.block_of[path]
+            stack = [b for b in found.blocks if b.rpartition(".")[0] == block.rpartition(".")[0]]
+            groups = config.experts_per_layer
+            experts = groups[stack.index(block) * len(groups) // len(stack)]
+        total += experts * (config.r * (fan_in + fan_out) + fan_in)
+    return total
+
+@closed_form("compacter")
+def _compacter(model, config, modules):
+    """Per adapted module of output width d, bottleneck k: the down and up B_i (n of them) as
+    s_i (rows x r) t_i (r x cols), i.e. r (k + d) each, or n (k/n)(d/n) = k d / n each when not
+    factorised, plus the biases (k + d); the A_i, n^3 numbers (n^2 + n^2 when factorised), once
+    for all layers when shared, else twice per module."""
+    from closed_form import _block
+
+    n = config.phm_dim
+    rule = 2 * n * n if config.factorized_phm_rule else n ** 3
+    total = rule if config.shared_phm_rule else 0
+    for path in (p for p in modules if p):
+        module = model.get_submodule(path)
+        width = (_block(module) if not hasattr(module, "weight") else _linear(module))[1]
+        k = config.bottleneck or width // config.reduction_factor
+        projections = 2 * config.phm_rank * (k + width) if config.factorized_phm_W else 2 * k * width // n
+        total += projections + k + width + (0 if config.shared_phm_rule else 2 * rule)
+    return total
+
+@closed_form("sparseadapter")
+def _sparseadapter(model, config, modules):
+    """Per adapted module: the kept entries of the down (k x d_in) and up (d_out x k) weights,
+    each numel - round(sparsity numel) (at least 1), plus the dense biases k + d_out; k is the
+    bottleneck, round(bottleneck / (1 - sparsity)) under large_sparse."""
+    from closed_form import _block
+
+    k = max(1, round(config.bottleneck / (1 - config.sparsity))) if config.large_sparse else config.bottleneck
+    total = 0
+    for path in modules:
+        module = model.get_submodule(path)
+        fan_in, fan_out = _block(module) if not hasattr(module, "weight") else _linear(module)
+        d_in = fan_in if config.placement == "parallel" else fan_out
+        total += sum(max(1, n - round(config.sparsity * n)) for n in (k * d_in, fan_out * k)) + k + fan_out
+    return total
+
+@closed_form("reft")
+def _reft(model, config, modules):
+    """Per edited module: one edit (tied, or one kind of position) or two (prefix, suffix), each
+    two (r, d) matrices and an r bias, d the module's output width (the hidden width of a block)."""
+    from deltatune.core.roles import find_roles
+
+    edits = 1 if config.tied_weights or not (config.prefix_positions and config.suffix_positions) else 2
+    found = find_roles(model)
+    total = 0
+    for path in modules:
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            width = _linear(module)[1]
+        else:
+            width = found.hidden
+        total += edits * config.r * (2 * width + 1)
+    return total
+
+@closed_form("hyperadapter")
+def _hyperadapter(model, config, modules):
+    """A sharing task: its task embedding alone. An owner adds the hypernetwork: a layer embedding
+    per transformer block holding adapted modules (a module outside the blocks counts as one),
+    a position embedding per adapted module of the fullest block, the mixing MLP [t; l; p] (3t)
+    -> hidden -> t, its layer norm, and one generator (t -> n, with bias) per generated tensor:
+    down (k d), down bias (k), up (d k), up bias (d) and, with layer_norm, gamma and beta (d each)."""
+    from collections import Counter
+
+    from closed_form import _block
+    from deltatune.core.roles import find_roles
+
+    t, h, k = config.task_dim, config.hidden_dim, config.bottleneck
+    if config.shares is not None:
+        return t
+    sites = [p for p in modules if p]
+    blocks = find_roles(model).blocks
+    per_block = Counter(next((b for b in blocks if p.startswith(b + ".")), p) for p in sites)
+    first = model.get_submodule(sites[0])
+    d = (_linear(first) if hasattr(first, "weight") else _block(first))[1]
+    generated = k * d + k + d * k + d + (2 * d if config.layer_norm else 0)
+    network = (len(per_block) + max(per_block.values())) * t + (3 * t * h + h) + (h * t + t) + 2 * t
+    return t + network + (t + 1) * generated
+
+@closed_form("llamaadapter")
+def _llamaadapter(model, config, modules):
+    """Per adapted attention layer: an adapter_len x hidden prompt and one gate (or one per head)."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
+    return len(modules) * (config.adapter_len * hidden + (heads if config.gate_per_head else 1))
+
+@closed_form("aligner")
+def _aligner(model, config, modules):
+    """num_tokens x hidden shared tokens (at the model, path ""), a gate per head (or one) per attention layer."""
+    c = model.config
+    hidden = getattr(c, "hidden_size", None) or c.d_model
+    heads = getattr(c, "num_attention_heads", None) or c.num_heads
+    layers = len([p for p in modules if p])
+    return config.num_tokens * hidden + layers * (heads if config.gate_per_head else 1)

@@ -264,6 +264,20 @@ def saved_config(folder: Path) -> dict:
     return json.loads((folder / "delta.json").read_text())["config"]
 
 
+def assert_merging_is_refused_as_not_a_weight_change(tmp_path: Path, model, method: str, fresh_base) -> None:
+    """A delta (``"x"`` on ``model``) that is not a weight change: merge, a task vector and
+    ``merge_deltas`` of two saved copies onto ``fresh_base`` each refuse it by its method's name."""
+    import deltatune as dt
+
+    with pytest.raises(dt.MergeError, match=rf"{method}\) changes activations, not weights"):
+        dt.merge(model)
+    with pytest.raises(dt.MergeError, match=method):
+        dt.TaskVector.from_delta(model, "x")
+    dt.save(model, tmp_path / "a")
+    with pytest.raises(dt.MergeError, match=method):
+        dt.merge_deltas(fresh_base, [tmp_path / "a", tmp_path / "a"], "linear", [0.5, 0.5])
+
+
 def assert_peft_export_is_refused(tmp_path: Path, model, match: str) -> None:
     """Saving ``model``'s delta in peft's format raises a ConfigError matching ``match``."""
     from deltatune.interop import save_peft

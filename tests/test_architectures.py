@@ -30,14 +30,24 @@ _NO_BIAS = ("mpt", "llama", "mistral", "mixtral", "qwen3", "phi3", "gemma", "gem
 #: their attention computes scores itself instead of calling transformers' attention interface
 _OWN_ATTENTION = ("distilbert", "deberta-v2", "albert", "codegen", "bloom", "mpt", "gptj", "falcon")
 
+#: of those, the ones whose attention never calls the interface (the others call it without the attributes prefix needs)
+_OWN_SCORES = ("deberta-v2", "codegen", "bloom", "mpt", "gptj", "falcon")
+
 #: (architecture, method) -> words the refusal must contain (besides the method's name)
 EXPECTED_REFUSALS = {
     # transformers 5 keeps Mixtral's experts as fused 3-D tensors, not Linear modules, so there
     # is no feed-forward down projection to scale (ia3) or to put an adapter after (houlsby)
     ("mixtral", "ia3"): "role 'ffn_down'",
     ("mixtral", "adapter"): "role 'ffn_down'",
+    ("mixtral", "adapterbias"): "role 'ffn_down'",
+    ("mixtral", "hydra"): "role 'ffn_down'",
+    ("mixtral", "compacter"): "role 'ffn_down'",
+    ("mixtral", "sparseadapter"): "role 'ffn_down'",
+    ("mixtral", "hyperadapter"): "role 'ffn_down'",
     **{(arch, "bitfit"): "has a bias" for arch in _NO_BIAS},
     **{(arch, "prefix"): "attention interface" for arch in _OWN_ATTENTION},
+    **{(arch, "llamaadapter"): "attention interface" for arch in _OWN_SCORES},
+    **{(arch, "aligner"): "attention interface" for arch in _OWN_SCORES},
 }
 
 #: pairs that attach but do not work: a bug to fix, not a refusal (strict: a fix makes them fail)
@@ -122,13 +132,17 @@ def test_method_on_architecture(arch, method, tmp_path):
     target = torch.randn(output.shape, generator=torch.Generator().manual_seed(5))
     before = {k: p.detach().clone() for k, p in delta.items()}
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
-    loss = (case.output(model) - target).pow(2).mean()
+    output = case.output(model)
+    loss = (output - target).pow(2).mean()
     loss.backward()
     assert all(p.grad is None for _, p in dt.base_parameters(model))
     optimizer.step()
     with torch.no_grad():
         trained = case.output(model)
-    assert (trained - target).pow(2).mean() < loss.detach()
+    # compared in float64: a first step that moves only zero-init gates (llamaadapter) changes a tiny
+    # encoder's loss by about 1e-7, which a float32 mean near 1 rounds away
+    squared = lambda out: (out.detach().double() - target.double()).pow(2).mean()  # noqa: E731
+    assert squared(trained) < squared(output)
     _assert_base_unchanged(base, model)
     assert any(not torch.equal(p, before[k]) for k, p in delta.items()), "no delta tensor moved"
 

@@ -132,6 +132,16 @@ def test_inspect_shows_method_size_fingerprint_and_metrics(tmp_path, tiny_bert, 
         assert part in text
 
 
+def test_a_flag_shared_by_methods_with_different_meanings_explains_each():
+    from deltatune.cli.train import method_flags
+
+    _, methods, text = method_flags()["--init"]
+    assert {"lora", "prompt", "prefix"} <= set(methods)
+    assert "lora, dora: " in text and "prompt: " in text and "prefix: " in text and "kaiming" in text and "vocab" in text
+    _, methods, text = method_flags()["--use-rslora"]  # one meaning: said once, unlabelled
+    assert methods == ["lora", "dora"] and text.startswith("rank-stabilised")
+
+
 def test_a_method_that_cannot_apply_to_the_model_exits_with_status_3(tmp_path, tiny_llama, reviews_csv, capsys):
     assert _train(tmp_path, tiny_llama, reviews_csv, "--method", "bitfit") == 3  # a Llama has no biases
     assert "deltatune: error: no module of LlamaForSequenceClassification has a bias" in capsys.readouterr().err

@@ -140,6 +140,39 @@ def test_bottleneck_adapter(placement):
     torch.testing.assert_close(model(x), expected)
 
 
+def test_a_bottleneck_subclass_supplying_its_own_weights_runs_like_the_dense_adapter():
+    """The extension point of methods/adapter: a unit that builds its projections (Compacter,
+    SparseAdapter) gets the adapter's forward from the four tensors it supplies."""
+    from deltatune.methods.adapter import Bottleneck
+
+    class Supplied(Bottleneck):
+        def __init__(self, dense):
+            super().__init__(False, "tanh", 0.5)
+            self.dense = dense
+
+        def down_weight(self):
+            return self.dense.down.weight * 1.0
+
+        def down_bias(self):
+            return self.dense.down.bias
+
+        def up_weight(self):
+            return self.dense.up.weight * 1.0
+
+        def up_bias(self):
+            return self.dense.up.bias
+
+    model = Two()
+    x = torch.randn(3, 6)
+    dt.attach(model, dt.AdapterConfig(bottleneck=4, non_linearity="tanh", scaling=0.5, targets=["lin"]))
+    _randomise(model)
+    expected = model(x)
+    supplied = Supplied(model.lin.deltas["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(supplied.forward_post(model.lin, (x,), {}, x @ model.lin.weight.T + model.lin.bias),
+                                   expected)
+
+
 def test_adapter_up_projection_starts_at_zero():
     model = Two()
     dt.attach(model, dt.AdapterConfig(bottleneck=4, targets=["lin"]))

@@ -18,6 +18,7 @@ from conftest import write_reviews
 import deltatune as dt
 from deltatune.cli import main
 from deltatune.errors import ConfigError
+from deltatune.io.artifact import head_rows
 from deltatune.train.batches import Encoded
 from deltatune.train.job import TrainJob
 from deltatune.train.loop import Settings, train
@@ -157,11 +158,20 @@ def _three_label_csv(path):
     return path
 
 
-def test_mismatched_label_counts_are_refused_with_the_counts(tmp_path, tiny_bert, capsys):
+def test_tasks_of_different_label_counts_train_together_and_each_keeps_its_own_head(tmp_path, tiny_bert, capsys):
     a = _yaml(tmp_path / "two.yaml", tiny_bert, write_reviews(tmp_path / "a.csv"), "lora")
     b = _yaml(tmp_path / "three.yaml", tiny_bert, _three_label_csv(tmp_path / "b.csv"), "lora")
-    assert main(["train", "--multi", str(a), str(b), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
-    assert "different label counts {'two': 2, 'three': 3}" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["train", "--multi", str(a), str(b), "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    for name, labels in (("two", ["neg", "pos"]), ("three", ["meh", "neg", "pos"])):
+        meta = dt.read_meta(out / name)
+        assert meta["labels"] == labels
+        assert head_rows(meta) == len(labels)  # the shared 3-wide head narrowed to the task's labels
+        capsys.readouterr()
+        assert main(["eval", "--delta", str(out / name), "--no-progress"]) == 0  # a fresh base of its own width
+        evaluated = json.loads(capsys.readouterr().out)["test"]
+        assert evaluated == pytest.approx(summary["tasks"][name]["test"], abs=1e-6)
 
 
 def test_cli_trains_two_deltas_and_each_evaluates_as_recorded(tmp_path, tiny_bert, capsys):
@@ -181,3 +191,17 @@ def test_cli_trains_two_deltas_and_each_evaluates_as_recorded(tmp_path, tiny_ber
         assert main(["eval", "--delta", str(folder), "--no-progress"]) == 0  # a fresh base + dt.load
         evaluated = json.loads(capsys.readouterr().out)["test"]
         assert evaluated == pytest.approx(recorded["test"], abs=1e-6)
+
+
+def test_narrowing_a_nested_head_keeps_its_first_outputs():
+    from tiny_models import ARCHITECTURES
+
+    from deltatune.train.multi import narrow_heads
+
+    case = ARCHITECTURES["roberta"]  # classifier = dense (32 -> 32) then out_proj (32 -> 3)
+    model = case.build()
+    dt.attach(model, dt.LoRAConfig(r=2, modules_to_save=["classifier"]), name="task")
+    with torch.no_grad():
+        before = case.output(model)
+        narrow_heads(model, "task", width=3, rows=2)
+        torch.testing.assert_close(case.output(model), before[:, :2], rtol=0, atol=0)

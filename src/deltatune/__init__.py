@@ -70,7 +70,10 @@ from .version import __version__
 from .methods.abba import ABBAConfig
 from .methods.adalora import AdaLoRAConfig
 from .methods.adapter import AdapterConfig
+from .methods.adapterbias import AdapterBiasConfig
+from .methods.aligner import AlignerConfig
 from .methods.bitfit import BitFitConfig
+from .methods.compacter import CompacterConfig
 from .methods.dense import DenseConfig
 from .methods.diablo import DiaBloConfig
 from .methods.dylora import DyLoRAConfig
@@ -78,36 +81,43 @@ from .methods.edora import EDoRAConfig
 from .methods.ether import ETHERConfig
 from .methods.fusion import FusionConfig
 from .methods.head import HeadConfig
+from .methods.hydra import HydraConfig
+from .methods.hyperadapter import HyperAdapterConfig
 from .methods.ia3 import IA3Config
+from .methods.llamaadapter import LlamaAdapterConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import DoRAConfig, LoRAConfig
 from .methods.loraxs import LoRAXSConfig
+from .methods.molora import MoLoRAConfig
 from .methods.msplora import MSPLoRAConfig
 from .methods.neuroada import NeuroAdaConfig
 from .methods.oft import OFTConfig
 from .methods.paca import PaCAConfig
 from .methods.prefix import PrefixConfig
 from .methods.prompt import PromptConfig
+from .methods.reft import ReftConfig
 from .methods.road import RoadConfig
+from .methods.sparseadapter import SparseAdapterConfig
 from .methods.tiedlora import TiedLoRAConfig
 from .methods.vblora import VBLoRAConfig
 from .methods.vera import VeRAConfig
 
 __all__ = [
-    "ABBAConfig", "AdaLoRAConfig", "AdapterConfig", "AttachReport", "Average", "BatchSplit", "BitFitConfig",
-    "Block", "CacheStats", "ConfigError", "DeltaCache", "DeltaConfig", "DeltaError", "DeltaFileError",
-    "DeltaStateError", "DeltaUnit", "DenseConfig", "DiaBloConfig", "DoRAConfig", "DyLoRAConfig", "EDoRAConfig",
-    "ETHERConfig", "FingerprintError", "Fuse", "FusionConfig", "HeadConfig", "IA3Config", "LoHaConfig",
-    "LoKrConfig", "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing",
+    "ABBAConfig", "AdaLoRAConfig", "AdapterBiasConfig", "AdapterConfig", "AlignerConfig", "AttachReport", "Average",
+    "BatchSplit", "BitFitConfig", "Block", "CacheStats", "CompacterConfig", "ConfigError", "DeltaCache",
+    "DeltaConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DenseConfig", "DiaBloConfig",
+    "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "FingerprintError", "Fuse", "FusionConfig",
+    "HeadConfig", "HydraConfig", "HyperAdapterConfig", "IA3Config", "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig",
+    "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing", "MoLoRAConfig",
     "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig", "Parallel", "Placement", "PrefixConfig",
-    "PromptConfig", "RoadConfig", "Routing", "Stack", "SwapResult", "TargetError", "TaskVector", "TiedLoRAConfig",
-    "VBLoRAConfig", "VeRAConfig", "activate", "active_deltas", "after_step", "attach", "base_only",
-    "base_parameters", "block_from_dict", "compose", "config_from_dict", "count_parameters", "deactivate", "delete",
-    "delta_parameters", "fold", "get_composition", "get_config", "get_method", "get_routing", "list_deltas", "load",
-    "load_plugins", "loss_terms", "merge", "merge_deltas", "method_names", "method_specs", "read_meta",
-    "register_method", "replace", "route", "save", "set_active", "set_composition", "set_trainable", "unmerge",
-    "using",
+    "PromptConfig", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack", "SwapResult",
+    "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig", "VeRAConfig", "activate", "active_deltas",
+    "after_step", "attach", "base_only", "base_parameters", "block_from_dict", "compose", "config_from_dict",
+    "count_parameters", "deactivate", "delete", "delta_parameters", "fold", "get_composition", "get_config",
+    "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge", "merge_deltas",
+    "method_names", "method_specs", "read_meta", "register_method", "replace", "route", "save", "set_active",
+    "set_composition", "set_trainable", "unmerge", "using",
 ]
 
 load_plugins()  # third-party methods: deltatune.methods entry points and $DELTATUNE_PLUGINS

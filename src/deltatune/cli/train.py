@@ -45,9 +45,13 @@ def method_flags() -> dict[str, tuple[str, list[str], str]]:
         for option in config_options(spec.config_class):
             names = option.flags if option.name not in job else (f"--{spec.name}-{option.name.replace('_', '-')}",)
             for flag in names:
-                name, methods, text = flags.get(flag, (option.name, [], option.help.replace("``", "")))
-                flags[flag] = (name, [*methods, spec.name], text)
-    return flags
+                name, methods, texts = flags.get(flag, (option.name, [], {}))
+                texts.setdefault(option.help.replace("``", ""), []).append(spec.name)
+                flags[flag] = (name, [*methods, spec.name], texts)
+    # methods that share a flag name but mean different things by it each say what they mean
+    return {flag: (name, methods, next(iter(texts)) if len(texts) == 1 else
+                   " ".join(f"{', '.join(users)}: {text}" for text, users in texts.items()))
+            for flag, (name, methods, texts) in flags.items()}
 
 
 def _dest(flag: str) -> str:

@@ -65,6 +65,15 @@ def per_linear(model: nn.Module, config: DeltaConfig, roles: list[str], make_uni
     return per_module(model, config, lambda: default_targets(model, roles, config.method), make)
 
 
+def with_shared(model: nn.Module, unit: DeltaUnit | None, placements: Placements) -> Placements:
+    """``placements`` preceded by ``unit`` placed at the model itself (path ``""``): the
+    parameters the per-module units share (a vector bank, factors tied across layers, a
+    hypernetwork). ``unit`` ``None`` (nothing shared): ``placements`` unchanged."""
+    if unit is None:
+        return placements
+    return Placements([Placement("", unit, type(model).__name__), *placements], placements.skipped, placements.resolved)
+
+
 def first_input(args: tuple, kwargs: dict):
     """The first positional (or keyword) argument of a module call: its input tensor."""
     if args:

@@ -110,6 +110,13 @@ class DeltaConfig:
         training form (prefix tuning's MLP) overrides this."""
         return self
 
+    def shared_with(self, owner: str) -> "DeltaConfig":
+        """This config for a delta trained in one run together with delta ``owner`` of the same
+        method (``train --multi`` passes its first task of each method). A method whose deltas
+        share trained parts across tasks (one hypernetwork for many task embeddings) returns a
+        config that uses ``owner``'s; the default shares nothing."""
+        return self
+
     def replace(self, **changes: Any) -> "DeltaConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

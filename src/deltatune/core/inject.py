@@ -207,6 +207,20 @@ def loss_terms(model: nn.Module) -> torch.Tensor | None:
     return total
 
 
+def delta_stats(model: nn.Module) -> dict[str, dict]:
+    """Statistics of every delta whose method reports some (``MethodSpec.stats``: a router's
+    expert load, ...), by delta name; training jobs write them to ``metrics.json``."""
+    state = get_state(model)
+    if state is None:
+        return {}
+    out = {}
+    for name, config in list(state.configs.items()):
+        stats = get_method(config.method).stats
+        if stats is not None:
+            out[name] = stats(model, name)
+    return out
+
+
 def saved_config(model: nn.Module, name: str) -> DeltaConfig:
     """The config a saved or exported delta ``name`` records: its config's ``for_saving()``,
     completed from the live units by the method's ``saved_config`` when it has one."""

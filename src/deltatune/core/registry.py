@@ -35,6 +35,8 @@ BuildFn = Callable[["nn.Module", "DeltaConfig"], "list[Placement]"]
 StepHook = Callable[["nn.Module", str, int, int], None]
 #: (model, delta name) -> a term added to the training loss (a regulariser), or ``None``
 LossTerm = Callable[["nn.Module", str], "torch.Tensor | None"]
+#: (model, delta name) -> JSON-ready statistics of the delta's training (a router's expert load)
+Stats = Callable[["nn.Module", str], dict]
 #: (config, [(site path, unit), ...]) -> the config a saved or exported delta records
 SavedConfig = Callable[["DeltaConfig", "list[tuple[str, DeltaUnit]]"], "DeltaConfig"]
 PLUGIN_GROUP = "deltatune.methods"
@@ -89,6 +91,8 @@ class MethodSpec:
             delta of this method (rank allocation, rank sampling).
         loss_term: ``loss_term(model, name)``: a term the training loops add to the loss for
             each delta of this method (a regulariser), or ``None`` for none at this step.
+        stats: ``stats(model, name)``: JSON-ready statistics of the delta (a router's expert load
+            per layer) that a training job records in its ``metrics.json``; ``None`` for none.
         saved_config: ``saved_config(config, sites)``: the config a saved or exported delta
             records, when it depends on the trained units (the ranks a rank allocation kept).
         peft: the codec that exports and imports this method in peft's format, else ``None``.
@@ -111,6 +115,7 @@ class MethodSpec:
     trains_base: bool = False
     step_hook: StepHook | None = None
     loss_term: LossTerm | None = None
+    stats: Stats | None = None
     saved_config: SavedConfig | None = None
     peft: Any = None
     peft_refusal: str = "peft has no matching adapter type"

@@ -27,4 +27,13 @@ from . import adalora  # noqa: F401
 from . import dylora  # noqa: F401
 from . import vera  # noqa: F401
 from . import vblora  # noqa: F401
+from . import adapterbias  # noqa: F401
+from . import hydra  # noqa: F401
+from . import molora  # noqa: F401
+from . import compacter  # noqa: F401
+from . import sparseadapter  # noqa: F401
+from . import reft  # noqa: F401
+from . import llamaadapter  # noqa: F401
+from . import aligner  # noqa: F401
+from . import hyperadapter  # noqa: F401
 from . import full  # noqa: F401  (the full fine-tuning reference, listed last)

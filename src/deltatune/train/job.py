@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..core.config import DeltaConfig
-from ..core.inject import attach
+from ..core.inject import attach, delta_stats
 from ..core.params import count_parameters
 from ..core.options import option_lookup
 from ..core.registry import get_method, method_specs
@@ -191,6 +191,9 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
         "steps": result["steps"], "seed": job.seed, "train_seconds": round(result["seconds"], 2),
         "tokens_per_second": round(result["tokens_per_second"], 1), "peak_memory_mb": round(peak_memory_mb(), 1),
     }
+    stats = delta_stats(model)  # methods' own statistics (a router's expert load per layer)
+    if stats:
+        metrics["delta_stats"] = stats
     metrics["delta_bytes"] = _write_result(model, job, out, metrics, config)
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomic(out / "history.json", json.dumps(asdict(result["history"])) + "\n")

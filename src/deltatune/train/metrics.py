@@ -23,8 +23,10 @@ def macro_f1(predictions: list[int], targets: list[int], num_labels: int) -> flo
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, batch_size: int = 64, num_labels: int = 2) -> dict[str, float]:
-    """Metrics of ``model`` on ``data`` in eval mode (restores the previous mode)."""
+def evaluate(model: nn.Module, data: Encoded, batch_size: int = 64, num_labels: int = 2,
+             outputs: int | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on ``data`` in eval mode (restores the previous mode); ``outputs``:
+    read only a classifier's first ``outputs`` logits (a head wider than this task's labels)."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -35,7 +37,7 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int = 64, num_labels: 
             for start in range(0, len(data), batch_size):
                 batch = to_device(data.collate(list(range(start, min(start + batch_size, len(data))))), device)
                 labels = batch.pop("labels")
-                logits = model(**batch).logits
+                logits = model(**batch).logits[..., :outputs]
                 total += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
                 predictions += logits.argmax(-1).cpu().tolist()
             accuracy = sum(p == t for p, t in zip(predictions, data.labels)) / max(1, len(data))

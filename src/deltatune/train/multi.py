@@ -26,7 +26,8 @@ from ..core.config import DeltaConfig
 from ..core.inject import after_step, attach, loss_terms, using
 from ..core.registry import get_method
 from ..core.params import count_parameters, delta_parameters
-from ..core.slot import check_delta_name, require_state
+from ..core.saved_module import SavedModule
+from ..core.slot import check_delta_name, require_state, slot_sites
 from ..data.datasets import Splits, load_dataset
 from ..errors import ConfigError, DeltaError, DeltaStateError
 from ..io.artifact import TENSORS_FILE, save
@@ -51,12 +52,16 @@ class Task:
         train: encoded training examples.
         rows_per_step: how many of this task's rows every step's batch holds.
         validation: encoded validation examples (for ``eval_every``), if any.
+        num_labels: a classification task's label count, when the shared head is wider (tasks
+            with different label counts): its loss and metrics read the first ``num_labels``
+            logits; ``None``: all of them.
     """
 
     name: str
     train: Encoded
     rows_per_step: int
     validation: Encoded | None = None
+    num_labels: int | None = None
 
 
 @dataclass
@@ -88,18 +93,20 @@ def mixed_batch(parts: list[tuple[Task, list[int]]]) -> tuple[dict[str, torch.Te
 
 
 def task_losses(logits: torch.Tensor, labels: torch.Tensor, spans: list[tuple[str, int, int]],
-                task: str) -> dict[str, torch.Tensor]:
+                task: str, widths: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Each task's mean loss over its own rows (tasks without rows are left out).
 
-    Classification: cross-entropy per example. Causal LM: next-token cross-entropy over the
-    answer tokens (labels not ``-100``), as transformers computes a causal-LM loss.
+    Classification: cross-entropy per example, over the task's first ``widths[name]`` logits
+    when given. Causal LM: next-token cross-entropy over the answer tokens (labels not ``-100``),
+    as transformers computes a causal-LM loss.
     """
     losses = {}
     for name, start, stop in spans:
         if stop == start:
             continue
         if task == "classification":
-            losses[name] = F.cross_entropy(logits[start:stop].float(), labels[start:stop])
+            width = (widths or {}).get(name)
+            losses[name] = F.cross_entropy(logits[start:stop, :width].float(), labels[start:stop])
             continue
         rows_labels = labels[start:stop]
         rows_logits = logits[start:stop, -rows_labels.shape[1]:]  # prompt tuning prepends virtual positions
@@ -144,6 +151,7 @@ def train_tasks(model: nn.Module, tasks: list[Task], settings: Settings, *, num_
     total = settings.steps if settings.steps is not None else max(
         total_steps(dataclasses.replace(settings, batch_size=t.rows_per_step), len(t.train)) for t in tasks)
     plans = {t.name: BatchPlan(len(t.train), t.rows_per_step, settings.seed) for t in tasks}
+    widths = {t.name: t.num_labels for t in tasks if t.num_labels}
     history = MultiHistory(tasks={n: [] for n in names}, validation={n: [] for n in names})
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
@@ -156,7 +164,7 @@ def train_tasks(model: nn.Module, tasks: list[Task], settings: Settings, *, num_
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step, total)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], delta_ids=row_names).logits
-        losses = task_losses(logits, batch["labels"], spans, kind)
+        losses = task_losses(logits, batch["labels"], spans, kind, widths)
         loss = sum(losses.values())
         extra = loss_terms(model)  # methods' regularisers (AdaLoRA's orthogonality penalty)
         if extra is not None:
@@ -179,7 +187,8 @@ def train_tasks(model: nn.Module, tasks: list[Task], settings: Settings, *, num_
             for task in tasks:
                 if task.validation is not None:
                     with using(model, task.name):
-                        history.validation[task.name].append((step + 1, evaluate(model, task.validation, num_labels=num_labels)))
+                        history.validation[task.name].append((step + 1, evaluate(
+                            model, task.validation, num_labels=max(2, task.num_labels or num_labels), outputs=task.num_labels)))
     bar.close()
     return {"history": history, "steps": total, "seconds": time.perf_counter() - began}
 
@@ -215,20 +224,41 @@ def check_jobs(jobs: dict[str, TrainJob]) -> None:
 
 
 def check_label_counts(splits: dict[str, Splits]) -> None:
-    """All tasks must be of one kind and, for classification, have the same number of labels:
-    their heads' outputs share one logits tensor.
+    """All tasks must be of one kind. Classification tasks may have different label counts: the
+    shared head is as wide as the largest, each task reads its first logits, and each saved
+    delta's head keeps its own (:func:`narrow_heads`).
 
     Raises:
-        ConfigError: the kinds or label counts differ (the message lists them per task).
+        ConfigError: the kinds differ (the message lists them per task).
     """
     kinds = {name: s.task for name, s in splits.items()}
     if len(set(kinds.values())) > 1:
         raise ConfigError(f"tasks mix classification and causal LM {kinds}; train them in separate runs")
-    if next(iter(kinds.values())) == "classification":
-        counts = {name: len(s.labels) for name, s in splits.items()}
-        if len(set(counts.values())) > 1:
-            raise ConfigError(f"classification tasks have different label counts {counts}; their heads' outputs "
-                              f"cannot share one batch. Train tasks with equal label counts together")
+
+
+def narrow_heads(model: nn.Module, name: str, width: int, rows: int) -> None:
+    """Keep the first ``rows`` outputs of the ``width``-wide linear layers in delta ``name``'s
+    trained module copies (its classifier head), so the saved delta's head fits its own labels."""
+    def narrowed(linear: nn.Linear) -> nn.Linear:
+        out = nn.Linear(linear.in_features, rows, bias=linear.bias is not None).to(linear.weight.device)
+        with torch.no_grad():
+            out.weight.copy_(linear.weight[:rows])
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias[:rows])
+        return out
+
+    for _, _, slot in slot_sites(model):
+        unit = slot._modules.get(name)
+        if not isinstance(unit, SavedModule):
+            continue
+        if isinstance(unit.copy, nn.Linear) and unit.copy.out_features == width:
+            unit.copy = narrowed(unit.copy)
+            continue
+        for parent in list(unit.copy.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child.out_features == width:
+                    setattr(parent, child_name, narrowed(child))
+    require_state(model).changed()
 
 
 def run_multi(jobs: dict[str, TrainJob], out: str | Path) -> dict[str, Any]:
@@ -248,18 +278,26 @@ def run_multi(jobs: dict[str, TrainJob], out: str | Path) -> dict[str, Any]:
                                  completion_column=job.completion_column, limit=job.limit) for name, job in jobs.items()}
     check_label_counts(splits)
     first = next(iter(splits.values()))
+    counts = {name: len(s.labels) for name, s in splits.items()}
+    width = max(counts.values())
+    same = all(s.labels == first.labels for s in splits.values())
     torch.manual_seed(shared.seed)
-    loaded = load_model(shared.model, first.task, len(first.labels) or None, first.labels or None)
+    loaded = load_model(shared.model, first.task, width or None, first.labels if same and first.labels else None)
     model, tokenizer = loaded.model, loaded.tokenizer
     configs: dict[str, DeltaConfig] = {}
+    owners: dict[str, str] = {}  # method -> the run's first task of that method
     for name, job in jobs.items():
-        configs[name] = delta_config(job, model, first.task)
+        config = delta_config(job, model, first.task)
+        owner = owners.setdefault(config.method, name)
+        configs[name] = config if owner == name else config.shared_with(owner)
         attach(model, configs[name], name=name, activate=False)
     model.to(distributed.device())
     encoded = {name: {part: encode(getattr(splits[name], part), tokenizer, first.task, job.max_length, splits[name].labels)
                       for part in ("train", "validation", "test")} for name, job in jobs.items()}
-    tasks = [Task(name, encoded[name]["train"], job.batch_size, encoded[name]["validation"]) for name, job in jobs.items()]
-    num_labels = max(2, len(first.labels))
+    narrower = {name: count for name, count in counts.items() if count and count < width}
+    tasks = [Task(name, encoded[name]["train"], job.batch_size, encoded[name]["validation"], narrower.get(name))
+             for name, job in jobs.items()]
+    num_labels = max(2, width)
     result = train_tasks(model, tasks, shared.settings(), num_labels=num_labels)
     out = Path(out)
     summary: dict[str, Any] = {"model": shared.model, "steps": result["steps"], "seed": shared.seed,
@@ -267,9 +305,11 @@ def run_multi(jobs: dict[str, TrainJob], out: str | Path) -> dict[str, Any]:
                                "peak_memory_mb": round(peak_memory_mb(), 1), "tasks": {}}
     for name, job in jobs.items():
         folder = out / name
+        if name in narrower:
+            narrow_heads(model, name, width, narrower[name])
         with using(model, name):
-            test = evaluate(model, encoded[name]["test"], num_labels=num_labels)
-            validation = evaluate(model, encoded[name]["validation"], num_labels=num_labels)
+            test = evaluate(model, encoded[name]["test"], num_labels=max(2, counts[name]))
+            validation = evaluate(model, encoded[name]["validation"], num_labels=max(2, counts[name]))
         trainable = sum(p.numel() for _, p in delta_parameters(model, name))
         metrics = {"model": shared.model, "data": splits[name].describe(), "method": job.method, "task": first.task,
                    "test": test, "validation": validation, "trainable_parameters": trainable,

@@ -8,9 +8,10 @@ only. He et al., 2021 (arXiv:2110.04366): in parallel to the feed-forward block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...core.build import first_input, linear_shape, per_module
@@ -53,24 +54,45 @@ class AdapterConfig(DeltaConfig):
               f"adapter non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}")
 
 
-class BottleneckAdapter(DeltaUnit):
-    """``y + s * up(act(down(h)))`` with ``h = y`` (serial) or the module input (parallel)."""
+class Bottleneck(DeltaUnit):
+    """``y + s * (W_up act(W_down h + b_down) + b_up)`` with ``h = y`` (serial) or the module
+    input (parallel).
 
-    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+    The extension point for adapters whose projections are built rather than stored
+    (Compacter's Kronecker sums, SparseAdapter's pruned weights): a subclass supplies the four
+    tensors through :meth:`down_weight` ``(bottleneck, in)``, :meth:`down_bias`,
+    :meth:`up_weight` ``(out, bottleneck)`` and :meth:`up_bias`; the forward pass and the
+    batched mixed-batch product follow.
+    """
+
+    #: whether a mixed batch served without gradients may keep the stacked weights until the
+    #: unit's own parameters change; ``False`` for units whose weights also read tensors they do
+    #: not own (a table shared by all layers)
+    stacks_cacheable: ClassVar[bool] = True
+
+    def __init__(self, parallel: bool, non_linearity: str, scaling: float):
         super().__init__()
-        self.parallel = config.placement == "parallel"
-        self.scaling = config.scaling
-        self.down = nn.Linear(in_features, config.bottleneck)
-        self.act = ACTIVATIONS[config.non_linearity]()
-        self.up = nn.Linear(config.bottleneck, out_features)
-        nn.init.normal_(self.down.weight, std=0.02)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        self.parallel = parallel
+        self.scaling = scaling
+        self.act = ACTIVATIONS[non_linearity]()
+
+    def down_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def down_bias(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def up_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def up_bias(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward_post(self, module, args, kwargs, output):
         h = first_input(args, kwargs) if self.parallel else output
-        return output + (self.up(self.act(self.down(h.to(self.down.weight.dtype)))) * self.scaling).to(output.dtype)
+        down_bias = self.down_bias()
+        hidden = self.act(F.linear(h.to(down_bias.dtype), self.down_weight(), down_bias))
+        return output + (F.linear(hidden, self.up_weight(), self.up_bias()) * self.scaling).to(output.dtype)
 
     @classmethod
     def mixed_post(cls, units, module, args, kwargs, output, routing):
@@ -79,15 +101,41 @@ class BottleneckAdapter(DeltaUnit):
         present = [u for u in units if u is not None]
         if len({(u.parallel, type(u.act)) for u in present}) > 1:
             return per_delta_post(units, module, args, kwargs, output, routing)
-        batch, cache = routing.index.numel(), get_slot(module).mixed_cache
-        down = gathered(units, routing.index, lambda u: u.down.weight, 0.0, cache, "down")  # (batch, k, in)
-        down_bias = gathered(units, routing.index, lambda u: u.down.bias, 0.0, cache, "down_bias")
-        up = gathered(units, routing.index, lambda u: u.up.weight * u.scaling, 0.0, cache, "up")  # (batch, out, k)
-        up_bias = gathered(units, routing.index, lambda u: u.up.bias * u.scaling, 0.0, cache, "up_bias")
+        batch = routing.index.numel()
+        cache = get_slot(module).mixed_cache if cls.stacks_cacheable else None
+        down = gathered(units, routing.index, lambda u: u.down_weight(), 0.0, cache, "down")  # (batch, k, in)
+        down_bias = gathered(units, routing.index, lambda u: u.down_bias(), 0.0, cache, "down_bias")
+        up = gathered(units, routing.index, lambda u: u.up_weight() * u.scaling, 0.0, cache, "up")  # (batch, out, k)
+        up_bias = gathered(units, routing.index, lambda u: u.up_bias() * u.scaling, 0.0, cache, "up_bias")
         h = as_rows(first_input(args, kwargs) if present[0].parallel else output, batch).to(down.dtype)
         hidden = present[0].act(torch.baddbmm(down_bias.unsqueeze(1), h, down.transpose(1, 2)))
         rows = as_rows(output, batch).to(down.dtype) + up_bias.unsqueeze(1)
         return torch.baddbmm(rows, hidden, up.transpose(1, 2)).view(output.shape).to(output.dtype)
+
+
+class BottleneckAdapter(Bottleneck):
+    """A :class:`Bottleneck` with stored dense projections ``down`` and ``up`` (``nn.Linear``)."""
+
+    def __init__(self, in_features: int, out_features: int, config: AdapterConfig):
+        super().__init__(config.placement == "parallel", config.non_linearity, config.scaling)
+        self.down = nn.Linear(in_features, config.bottleneck)
+        self.up = nn.Linear(config.bottleneck, out_features)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def down_weight(self) -> torch.Tensor:
+        return self.down.weight
+
+    def down_bias(self) -> torch.Tensor:
+        return self.down.bias
+
+    def up_weight(self) -> torch.Tensor:
+        return self.up.weight
+
+    def up_bias(self) -> torch.Tensor:
+        return self.up.bias
 
 
 def io_features(module: nn.Module) -> tuple[int, int] | None:
@@ -100,16 +148,22 @@ def io_features(module: nn.Module) -> tuple[int, int] | None:
     return (linears[0][0], linears[-1][1]) if linears else None
 
 
-def build(model: nn.Module, config: AdapterConfig) -> Placements:
+def build_bottlenecks(model: nn.Module, config, unit_class: type) -> Placements:
+    """``unit_class(width in, width out, config)`` at every module ``config.placement`` names
+    (the bottleneck adapters of this method and of those built on it)."""
     def make(path: str, module: nn.Module):
         dims = io_features(module)
         if dims is None:
             return f"{type(module).__name__} has no linear layer to read its width from"
         fan_in, fan_out = dims
-        return BottleneckAdapter(fan_in if config.placement == "parallel" else fan_out, fan_out, config)
+        return unit_class(fan_in if config.placement == "parallel" else fan_out, fan_out, config)
 
     roles = PLACEMENT_ROLES[config.placement]
     return per_module(model, config, lambda: default_targets(model, roles, config.method), make)
+
+
+def build(model: nn.Module, config: AdapterConfig) -> Placements:
+    return build_bottlenecks(model, config, BottleneckAdapter)
 
 
 register_method(MethodSpec(

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.build import linear_shape, per_module
+from ...core.build import linear_shape, per_module, with_shared
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.roles import default_targets
-from ...core.unit import Placement, Placements
+from ...core.unit import Placements
 from ..tiedlora.sharing import LowRankFactors, ModuleKinds, SharedLowRankLinear, SharedTable
 
 __all__ = ["MSPLoRAConfig", "MSPLoRALinear"]
@@ -109,7 +109,7 @@ def build(model: nn.Module, config: MSPLoRAConfig) -> Placements:
         return MSPLoRALinear(global_pair, group_pair, fan_in, fan_out, transposed, config, group)
 
     placements = per_module(model, config, lambda: default_targets(model, DEFAULT_ROLES, config.method), make)
-    return Placements([Placement("", table, type(model).__name__), *placements], placements.skipped)
+    return with_shared(model, table, placements)
 
 
 register_method(MethodSpec(

@@ -5,12 +5,17 @@ Prefix tuning registers ``deltatune_sdpa`` and ``deltatune_eager``, which prepen
 prefixes of the calling module (found in its delta slot) to the keys and values, extend the
 mask so that every query sees every prefix position, and call the original function.
 Token positions are untouched, unlike prefixes passed as a KV cache.
+
+While :func:`recording` runs, the same functions also note each module's keys and values as
+the model computed them (after its projections, rotary embeddings and norms): the starting
+point of prefixes initialised from real tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +24,21 @@ from ...core.slot import get_slot
 
 IMPL_PREFIX = "deltatune_"
 SUPPORTED = ("sdpa", "eager")
+
+#: attention module -> its keys and values for the first sequence of the batch, while recording
+_recorded: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """Collect, for every module that calls a prefix attention function, the keys and values
+    (each ``(kv_heads, tokens, head_dim)``) of its first call's first sequence."""
+    global _recorded
+    outer, _recorded = _recorded, {}
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
 
 
 def inner_function(module: nn.Module, implementation: str) -> Callable:
@@ -51,6 +71,8 @@ def extend_mask(
 
 
 def prefix_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    if _recorded is not None and module not in _recorded:
+        _recorded[module] = (key[0].detach().clone(), value[0].detach().clone())
     implementation = module.config._attn_implementation.removeprefix(IMPL_PREFIX)
     inner = inner_function(module, implementation)
     slot = get_slot(module)

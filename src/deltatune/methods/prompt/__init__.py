@@ -11,7 +11,8 @@ from torch import nn
 
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.unit import Placement, Placements
-from ...errors import DeltaError, NotApplicableError
+from ...errors import NotApplicableError
+from .init import start_tokens, tokenize
 from .layer import PromptConfig, SoftPrompt, prepend_prompt
 from .peft import PromptCodec
 
@@ -28,17 +29,19 @@ def build(model: nn.Module, config: PromptConfig) -> Placements:
         )
     if config.targets is not None or config.target_types:
         raise NotApplicableError("prompt tuning acts on the input embeddings; it takes no targets")
+    resolved = None
+    if config.init == "text" and config.init_token_ids is None:
+        resolved = config.replace(init_token_ids=tokenize(model, config.init_text))
+        config = resolved
+    weight = embeddings.weight
     with torch.no_grad():
-        if config.init_token_ids is not None:
-            ids = torch.tensor(config.init_token_ids, device=embeddings.weight.device)
-            if int(ids.max()) >= embeddings.num_embeddings:
-                raise DeltaError(f"init_token_ids contain id {int(ids.max())} >= vocabulary size {embeddings.num_embeddings}")
-            ids = ids.repeat((config.num_virtual_tokens + len(ids) - 1) // len(ids))[: config.num_virtual_tokens]
+        if config.init == "random":
+            init = torch.randn(config.num_virtual_tokens, weight.shape[1])
         else:
             generator = torch.Generator().manual_seed(config.seed)
-            ids = torch.randint(0, embeddings.num_embeddings, (config.num_virtual_tokens,), generator=generator)
-        init = embeddings.weight[ids.to(embeddings.weight.device)]
-    return Placements([Placement("", SoftPrompt(init), type(model).__name__)])
+            ids = start_tokens(config.num_virtual_tokens, embeddings.num_embeddings, config.init_token_ids, generator)
+            init = weight[ids.to(weight.device)]
+    return Placements([Placement("", SoftPrompt(init), type(model).__name__)], resolved=resolved)
 
 
 register_method(MethodSpec(

@@ -6,7 +6,6 @@ Lester et al., 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning"
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from ...core.rows import gathered
 from ...core.slot import get_slot
 from ...core.unit import DeltaUnit
 from ...errors import DeltaError, NotApplicableError
+from .init import Init, check_init, plain_ids, resolved_init
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,18 @@ class PromptConfig(DeltaConfig):
 
     Args:
         num_virtual_tokens: length of the soft prompt.
-        init_token_ids: start the prompt from these tokens' embeddings (repeated or cut to
-            length); ``None`` starts from randomly chosen vocabulary embeddings.
-        init_text: the text ``init_token_ids`` came from, kept for the record.
-        seed: seed for choosing random vocabulary rows.
+        init: where the prompt starts: ``"vocab"``, the embeddings of tokens drawn from the
+            vocabulary (with ``seed``); ``"text"``, the embeddings of ``init_text``'s tokens
+            (or of ``init_token_ids``), repeated or cut to length; ``"random"``, standard normal
+            vectors (peft's RANDOM; far from any token, so the model starts off its usual
+            inputs). Default: ``"text"`` when ``init_text`` or ``init_token_ids`` is given,
+            else ``"vocab"``.
+        init_token_ids: the token ids of ``init="text"``; when only ``init_text`` is given,
+            the model's own tokenizer (saved with its checkpoint) finds them at attach, and
+            the saved delta records them.
+        init_text: the text of ``init="text"``; with another ``init`` only a record (as peft's
+            ``prompt_tuning_init_text``).
+        seed: seed for drawing the vocabulary tokens of ``init="vocab"``.
     """
 
     method = "prompt"
@@ -38,17 +46,24 @@ class PromptConfig(DeltaConfig):
     init_token_ids: tuple[int, ...] | None = None
     init_text: str | None = None
     seed: int = 0
+    init: Init | None = None
 
     def __post_init__(self) -> None:
-        ids = self.init_token_ids
-        if isinstance(ids, Iterable) and not isinstance(ids, (str, dict)):  # ids from numpy or torch as plain ints
-            object.__setattr__(self, "init_token_ids", tuple(
-                int(i) if hasattr(i, "__index__") and not isinstance(i, (bool, str)) else i for i in ids))
+        object.__setattr__(self, "init_token_ids", plain_ids(self.init_token_ids))
+        object.__setattr__(self, "init", resolved_init(self.init, self.init_text, self.init_token_ids))
         super().__post_init__()
 
     def validate(self) -> None:
         check(self.num_virtual_tokens > 0, f"num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
-        check(self.init_token_ids is None or len(self.init_token_ids) > 0, "init_token_ids is empty; pass None or some ids")
+        check_init(self.init, self.init_text, self.init_token_ids)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PromptConfig":
+        """Also reads files from before ``init`` was a field: their prompts started from
+        ``init_token_ids`` when given, else from drawn vocabulary tokens (``init_text`` was a record)."""
+        if isinstance(data, dict) and "init" not in data:
+            data = {**data, "init": "text" if data.get("init_token_ids") is not None else "vocab"}
+        return super().from_dict(data)
 
     @classmethod
     def from_text(cls, text: str, tokenizer: Any, **fields: Any) -> "PromptConfig":

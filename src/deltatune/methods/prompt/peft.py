@@ -15,7 +15,8 @@ class PromptCodec(PeftCodec):
     understood = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                             "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
                             "tokenizer_kwargs"})
-    exported_fields = frozenset({"num_virtual_tokens", "init_token_ids", "init_text", "seed"})
+    #: how the prompt started does not change the trained table peft loads
+    exported_fields = frozenset({"num_virtual_tokens", "init", "init_token_ids", "init_text", "seed"})
     carried = ("num_virtual_tokens", "init_text")
     TABLE = "prompt_embeddings"
 
@@ -49,5 +50,8 @@ class PromptCodec(PeftCodec):
                                  f"x num_transformer_submodules={submodules} rows are expected")
         # peft's seq2seq forward puts only the first num_virtual_tokens rows before the encoder
         # input; the decoder half of a two-submodule table is never used in prompt tuning
-        config = PromptConfig(num_virtual_tokens=tokens, init_text=peft_config.get("prompt_tuning_init_text"))
+        # the table is the adapter's own; init="vocab" only says how a fresh delta of this config
+        # would start (without peft's tokenizer), and the text stays as peft's record
+        config = PromptConfig(num_virtual_tokens=tokens, init="vocab",
+                              init_text=peft_config.get("prompt_tuning_init_text"))
         return config, {"": {"prompt": table[:tokens].contiguous()}}, rest

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import per_linear
+from ...core.build import per_linear, with_shared
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.unit import Placement, Placements
+from ...core.unit import Placements
 from ...errors import TargetError
 from .layer import VBLoRAConfig, VBLoRALinear, VectorBank, mix
 from .peft import VBLoRACodec
@@ -43,7 +43,7 @@ def build(model: nn.Module, config: VBLoRAConfig) -> Placements:
     bank = VectorBank(config)
     for placement in layers:
         placement.unit.share(bank)
-    return Placements([Placement("", bank, type(model).__name__), *layers], layers.skipped)
+    return with_shared(model, bank, layers)
 
 
 register_method(MethodSpec(

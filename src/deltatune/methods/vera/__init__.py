@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...core.build import per_linear
+from ...core.build import per_linear, with_shared
 from ...core.registry import MethodSpec, Mixing, register_method
-from ...core.unit import Placement, Placements
+from ...core.unit import Placements
 from .layer import VeRAConfig, VeRALinear, VeRAProjections, draw_projections
 from .peft import VeraCodec
 
@@ -36,7 +36,7 @@ def build(model: nn.Module, config: VeRAConfig) -> Placements:
     shared = VeRAProjections(config.r, max(u.fan_in for u in units), max(u.fan_out for u in units), config)
     for unit in units:
         unit.share(shared)
-    return Placements([Placement("", shared, type(model).__name__), *layers], layers.skipped)
+    return with_shared(model, shared, layers)
 
 
 register_method(MethodSpec(
