@@ -167,3 +167,20 @@ def test_every_registered_method_can_be_benchmarked_with_its_defaults():
 def test_train_step_of_a_method_outside_the_issue_cases():
     result = _roundtrip(workers.train_step({**TINY, "lib": "deltatune", "method": "adapter", "repeats": 1, "warmup": 0}))
     assert result["method"] == "adapter" and result["trainable"] > 0
+
+
+def test_a_peft_codec_that_refuses_the_model_leaves_a_reason_not_a_crash():
+    # llamaadapter has a peft codec, but peft's adaption prompt only computes Llama and Mistral:
+    # on a BERT the peft row is dropped with the codec's reason and deltatune's row still runs
+    from deltatune.bench import ratios
+
+    refused = _roundtrip(workers.train_step({**TINY, "lib": "peft", "method": "llamaadapter"}))
+    assert "llama" in refused["refused"] and "bert" in refused["refused"] and "step_ms" not in refused
+    result = _roundtrip(ratios.train_ratios({**TINY, "methods": ["llamaadapter", "road"], "repeats": 2, "warmup": 0}))
+    assert "deltatune:llamaadapter" in result["ms"] and "peft:llamaadapter" not in result["ms"]
+    assert result["no_peft"]["llamaadapter"] == refused["refused"]
+    # road's bench groups (64) do not divide the tiny model's width (32): neither library has a row, the reason is kept
+    assert not any(key.endswith(":road") for key in result["ms"]) and "road" not in result["ratios"]
+    assert "group_size=64" in result["not_applicable"]["road"]
+    alone = _roundtrip(workers.train_step({**TINY, "lib": "deltatune", "method": "road"}))
+    assert alone["refused"] == result["not_applicable"]["road"]

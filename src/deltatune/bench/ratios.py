@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import deltatune as dt
+from deltatune.errors import ConfigError, NotApplicableError, TargetError
 from .interleave import interleaved
 from .cases import (BASELINES, CASES, LR, MODELS, batch_for, build_model, case, make_batch, peft_refusal, trained_copies,
                     with_delta)
@@ -43,18 +44,33 @@ def train_ratios(args: dict) -> dict:
     keys = {label: label for label in BASELINES}
     for label in methods:
         keys.update({f"deltatune:{label}": label, **({f"peft:{label}": label} if not peft_refusal(case(label)) else {})})
+    refused: dict[str, str] = {}  # the peft codec cannot hold this delta on this model
+    not_applicable: dict[str, str] = {}  # the method itself cannot adapt this model
     for key, label in keys.items():
-        model = train_model(key.partition(":")[0], label, base, spec).train()
+        if label in not_applicable:
+            continue
+        try:
+            model = train_model(key.partition(":")[0], label, base, spec).train()
+        except (NotApplicableError, TargetError) as error:  # the method (at the bench's sizes) cannot adapt it
+            not_applicable[label] = str(error)
+            continue
+        except ConfigError as error:
+            if not key.startswith("peft:"):
+                raise
+            refused[label] = str(error)
+            continue
         cases[key], trainable[key] = make_train_step(model, batch_for(args, model), floor=label == "floor")
     timings = interleaved(cases, args.get("repeats", 15), args.get("warmup", 2), args.get("budget_s", BUDGET_S))
     out = {"kind": "train_ratios", "ms": timings.as_dict(), "trainable": trainable, "ratios": {}}
-    for label in methods:
+    if not_applicable:
+        out["not_applicable"] = not_applicable
+    for label in (m for m in methods if m not in not_applicable):
         ours, theirs = f"deltatune:{label}", f"peft:{label}"
         out["ratios"][label] = {"floor": timings.ratio(ours, "floor"), "full": timings.ratio(ours, "full")}
         if theirs in cases:
             out["ratios"][label].update(peft=timings.ratio(ours, theirs), peft_floor=timings.ratio(theirs, "floor"))
         else:
-            out.setdefault("no_peft", {})[label] = peft_refusal(case(label))
+            out.setdefault("no_peft", {})[label] = refused.get(label) or peft_refusal(case(label))
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 

@@ -119,6 +119,8 @@ def _train_section(name: str, rows: list[dict]) -> list[str]:
                      f"{_ratio(r['ratio'], r.get('spread'))} | {_ratio(r['floor_ratio'], r.get('floor_spread'))} | "
                      f"{_ratio(r.get('peft_floor_ratio'))} | {_ratio(r.get('full_ratio'))} | {trainable} |")
     lines += [f"\n`{r['method']}` has no peft column: {r['no_peft']}." for r in train if r.get("no_peft")]
+    lines += [f"\n`{r['method']}` does not apply to this model: {r['reason']}." for r in rows
+              if r["metric"] == "not_applicable"]
     return lines
 
 

@@ -95,7 +95,10 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
     spec = MODELS[model]
     if "train" in parts:
         raw["train"] = tr = run_worker("train_ratios", {**common, "methods": methods}, timeout=7200)
-        for method in [*BASELINES, *methods]:
+        rows += [{"model": model, "method": method, "metric": "not_applicable", "reason": reason,
+                  "unit": None}
+                 for method, reason in tr.get("not_applicable", {}).items()]
+        for method in [*BASELINES, *(m for m in methods if m not in tr.get("not_applicable", {}))]:
             key = method if method in BASELINES else f"deltatune:{method}"
             r = tr["ratios"].get(method, {})
             rows.append({"model": model, "method": method, "metric": "train_step", "unit": "ms",
@@ -111,11 +114,14 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
         for method in [*BASELINES, *methods]:
             libs = ["none"] if method in BASELINES else ["deltatune"] if peft_refusal(case(method)) else ["deltatune", "peft"]
             for lib in libs:
-                memory[(lib, method)] = run_worker("train_step", {**common, "lib": lib, "method": method,
-                                                                  "repeats": 2, "warmup": 1})
+                result = run_worker("train_step", {**common, "lib": lib, "method": method, "repeats": 2, "warmup": 1})
+                if "refused" not in result:
+                    memory[(lib, method)] = result
         raw["memory"] = list(memory.values())
         floor = memory[("none", "floor")]["peak_rss_mib"]
         for method in [*BASELINES, *methods]:
+            if ("deltatune", method) not in memory and ("none", method) not in memory:
+                continue  # the method cannot adapt this model (the train part records why)
             ours = memory.get(("deltatune", method), memory.get(("none", method)))["peak_rss_mib"]
             theirs = memory[("peft", method)]["peak_rss_mib"] if ("peft", method) in memory else None
             rows.append({"model": model, "method": method, "metric": "peak_rss", "deltatune": ours, "peft": theirs,

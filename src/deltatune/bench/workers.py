@@ -21,6 +21,7 @@ import warnings
 import torch
 
 import deltatune as dt
+from deltatune.errors import ConfigError, NotApplicableError, TargetError
 from .cases import (BASELINES, CASES, LR, MODELS, NAME, BenchModel, baseline, batch_for, build_model, case, export_peft,
                     load_peft, peft_twin, with_delta)
 from .interleave import spread
@@ -95,7 +96,13 @@ def train_step(args: dict) -> dict:
     """One library and method in its own process: its peak RSS, and a median train step
     (``floor``: all frozen, backward to the input embeddings; ``full``: everything trains)."""
     lib, label, name = args.get("lib", "deltatune"), args["method"], args.get("model", "minilm")
-    model = _fresh_model(lib, label, name, args.get("seed", 0)).train()
+    try:
+        model = _fresh_model(lib, label, name, args.get("seed", 0)).train()
+    except (ConfigError, NotApplicableError, TargetError) as error:
+        # the method cannot adapt this model, or its peft codec cannot hold it: the reason, no row
+        if lib != "peft" and not isinstance(error, (NotApplicableError, TargetError)):
+            raise
+        return {"kind": "train_step", "lib": lib, "method": label, "refused": str(error)}
     step, trainable = make_train_step(model, batch_for(args, model), floor=label == "floor")
     for _ in range(args.get("warmup", 3)):
         step()
