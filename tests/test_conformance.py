@@ -6,6 +6,8 @@ contract below (and give a closed-form parameter count in ``closed_form.py``).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -106,8 +108,10 @@ def test_load_on_another_base_fails_with_fingerprint_error(method, model_name, t
 @pytest.mark.parametrize("method,model_name", PAIRS)
 def test_merge_equals_unmerged_and_unmerge_restores_base(method, model_name):
     case, model, _ = _attached(method, model_name)
-    if not dt.get_method(method).mergeable:
-        with pytest.raises(dt.MergeError, match="cannot be merged"):
+    spec = dt.get_method(method)
+    if not spec.mergeable:  # refused with the method's own reason, which every such method declares
+        assert spec.merge_refusal, f"{method} is not mergeable but declares no merge_refusal saying why"
+        with pytest.raises(dt.MergeError, match=re.escape(f"({spec.merge_refusal}), so it cannot be merged")):
             dt.merge(model)
         return
     _perturb(model)

@@ -25,7 +25,8 @@ def require_mergeable(model: nn.Module, name: str, consequence: str) -> None:
     state.require(name)
     spec = get_method(state.configs[name].method)
     if not spec.mergeable:
-        raise MergeError(f"delta {name!r} ({spec.name}) changes activations, not weights, so {consequence}")
+        why = f" ({spec.merge_refusal})" if spec.merge_refusal else ""
+        raise MergeError(f"delta {name!r} ({spec.name}) changes activations, not weights{why}, so {consequence}")
 
 
 def _plan(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, DeltaSlot, dict[str, torch.Tensor]]]:

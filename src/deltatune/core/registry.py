@@ -74,6 +74,8 @@ class MethodSpec:
             Raises :class:`TargetError` or :class:`NotApplicableError` when it cannot.
         mergeable: whether the delta is a weight change that can be folded into the base
             (merge, fold, task vectors, merging several deltas).
+        merge_refusal: for a method that is not mergeable, what in its computation no weight
+            change can equal (quoted when merging, folding or a task vector is refused).
         identity_at_init: whether a freshly attached delta leaves the model's output unchanged.
         summary: one line for listings and ``--help``.
         default_lr: a peak learning rate that works on MiniLM-sized models; ``None`` for
@@ -119,6 +121,7 @@ class MethodSpec:
     saved_config: SavedConfig | None = None
     peft: Any = None
     peft_refusal: str = "peft has no matching adapter type"
+    merge_refusal: str = ""
     reference: Literal["", "floor", "ceiling"] = ""
 
     @property

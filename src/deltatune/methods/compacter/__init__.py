@@ -216,6 +216,7 @@ def build(model: nn.Module, config: CompacterConfig) -> Placements:
 
 register_method(MethodSpec(
     "compacter", CompacterConfig, build, mergeable=False, identity_at_init=True,
+    merge_refusal="a bottleneck adapter applies a non-linearity to the layer's output",
     summary="bottleneck adapters whose projections are Kronecker sums with shared slow weights (Compacter, Compacter++)",
     default_lr=1e-2, mixing=Mixing("batched"),
     peft_refusal="peft has no Compacter (it is adapter-hub's format)"))

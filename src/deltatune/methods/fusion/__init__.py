@@ -93,5 +93,6 @@ def build(model: nn.Module, config: FusionConfig) -> Placements:
 
 register_method(MethodSpec(
     "fusion", FusionConfig, build, mergeable=False, identity_at_init=True,
+    merge_refusal="it attends over several adapters' outputs per token",
     summary="AdapterFusion attention over frozen deltas (runs in a Fuse block)", fuses=True,
     peft_refusal="peft has no AdapterFusion"))

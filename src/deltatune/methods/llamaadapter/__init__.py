@@ -25,7 +25,7 @@ from ...core.unit import Placement, Placements
 from ...errors import ConfigError, NotApplicableError
 from . import attention
 from .attention import AttentionSite
-from .layer import AdaptionPrompt, GatedPrompt
+from .layer import NOT_A_WEIGHT_CHANGE, AdaptionPrompt, GatedPrompt
 from .peft import AdaptionPromptCodec
 
 __all__ = ["LlamaAdapterConfig", "AdaptionPrompt", "GatedPrompt", "gated_sites", "hidden_width"]
@@ -142,6 +142,7 @@ def build(model: nn.Module, config: LlamaAdapterConfig) -> Placements:
 
 register_method(MethodSpec(
     "llamaadapter", LlamaAdapterConfig, build, mergeable=False, identity_at_init=True,
+    merge_refusal=NOT_A_WEIGHT_CHANGE,
     summary="learned adaption prompts in the top attention layers through zero-init gates (LLaMA-Adapter)",
     default_lr=1e-2,
     mixing=Mixing("per_delta", reason="each delta's prompt attention runs on its own rows (prompt lengths may differ)"),

@@ -247,6 +247,7 @@ def build(model: nn.Module, config: PrefixConfig) -> Placements:
 
 register_method(MethodSpec(
     "prefix", PrefixConfig, build, mergeable=False, identity_at_init=False,
+    merge_refusal="its key/value prefixes join the attention softmax of every layer",
     summary="trainable key/value prefixes in every attention layer", default_lr=1e-2,
     mixing=Mixing("alone", reason="its prefixes enter inside attention, which runs one set of keys for the whole batch"),
     stack_only="its key/value prefixes act inside attention, not on a module's output",

@@ -158,6 +158,7 @@ def build(model: nn.Module, config: SparseAdapterConfig) -> Placements:
 
 register_method(MethodSpec(
     "sparseadapter", SparseAdapterConfig, build, mergeable=False, identity_at_init=True,
+    merge_refusal="a bottleneck adapter applies a non-linearity to the layer's output",
     summary="bottleneck adapters pruned at initialisation to a fixed sparsity (Large-Sparse: a wider bottleneck)",
     default_lr=1e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no SparseAdapter (nor any bottleneck adapter)"))
