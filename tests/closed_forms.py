@@ -234,7 +234,7 @@ def _compacter(model, config, modules):
     for path in (p for p in modules if p):
         module = model.get_submodule(path)
         width = (_block(module) if not hasattr(module, "weight") else _linear(module))[1]
-        k = config.bottleneck or width // config.reduction_factor
+        k = config.bottleneck or width // config.reduction_factor // config.phm_dim * config.phm_dim
         projections = 2 * config.phm_rank * (k + width) if config.factorized_phm_W else 2 * k * width // n
         total += projections + k + width + (0 if config.shared_phm_rule else 2 * rule)
     return total

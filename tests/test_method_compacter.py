@@ -127,12 +127,17 @@ def test_the_bottleneck_follows_the_reduction_factor_when_not_given():
     model = MODELS["bert"].build(0)
     dt.attach(model, CompacterConfig(reduction_factor=4), name="x")
     assert {u.down_weight().shape for u in _units(model).values()} == {(8, 32)}
+    # rounded down to a multiple of phm_dim: 32 // 3 = 10 -> 8 (SmolLM2's defaults: 576 // 32 = 18 -> 16)
+    model = MODELS["bert"].build(0)
+    dt.attach(model, CompacterConfig(reduction_factor=3), name="x")
+    assert {u.down_weight().shape for u in _units(model).values()} == {(8, 32)}
 
 
 @pytest.mark.parametrize("fields,match", [
     ({"phm_dim": 3}, r"phm_dim 3 must divide its output width 32"),
     ({"phm_dim": 16, "bottleneck": 8}, r"phm_dim 16 must divide .* the bottleneck 8"),
-    ({"reduction_factor": 64}, r"32 // reduction_factor 64 is a bottleneck of 0"),
+    ({"reduction_factor": 64}, r"32 // reduction_factor 64 is a bottleneck of 0, below phm_dim 4"),
+    ({"reduction_factor": 16}, r"32 // reduction_factor 16 is a bottleneck of 2, below phm_dim 4"),
 ])
 def test_a_phm_dim_that_does_not_divide_the_widths_fails_at_attach_naming_the_module(fields, match):
     model = MODELS["gpt2"].build(0)

@@ -196,11 +196,13 @@ def build(model: nn.Module, config: CompacterConfig) -> Placements:
         if dims is None:
             return f"{type(module).__name__} has no linear layer to read its width from"
         width = dims[1]
-        bottleneck = config.bottleneck or width // config.reduction_factor
         where = f"compacter cannot adapt {path} ({type(module).__name__}, {dims[0]} -> {width})"
-        if bottleneck == 0:
+        # a derived bottleneck is rounded down to a multiple of phm_dim (576 // 32 = 18 -> 16 for phm_dim 4)
+        bottleneck = config.bottleneck or width // config.reduction_factor // n * n
+        if width % n == 0 and bottleneck == 0:
             raise NotApplicableError(f"{where}: its width {width} // reduction_factor {config.reduction_factor} is a "
-                                     f"bottleneck of 0; lower reduction_factor or set bottleneck")
+                                     f"bottleneck of {width // config.reduction_factor}, below phm_dim {n}; lower "
+                                     f"reduction_factor or set bottleneck")
         if width % n or bottleneck % n:
             raise NotApplicableError(
                 f"{where}: phm_dim {n} must divide its output width {width} and the bottleneck {bottleneck} "
