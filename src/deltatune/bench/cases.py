@@ -29,6 +29,7 @@ import torch
 import deltatune as dt
 from deltatune.core.registry import get_method, method_specs
 from deltatune.core.roles import default_targets
+from deltatune.errors import ConfigError, NotApplicableError, TargetError
 from deltatune.interop.peft import save_peft
 from deltatune.models.load import load_model
 
@@ -150,6 +151,17 @@ def peft_refusal(case: dict) -> str | None:
     """Why ``case``'s method has no peft counterpart, or ``None`` when it has one."""
     spec = get_method(case["method"])
     return None if spec.peft is not None else spec.peft_refusal
+
+
+def refusal(error: Exception, lib: str) -> tuple[str, str]:
+    """Why building a case on ``lib`` gave no row: ``("not_applicable", reason)`` when the method
+    (at the bench's sizes) cannot adapt the model, ``("no_peft", reason)`` when peft's codec
+    cannot hold the delta on it. Any other error is a real failure and is raised again."""
+    if isinstance(error, (NotApplicableError, TargetError)):
+        return "not_applicable", str(error)
+    if isinstance(error, ConfigError) and lib == "peft":
+        return "no_peft", str(error)
+    raise error
 
 
 def export_peft(ours, directory: str, names: list[str] | None = None) -> list[str]:

@@ -25,7 +25,7 @@ import torch
 import deltatune as dt
 from deltatune.errors import ConfigError, NotApplicableError, TargetError
 from .interleave import interleaved
-from .cases import (BASELINES, CASES, LR, MODELS, batch_for, build_model, case, make_batch, peft_refusal, trained_copies,
+from .cases import (BASELINES, CASES, LR, MODELS, batch_for, build_model, case, make_batch, peft_refusal, refusal, trained_copies,
                     with_delta)
 from .workers import make_train_step, peak_rss_mib, train_model
 
@@ -51,13 +51,9 @@ def train_ratios(args: dict) -> dict:
             continue
         try:
             model = train_model(key.partition(":")[0], label, base, spec).train()
-        except (NotApplicableError, TargetError) as error:  # the method (at the bench's sizes) cannot adapt it
-            not_applicable[label] = str(error)
-            continue
-        except ConfigError as error:
-            if not key.startswith("peft:"):
-                raise
-            refused[label] = str(error)
+        except (ConfigError, NotApplicableError, TargetError) as error:
+            kind, reason = refusal(error, key.partition(":")[0])
+            (not_applicable if kind == "not_applicable" else refused)[label] = reason
             continue
         cases[key], trainable[key] = make_train_step(model, batch_for(args, model), floor=label == "floor")
     timings = interleaved(cases, args.get("repeats", 15), args.get("warmup", 2), args.get("budget_s", BUDGET_S))

@@ -23,7 +23,7 @@ import torch
 import deltatune as dt
 from deltatune.errors import ConfigError, NotApplicableError, TargetError
 from .cases import (BASELINES, CASES, LR, MODELS, NAME, BenchModel, baseline, batch_for, build_model, case, export_peft,
-                    load_peft, peft_twin, with_delta)
+                    load_peft, peft_twin, refusal, with_delta)
 from .interleave import spread
 
 
@@ -100,9 +100,7 @@ def train_step(args: dict) -> dict:
         model = _fresh_model(lib, label, name, args.get("seed", 0)).train()
     except (ConfigError, NotApplicableError, TargetError) as error:
         # the method cannot adapt this model, or its peft codec cannot hold it: the reason, no row
-        if lib != "peft" and not isinstance(error, (NotApplicableError, TargetError)):
-            raise
-        return {"kind": "train_step", "lib": lib, "method": label, "refused": str(error)}
+        return {"kind": "train_step", "lib": lib, "method": label, "refused": refusal(error, lib)[1]}
     step, trainable = make_train_step(model, batch_for(args, model), floor=label == "floor")
     for _ in range(args.get("warmup", 3)):
         step()
