@@ -38,7 +38,7 @@ from .core.inject import (
     set_active,
     using,
 )
-from .core.merge import fold, merge, unmerge
+from .core.merge import fold, merge, requantization_errors, unmerge
 from .core.mixing import get_routing, route
 from .core.rows import Routing
 from .core.params import base_parameters, count_parameters, delta_parameters, set_trainable
@@ -65,6 +65,7 @@ from .errors import (
     TargetError,
 )
 from .io.artifact import load, read_meta, save
+from .models.quantize import QuantizeReport, quantize_model
 from .swap import CacheStats, DeltaCache, SwapResult, replace
 from .version import __version__
 from .methods.abba import ABBAConfig
@@ -111,12 +112,13 @@ __all__ = [
     "HeadConfig", "HydraConfig", "HyperAdapterConfig", "IA3Config", "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig",
     "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing", "MoLoRAConfig",
     "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig", "Parallel", "Placement", "PrefixConfig",
-    "PromptConfig", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack", "SwapResult",
+    "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack", "SwapResult",
     "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig", "VeRAConfig", "activate", "active_deltas",
     "after_step", "attach", "base_only", "base_parameters", "block_from_dict", "compose", "config_from_dict",
     "count_parameters", "deactivate", "delete", "delta_parameters", "fold", "get_composition", "get_config",
     "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge", "merge_deltas",
-    "method_names", "method_specs", "read_meta", "register_method", "replace", "route", "save", "set_active",
+    "method_names", "method_specs", "quantize_model", "read_meta", "register_method", "replace", "requantization_errors",
+    "route", "save", "set_active",
     "set_composition", "set_trainable", "unmerge", "using",
 ]
 

@@ -83,7 +83,7 @@ def _copy_in(live: dict[str, tuple[DeltaUnit, str, torch.Tensor]], tensors: dict
         unit.load_saved(values)
 
 
-def replace(model: nn.Module, name: str, directory: str | Path, *, check: Check = "strict") -> SwapResult:
+def replace(model: nn.Module, name: str, directory: str | Path, *, check: Check = "base") -> SwapResult:
     """Swap the saved delta in ``directory`` in for the live delta ``name``.
 
     In place (same unit objects, no new modules) when config, sites and tensor shapes match;
@@ -187,7 +187,7 @@ class DeltaCache:
     """
 
     def __init__(self, model: nn.Module, max_deltas: int | None = None, max_bytes: int | None = None,
-                 *, check: Check = "strict") -> None:
+                 *, check: Check = "base") -> None:
         for label, bound in (("max_deltas", max_deltas), ("max_bytes", max_bytes)):
             if bound is not None and (not isinstance(bound, int) or bound < 1):
                 raise ConfigError(f"{label} must be a positive integer or None, got {bound!r}")

@@ -12,6 +12,7 @@ from ..core.build import linear_shape
 from ..core.inject import attach, check_name_free
 from ..core.merge import require_mergeable
 from ..core.params import base_parameters, tensor_key
+from ..core.quantized import dense
 from ..core.report import AttachReport
 from ..core.saved_module import SavedModule
 from ..core.slot import get_slot, slot_sites
@@ -62,7 +63,7 @@ def delta_entries(model: nn.Module, name: str, *, include_saved: bool = False) -
             entries[tensor_key(path, "weight")] = factored
             continue
         # the base values even when some delta is merged into the module right now
-        base = {key: slot._originals.get(key, param).detach() for key, param in base_parameters(module)}
+        base = {key: dense(slot._originals.get(key, param).detach()) for key, param in base_parameters(module)}
         with torch.no_grad():
             changed = unit.merge_params(module, dict(base))
         for key, value in changed.items():

@@ -25,6 +25,7 @@ from torch import nn
 from ..core.build import linear_shape, weight_as_out_in
 from ..core.inject import attach
 from ..core.params import base_parameters, delta_parameters, parameter_owners, tensor_key, tied_elsewhere
+from ..core.quantized import dense
 from ..core.saved_module import SavedModule
 from ..core.slot import slot_sites
 from ..core.targeting import base_modules, select_modules
@@ -187,7 +188,7 @@ def extract_lora(
     covered = {tensor_key(layer.path, "weight") for layer in layers}
     uncovered = tuple(key for key, param in base_params.items()
                       if key not in covered and not any(key.startswith(path + ".") for path in carried)
-                      and not torch.equal(param.detach(), tuned_params[key].detach().to(param.device)))
+                      and not torch.equal(dense(param.detach()), dense(tuned_params[key].detach()).to(param.device)))
     return base, ExtractReport(name, tuple(layers), tuple(carried), tuple(unchanged), uncovered)
 
 

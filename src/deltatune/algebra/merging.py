@@ -311,7 +311,7 @@ def merge_deltas(
     metric: str = "test.loss",
     heads: str | int = "merge",
     name: str = "merged",
-    check: str = "strict",
+    check: str = "base",
 ) -> MergeReport:
     """Merge deltas into one new delta on ``model`` and report what was kept.
 
@@ -333,7 +333,7 @@ def merge_deltas(
             names; ``"identical"`` keeps them only if every source's are equal; ``"drop"``
             keeps none; an index keeps that source's.
         name: the new delta's name; it becomes the only active delta.
-        check: fingerprint check for folder sources: ``"strict"``, ``"warn"`` or ``"off"``.
+        check: fingerprint check for folder sources: ``"base"`` (default), ``"strict"``, ``"warn"`` or ``"off"`` (see :mod:`deltatune.io.base_check`).
 
     Returns:
         A :class:`MergeReport`. The result is a LoRA when exact (low-rank sources with

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..core.inject import delete, list_deltas
 from ..core.params import base_parameters
+from ..core.quantized import dense, write
 from ..core.report import AttachReport
 from ..core.slot import get_state
 from ..errors import ConfigError, DeltaStateError, MergeError
@@ -162,7 +163,7 @@ class TaskVector:
         return task_vector_of(model, name, include_saved=include_saved)
 
     @classmethod
-    def from_folder(cls, model: nn.Module, directory: str | Path, *, check: str = "strict",
+    def from_folder(cls, model: nn.Module, directory: str | Path, *, check: str = "base",
                     include_saved: bool = False) -> TaskVector:
         """The weight change of a saved delta on base ``model``; the model is left as it was.
 
@@ -195,6 +196,7 @@ class TaskVector:
             if old.shape != new.shape:
                 raise MergeError(f"parameter {key!r} has shape {tuple(old.shape)} in the base and {tuple(new.shape)} "
                                  f"in the fine-tuned model; they must be the same architecture")
+            old, new = dense(old), dense(new)
             if not torch.equal(old, new):
                 entries[key] = wide(new) - wide(old)
         meaning = inferred(finetuned, [find_head(finetuned) or ""])
@@ -219,13 +221,13 @@ class TaskVector:
         new = {}
         with torch.no_grad():
             for key, entry in self.items():
-                param = params[key]
+                param = dense(params[key])
                 value = param + (scale * entry_dense(entry)).to(device=param.device, dtype=param.dtype)
                 if not bool(torch.isfinite(value).all()):
                     raise MergeError(f"adding the task vector to {key!r} gives NaN or inf; nothing was changed")
                 new[key] = value
-            for key, value in new.items():
-                params[key].copy_(value)
+        for key, value in new.items():
+            write(model, key, value)  # a quantised weight is quantised again
         return model
 
     def to_delta(self, model: nn.Module, name: str, rank: int | None = None, *,

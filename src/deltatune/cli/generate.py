@@ -7,6 +7,7 @@ import argparse
 import deltatune as dt
 from ..errors import DeltaError
 from ..models.generate import generate_text
+from ..core.quantized import FORMATS
 from ..models.load import check_model_name, load_model
 
 
@@ -16,7 +17,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise DeltaError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     check_model_name(args.model)
-    loaded = load_model(args.model, "causal_lm")
+    loaded = load_model(args.model, "causal_lm", quantize=args.quantize)
     model, tokenizer = loaded.model, loaded.tokenizer
     report = dt.load(model, args.delta)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
@@ -41,4 +42,6 @@ def add_parsers(commands) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding; above 0: sampling")
     generate.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    generate.add_argument("--quantize", choices=FORMATS, default=None,
+                          help="quantise the frozen base's Linear layers (int8, or 4bit NF4)")
     generate.set_defaults(run=_generate)

@@ -18,6 +18,7 @@ from ..interop.peft import export_peft, import_peft
 from ..interop.peft_files import ADAPTER_WEIGHTS, read_peft_config
 from ..interop.peft_methods import check_exportable, codec_for_peft_type
 from ..io.artifact import read_meta
+from ..io.base_check import CHECKS
 from ..models.load import MODELS, model_folder
 
 FORMATS = ("peft",)
@@ -113,8 +114,9 @@ def add_parsers(commands) -> None:
     export.add_argument("--out", required=True, help="the folder to write")
     export.add_argument("--model", default=None, help="the base: minilm, smollm2 or a local transformers folder "
                                                        "(default: the model the delta was trained with)")
-    export.add_argument("--check", choices=("strict", "warn", "off"), default="strict",
-                        help="what to do if the base's fingerprint differs from the delta's")
+    export.add_argument("--check", choices=CHECKS, default="base",
+                        help="what to do if the base's fingerprint differs from the delta's: base (default) refuses "
+                             "another base and warns for the same base at another precision; strict refuses both")
     export.set_defaults(run=_export)
     imported = commands.add_parser("import", help="turn another library's adapter folder (peft) into a delta")
     imported.add_argument("directory", help="a peft adapter folder (adapter_config.json + adapter_model.safetensors)")

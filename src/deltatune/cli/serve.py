@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..core.quantized import FORMATS
+
 ADMIN_TOKEN_ENV = "DELTATUNE_ADMIN_TOKEN"
 
 
@@ -23,7 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..serve import Settings, create_app, engine_from_options
 
-    engine = engine_from_options(args.model, args.deltas, max_deltas=args.max_deltas, num_labels=args.num_labels)
+    engine = engine_from_options(args.model, args.deltas, max_deltas=args.max_deltas, num_labels=args.num_labels,
+                                 quantize=args.quantize)
     token = args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
     settings = Settings(admin_token=token, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                         queue_size=args.queue_size, timeout_s=args.timeout, max_inputs=args.max_inputs,
@@ -52,5 +55,7 @@ def add_parsers(commands) -> None:
     serve.add_argument("--max-tokens", type=_positive(int), default=256, help="largest max_tokens a completion may ask")
     serve.add_argument("--num-labels", type=_positive(int), default=None,
                        help="classifier outputs of the base (default: what the deltas' heads have)")
+    serve.add_argument("--quantize", choices=FORMATS, default=None,
+                       help="quantise the frozen base's Linear layers (int8, or 4bit NF4); deltas stay float32")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)

@@ -1,4 +1,10 @@
-"""Folding deltas into the base weights and taking them out again, exactly."""
+"""Folding deltas into the base weights and taking them out again, exactly.
+
+A quantised base weight (:mod:`.quantized`) is merged by dequantising it, adding the delta
+and quantising the sum again in the same format; the rounding that adds is measured per
+weight (``state.requantization``) and can be bounded (``max_error``). Unmerge puts the original
+quantised parameter back, so it is exact there too. :func:`fold` makes a float model instead.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from torch import nn
 from ..errors import DeltaStateError, MergeError
 from .inject import remove_all
 from .params import base_parameters, parameter_owners, tensor_key, tied_elsewhere
+from .quantized import dense, format_of, replace_parameter, requantize
 from .registry import get_method
 from .slot import DeltaSlot, require_state, slot_sites
+from .targeting import base_modules
 
 
 def _own_params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -41,7 +49,7 @@ def _plan(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, 
         if not units:
             continue
         tied = tied_elsewhere(model, path, owners)
-        current = {k: p.detach() for k, p in _own_params(module).items()}
+        current = {k: dense(p.detach()) for k, p in _own_params(module).items()}
         new: dict[str, torch.Tensor] = {}
         for name, unit in sorted(units, key=lambda item: type(item[1]).merge_order):
             with torch.no_grad():
@@ -65,17 +73,44 @@ def _plan(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module, 
     return plan
 
 
-def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> tuple[str, ...]:
+def _requantized(plan, max_error: float | None) -> dict[tuple[int, str], tuple[nn.Parameter, float]]:
+    """For every quantised weight in ``plan``: its merged value in its own format, and the rounding
+    error that adds as a fraction of the merged change ``||Q(W + dW) - (W + dW)|| / ||dW||``."""
+    done = {}
+    for path, module, _, new in plan:
+        params = _own_params(module)
+        for key, value in new.items():
+            if format_of(params[key]) is None:
+                continue
+            made = requantize(value, params[key])
+            change = (value - dense(params[key])).norm()
+            rounding = (dense(made) - value).norm()
+            error = float(rounding / change) if change > 0 else 0.0 if rounding == 0 else float("inf")
+            if max_error is not None and error > max_error:
+                raise MergeError(
+                    f"merging into the quantised {tensor_key(path, key)} loses {error:.3g} of the delta's change to "
+                    f"re-quantisation (||Q(W+dW) - (W+dW)|| / ||dW||), above max_error={max_error:g}. Keep the delta "
+                    f"unmerged (it still runs), fold it into a float model (fold), or raise max_error. Nothing was changed."
+                )
+            done[id(module), key] = (made, error)
+    return done
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, max_error: float | None = None) -> tuple[str, ...]:
     """Fold deltas (default: the active ones) into the base weights, reversibly.
 
     The forward pass then costs what the base costs. The original values are kept, so
-    :func:`unmerge` restores the base bit for bit.
+    :func:`unmerge` restores the base bit for bit. A quantised weight gets ``W + dW`` quantised
+    again; ``model``'s ``requantization`` (:func:`requantization_errors`) says what that rounding
+    cost each weight, and ``max_error`` refuses the merge when any weight loses more than that
+    fraction of its change.
 
     Returns:
         the merged delta names.
 
     Raises:
-        MergeError: a delta cannot be merged, or merging would give NaN/inf (nothing changes).
+        MergeError: a delta cannot be merged, merging would give NaN/inf, or re-quantising would
+            lose more than ``max_error`` (nothing changes).
     """
     state = require_state(model)
     wanted = state.active if names is None else (names,) if isinstance(names, str) else tuple(names)
@@ -84,15 +119,28 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> tuple[s
     if not wanted:
         raise DeltaStateError("no delta to merge: none is active and none was named")
     plan = _plan(model, wanted)
-    for _, module, slot, new in plan:
+    quantised = _requantized(plan, max_error)
+    state.requantization = {}
+    for path, module, slot, new in plan:
         params = _own_params(module)
         with torch.no_grad():
             for key, value in new.items():
-                slot._originals[key] = params[key].detach().clone()
-                params[key].copy_(value)
+                if (id(module), key) in quantised:  # keep the quantised parameter itself; put a new one in
+                    slot._originals[key] = params[key]
+                    made, state.requantization[tensor_key(path, key)] = quantised[id(module), key]
+                    replace_parameter(module, key, made)
+                else:
+                    slot._originals[key] = params[key].detach().clone()
+                    params[key].copy_(value)
     state.merged = wanted
     state.set_active(tuple(dict.fromkeys((*state.active, *wanted))))
     return wanted
+
+
+def requantization_errors(model: nn.Module) -> dict[str, float]:
+    """While deltas are merged into a quantised base: for every re-quantised weight, the share of
+    the merged change lost to rounding, ``||Q(W + dW) - (W + dW)|| / ||dW||`` (empty otherwise)."""
+    return dict(require_state(model).requantization)
 
 
 def unmerge(model: nn.Module) -> tuple[str, ...]:
@@ -102,9 +150,12 @@ def unmerge(model: nn.Module) -> tuple[str, ...]:
         params = _own_params(module)
         with torch.no_grad():
             for key, original in slot._originals.items():
-                params[key].copy_(original)
+                if format_of(original) is not None:
+                    replace_parameter(module, key, original)
+                else:
+                    params[key].copy_(original)
         slot._originals.clear()
-    unmerged, state.merged = state.merged, ()
+    unmerged, state.merged, state.requantization = state.merged, (), {}
     state.changed()
     return unmerged
 
@@ -113,13 +164,16 @@ def fold(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modul
     """Merge deltas for good and strip deltatune from the model ("merge and drop").
 
     Returns the same model object, now a plain base model with the deltas folded into its
-    weights: no slots, no hooks, no deltatune code left in it.
+    weights: no slots, no hooks, no deltatune code left in it. A quantised base comes out as a
+    float model (every quantised weight dequantised, the deltas added exactly), which
+    ``save_pretrained`` can write and any library can load; quantise it again when loading.
     """
     state = require_state(model)
     if state.merged:
         unmerge(model)
     wanted = state.active if names is None else (names,) if isinstance(names, str) else tuple(names)
     plan = _plan(model, wanted) if wanted else []
+    dequantize_all(model)
     for _, module, _, new in plan:
         params = _own_params(module)
         with torch.no_grad():
@@ -127,3 +181,12 @@ def fold(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modul
                 params[key].copy_(value)
     remove_all(model)
     return model
+
+
+def dequantize_all(model: nn.Module) -> None:
+    """Replace every quantised base parameter of ``model`` by its float32 value."""
+    for _, module in base_modules(model):
+        for key, param in list(module.named_parameters(recurse=False)):
+            if format_of(param) is not None:
+                replace_parameter(module, key, nn.Parameter(dense(param), requires_grad=False))
+        module.__dict__.pop("_deltatune_sources", None)

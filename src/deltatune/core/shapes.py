@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .quantized import dense
+
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     """``(in_features, out_features, fan_in_fan_out)`` of a Linear or GPT-2 ``Conv1D``, else None.
@@ -19,5 +21,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
 
 
 def weight_as_out_in(module: nn.Module, fan_in_fan_out: bool):
-    """The module's weight as an ``(out, in)`` matrix (a view; transposed for ``Conv1D``)."""
-    return module.weight.T if fan_in_fan_out else module.weight
+    """The module's weight as an ``(out, in)`` float matrix: a view (transposed for ``Conv1D``),
+    or a dequantised copy when the base is quantised (:func:`deltatune.core.quantized.dense`)."""
+    weight = dense(module.weight)
+    return weight.T if fan_in_fan_out else weight

@@ -50,6 +50,9 @@ class DeltaState:
         self.call_plans: list[Plan | None] = []
         self.root_handles: list[Any] = []
         self.merged: tuple[str, ...] = ()
+        #: while merged into a quantised base: for each re-quantised weight, the rounding error
+        #: re-quantising added, as a fraction of the merged change (see core/merge.py)
+        self.requantization: dict[str, float] = {}
         self.version = 0
         #: names of base parameters that had requires_grad=True before the first attach
         self.originally_trainable: set[str] = set()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .build import first_input
+from .quantized import format_of
 from .shapes import weight_as_out_in
 from .unit import DeltaUnit
 
@@ -37,7 +38,7 @@ class WeightDelta(DeltaUnit):
         raise NotImplementedError
 
     def base_weight(self, module: nn.Module) -> torch.Tensor:
-        """The module's weight as ``(out, in)`` (a view)."""
+        """The module's weight as ``(out, in)`` floats (a view, or dequantised when quantised)."""
         return weight_as_out_in(module, self.transposed)
 
     def forward_post(self, module, args, kwargs, output):
@@ -49,7 +50,8 @@ class WeightDelta(DeltaUnit):
         # alone at a float32 nn.Linear with the generic kernel: one matmul with W + dW
         x = first_input(args, kwargs)
         generic = type(self).forward_post is WeightDelta.forward_post
-        if generic and type(module) is nn.Linear and x.dtype == module.weight.dtype == torch.float32:
+        if generic and type(module) is nn.Linear and x.dtype == module.weight.dtype == torch.float32 \
+                and format_of(module.weight) is None:
             return F.linear(x, module.weight + self.delta_weight(module.weight), module.bias)
         return super().run(module, own, args, kwargs)
 

@@ -316,7 +316,7 @@ def _free_name(model: nn.Module, wanted: str) -> str:
     return name
 
 
-def export_peft(delta_dir: str | Path, out_dir: str | Path, model: nn.Module, *, check: Check = "strict",
+def export_peft(delta_dir: str | Path, out_dir: str | Path, model: nn.Module, *, check: Check = "base",
                 base_model_name_or_path: str | None = None) -> Path:
     """Convert a deltatune delta folder into a peft adapter folder.
 

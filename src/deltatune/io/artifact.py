@@ -12,9 +12,8 @@ import datetime
 import hashlib
 import json
 import re
-import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -27,17 +26,15 @@ from ..core.params import tensor_key
 from ..core.registry import config_from_dict
 from ..core.report import AttachReport
 from ..core.slot import require_state, slot_sites
-from ..core.targeting import base_modules
-from ..errors import ConfigError, DeltaFileError, DeltaStateError, FingerprintError, TargetError
+from ..errors import ConfigError, DeltaFileError, DeltaStateError, TargetError
 from .atomic import atomic_path, write_text_atomic
 from .compressed import decode as decode_compressed
-from .fingerprint import WHOLE_BASE, combine, module_fingerprint, whole_base_fingerprint
+from .base_check import Check, base_fingerprint, check_fingerprint
 from .meaning import from_meta, meaning_of, remember
 from .schema import FORMAT, FIX, check_meta, check_seal, seal
 
 TENSORS_FILE = "delta.safetensors"
 META_FILE = "delta.json"
-Check = Literal["strict", "warn", "off"]
 
 
 def file_sha256(path: Path) -> str:
@@ -46,30 +43,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             hasher.update(block)
     return hasher.hexdigest()
-
-
-def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
-    """The fingerprint of the base modules delta ``name`` adapts, as stored in ``delta.json``."""
-    paths = {id(module): path for path, module in base_modules(model)}
-    per_module = {}
-    for _, module, slot in slot_sites(model):
-        if name in slot:
-            target = slot[name].fingerprint_module(module, model)
-            if target is not None:
-                per_module[paths[id(target)]] = module_fingerprint(target)
-    if not per_module:
-        per_module[WHOLE_BASE] = whole_base_fingerprint(model, require_state(model).saved_modules[name])
-    return _fingerprint_record(model, per_module)
-
-
-def _fingerprint_record(model: nn.Module, per_module: dict[str, str]) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    return {
-        "sha256": combine(per_module),
-        "modules": {path: digest[:16] for path, digest in sorted(per_module.items())},
-        "model_class": type(model).__name__,
-        "model_type": getattr(config, "model_type", None),
-    }
 
 
 def _delta_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -229,46 +202,12 @@ def _exact(paths: list[str]) -> tuple[str, ...]:
     return tuple("re:" + re.escape(p) for p in paths)
 
 
-def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> None:
-    """Compare the recorded base fingerprint with ``model``'s; raise, warn or ignore."""
-    if check == "off":
-        return
-    if check not in ("strict", "warn"):
-        raise ConfigError(f"check must be 'strict', 'warn' or 'off', got {check!r}")
-    recorded = meta["base"]
-    modules = dict(base_modules(model))
-    missing = [p for p in recorded["modules"] if p not in modules and p != WHOLE_BASE]
-    if missing:
-        problem = f"this {type(model).__name__} has no module {missing[0]!r}"
-    else:
-        here = {
-            p: whole_base_fingerprint(model, meta.get("modules_to_save", [])) if p == WHOLE_BASE else module_fingerprint(modules[p])
-            for p in recorded["modules"]
-        }
-        if combine(here) == recorded["sha256"]:
-            return
-        first = next((p for p in sorted(here) if here[p][:16] != recorded["modules"][p]), None)
-        if first is None:  # every module digest agrees, the combined one does not
-            problem = f"its per-module digests match but the combined fingerprint does not; {FIX}"
-        else:
-            where = "its base tensors differ" if first == WHOLE_BASE else f"module {first!r} holds different weights"
-            problem = f"{where} (fingerprint {here[first][:16]} vs {recorded['modules'][first]})"
-    message = (
-        f"delta {meta['name']!r} was made for another base ({recorded.get('model_class')}, fingerprint "
-        f"{recorded['sha256'][:16]}): {problem}. Load the base it was trained on, or pass check='warn' "
-        f"(or 'off') to load it anyway."
-    )
-    if check == "strict":
-        raise FingerprintError(message)
-    warnings.warn(message, stacklevel=3)
-
-
 def load(
     model: nn.Module,
     directory: str | Path,
     name: str | None = None,
     *,
-    check: Check = "strict",
+    check: Check = "base",
     activate: bool = True,
     saved_modules: bool = True,
     overrides: dict[str, Any] | None = None,
@@ -279,7 +218,9 @@ def load(
         model: the base model; it is changed only if everything checks out.
         directory: a folder written by :func:`save`.
         name: the name to give it on this model (default: its saved name).
-        check: ``"strict"`` refuses a base whose fingerprint differs, ``"warn"`` warns, ``"off"`` skips.
+        check: ``"base"`` (default) refuses another base and warns for the same base at another
+            precision (quantised or not), ``"strict"`` refuses any difference, ``"warn"`` warns,
+            ``"off"`` skips.
         activate: make it the only active delta.
         saved_modules: ``False`` leaves out the modules the delta trains whole (its head), so
             a delta of another task's label count loads for its body alone (e.g. to merge it).
@@ -288,7 +229,8 @@ def load(
             field that changes the tensors' shapes fails as a mismatch.
 
     Raises:
-        FingerprintError: the delta was made for another base (``check="strict"``).
+        FingerprintError: the delta was made for another base (or, under ``check="strict"``,
+            for the same base at another precision).
         DeltaFileError: files missing, corrupt, truncated, or with missing/extra/misshapen/non-finite tensors;
             a ``delta.json`` field missing or of the wrong type; sealed fields changed after saving.
     """

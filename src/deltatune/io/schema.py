@@ -57,13 +57,21 @@ class TensorInfo(Schema):
     dtype: DtypeName
 
 
+class Quantization(Schema):
+    """The base was quantised: its formats, and the fingerprint of the float tensors it came from."""
+
+    formats: Annotated[list[str], Field(min_length=1)]
+    source_sha256: Sha256
+
+
 class BaseRecord(Schema):
-    """The base fingerprint (:func:`deltatune.io.artifact.base_fingerprint`)."""
+    """The base fingerprint (:func:`deltatune.io.base_check.base_fingerprint`)."""
 
     sha256: Sha256
     modules: Annotated[dict[str, str], Field(min_length=1, description="an object mapping module paths to digests")]
     model_class: str | None = None
     model_type: str | None = None
+    quantization: Quantization | None = None
 
 
 class Compression(Schema):

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data.datasets import package_folder
 from ..errors import DeltaError
+from .quantize import QuantizeReport, quantize_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,6 +38,8 @@ class Loaded:
     tokenizer: object
     name: str
     source: str
+    #: what ``quantize=`` did to the base, else ``None``
+    quantization: QuantizeReport | None = None
 
 
 def cache_dir() -> Path:
@@ -107,10 +110,13 @@ def model_task(name: str) -> str:
     return CAUSAL_LM if causal else CLASSIFICATION
 
 
-def load_model(name: str, task: str, num_labels: int | None = None, labels: list[str] | None = None) -> Loaded:
+def load_model(name: str, task: str, num_labels: int | None = None, labels: list[str] | None = None, *,
+               quantize: str | None = None) -> Loaded:
     """Model and tokenizer for ``task`` ("classification" or "causal_lm").
 
-    A classification head is new and randomly initialised; it must be trained.
+    A classification head is new and randomly initialised; it must be trained. ``quantize``
+    (``"int8"`` or ``"4bit"``) quantises the frozen base's Linear layers
+    (:func:`deltatune.models.quantize.quantize_model`).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
@@ -132,4 +138,5 @@ def load_model(name: str, task: str, num_labels: int | None = None, labels: list
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Loaded(model, tokenizer, name, str(folder))
+    report = quantize_model(model, quantize) if quantize else None
+    return Loaded(model, tokenizer, name, str(folder), report)

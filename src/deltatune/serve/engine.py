@@ -53,18 +53,20 @@ def head_labels(library: DeltaLibrary) -> int | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def load_base(name: str, library: DeltaLibrary, *, num_labels: int | None = None, seed: int = 0):
+def load_base(name: str, library: DeltaLibrary, *, num_labels: int | None = None, seed: int = 0,
+              quantize: str | None = None):
     """The base model, its tokenizer and its task, ready to serve (eval mode, no grad).
 
     A classification base gets ``num_labels`` outputs (default: what the deltas' heads have);
     its own head is new and seeded with ``seed``, so base-only answers are reproducible.
+    ``quantize`` (``"int8"`` or ``"4bit"``) quantises its Linear layers.
     """
     task = model_task(name)
     if task == CLASSIFICATION:
         torch.manual_seed(seed)
-        loaded = load_model(name, task, num_labels or head_labels(library) or 2)
+        loaded = load_model(name, task, num_labels or head_labels(library) or 2, quantize=quantize)
     else:
-        loaded = load_model(name, task)
+        loaded = load_model(name, task, quantize=quantize)
         loaded.tokenizer.padding_side = "left"
     loaded.model.eval().requires_grad_(False)
     return loaded.model, loaded.tokenizer, task
@@ -279,8 +281,8 @@ class Engine:
 
 
 def engine_from_options(model: str, deltas: str | Path, *, max_deltas: int = 16, num_labels: int | None = None,
-                        seed: int = 0) -> Engine:
+                        seed: int = 0, quantize: str | None = None) -> Engine:
     """An :class:`Engine` for a packaged model name or model folder and a deltas folder."""
     library = DeltaLibrary(deltas)
-    base, tokenizer, task = load_base(model, library, num_labels=num_labels, seed=seed)
+    base, tokenizer, task = load_base(model, library, num_labels=num_labels, seed=seed, quantize=quantize)
     return Engine(base, tokenizer, task, library, max_deltas=max_deltas, model_name=model)

@@ -20,6 +20,7 @@ from ..core.config import DeltaConfig
 from ..core.inject import attach, delta_stats
 from ..core.params import count_parameters
 from ..core.options import option_lookup
+from ..core.quantized import get_format
 from ..core.registry import get_method, method_specs
 from ..data.datasets import DataError, Splits, load_dataset
 from ..errors import ConfigError
@@ -65,6 +66,8 @@ class TrainJob:
     seed: int = _flag("seed for the split, initialisation, order and dropout", default=0)
     eval_every: int = _flag("evaluate on validation every N steps (0: never)", default=0)
     save_every: int = _flag("write a resumable checkpoint every N steps (0: never)", default=0)
+    quantize: str | None = _flag("quantise the frozen base's Linear layers: int8 or 4bit (NF4); the delta stays float32",
+                                 default=None)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -80,6 +83,11 @@ class TrainJob:
             takes = ", ".join(sorted({o.name for o in known.values()})) or "no options"
             raise ConfigError(f"option(s) {unknown} are not options of {self.method}; {self.method} takes {takes}")
         self.options = {known[k].name: v for k, v in self.options.items()}
+        if self.quantize is not None:
+            get_format(self.quantize)
+            if spec.trains_base:
+                raise ConfigError(f"--quantize {self.quantize} freezes a quantised base, but method {self.method!r} "
+                                  f"trains the base itself; drop --quantize or pick a delta method")
 
     @property
     def learning_rate(self) -> float:
@@ -124,6 +132,12 @@ def delta_config(job: TrainJob, model: torch.nn.Module, task: str) -> DeltaConfi
     return spec.config_class(**options)
 
 
+def quantization_summary(report) -> dict[str, Any]:
+    """A :class:`~deltatune.models.quantize.QuantizeReport` as ``metrics.json`` records it."""
+    return {"format": report.format, "layers": len(report.quantized), "skipped": report.skipped,
+            "weight_bytes_before": report.bytes_before, "weight_bytes_after": report.bytes_after}
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -134,7 +148,8 @@ def prepare(job: TrainJob) -> tuple[Splits, Any]:
     splits = load_dataset(job.data, job.seed, text_column=job.text_column, label_column=job.label_column,
                           completion_column=job.completion_column, limit=job.limit)
     torch.manual_seed(job.seed)
-    loaded = load_model(job.model, splits.task, len(splits.labels) or None, splits.labels or None)
+    loaded = load_model(job.model, splits.task, len(splits.labels) or None, splits.labels or None,
+                        quantize=job.quantize)
     return splits, loaded
 
 
@@ -191,6 +206,8 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
         "steps": result["steps"], "seed": job.seed, "train_seconds": round(result["seconds"], 2),
         "tokens_per_second": round(result["tokens_per_second"], 1), "peak_memory_mb": round(peak_memory_mb(), 1),
     }
+    if loaded.quantization is not None:
+        metrics["quantization"] = quantization_summary(loaded.quantization)
     stats = delta_stats(model)  # methods' own statistics (a router's expert load per layer)
     if stats:
         metrics["delta_stats"] = stats
@@ -234,7 +251,7 @@ def run_eval(delta_dir: str | Path, job: TrainJob) -> dict[str, Any]:
                           completion_column=job.completion_column, limit=job.limit)
     labels = eval_labels(meta, splits, delta_dir)
     torch.manual_seed(job.seed)
-    loaded = load_model(job.model, splits.task, len(labels) or None, labels or None)
+    loaded = load_model(job.model, splits.task, len(labels) or None, labels or None, quantize=job.quantize)
     load(loaded.model, delta_dir)
     encoded = encode(splits.test, loaded.tokenizer, splits.task, job.max_length, labels)
     return {"delta": str(delta_dir), "method": meta["method"], "data": splits.describe(),

@@ -282,7 +282,8 @@ def run_multi(jobs: dict[str, TrainJob], out: str | Path) -> dict[str, Any]:
     width = max(counts.values())
     same = all(s.labels == first.labels for s in splits.values())
     torch.manual_seed(shared.seed)
-    loaded = load_model(shared.model, first.task, width or None, first.labels if same and first.labels else None)
+    loaded = load_model(shared.model, first.task, width or None, first.labels if same and first.labels else None,
+                        quantize=shared.quantize)
     model, tokenizer = loaded.model, loaded.tokenizer
     configs: dict[str, DeltaConfig] = {}
     owners: dict[str, str] = {}  # method -> the run's first task of that method

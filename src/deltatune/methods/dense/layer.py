@@ -28,7 +28,7 @@ class DenseDelta(DeltaUnit):
             raise ValueError(f"unknown dense kind {kind!r}; one of {KINDS}")
         self.kind = kind
         has_bias = isinstance(getattr(module, "bias", None), nn.Parameter)
-        self.weight_delta = nn.Parameter(torch.zeros_like(module.weight, dtype=torch.float32)) if weight else None
+        self.weight_delta = nn.Parameter(torch.zeros(module.weight.shape, dtype=torch.float32, device=module.weight.device)) if weight else None
         keep_bias = bias and has_bias
         self.bias_delta = nn.Parameter(torch.zeros_like(module.bias, dtype=torch.float32)) if keep_bias else None
 
