@@ -169,33 +169,42 @@ def _saved(model, folder):
     return json.loads((folder / "delta.json").read_text())["base"]
 
 
-def test_a_quantised_base_has_its_own_fingerprint_and_remembers_its_source(tmp_path):
+def test_every_precision_of_a_base_has_its_own_fingerprint_and_one_rounded_fingerprint(tmp_path):
     float_base = _saved(lora(llama()), tmp_path / "float")
     int8_base = _saved(lora(llama(fmt="int8")), tmp_path / "int8")
-    assert "quantization" not in float_base
-    assert int8_base["sha256"] != float_base["sha256"]
-    assert int8_base["quantization"] == {"formats": ["int8"], "source_sha256": float_base["sha256"]}
+    bf16_base = _saved(lora(llama().to(torch.bfloat16)), tmp_path / "bf16")
+    assert len({float_base["sha256"], int8_base["sha256"], bf16_base["sha256"]}) == 3
+    assert float_base["precision"]["formats"] == [] and float_base["precision"]["dtype"] == "float32"
+    assert int8_base["precision"]["formats"] == ["int8"] and bf16_base["precision"]["dtype"] == "bfloat16"
+    assert float_base["precision"]["rounded_sha256"] == int8_base["precision"]["rounded_sha256"] \
+        == bf16_base["precision"]["rounded_sha256"]
+
+
+def _base(fmt):
+    return llama().to(torch.bfloat16) if fmt == "bf16" else llama(fmt=fmt)
 
 
 @pytest.mark.parametrize("trained,loaded,was,now", [
-    (None, "int8", "the float base", "as int8 (int8 weight-only"),
-    ("int8", None, "int8 (int8 weight-only", "as the float base"),
-    ("int8", "4bit", "int8 (int8 weight-only", "as 4bit (NF4"),
+    (None, "int8", "in float32", "in int8 (int8 weight-only"),
+    ("int8", None, "in int8 (int8 weight-only", "in float32"),
+    ("int8", "4bit", "in int8 (int8 weight-only", "in 4bit (NF4"),
+    (None, "bf16", "in float32", "in bfloat16"),
+    ("bf16", "4bit", "in bfloat16", "in 4bit (NF4"),
 ])
 def test_the_same_base_at_another_precision_warns_by_default_and_strict_refuses(tmp_path, trained, loaded, was, now):
-    source = lora(llama(fmt=trained))
+    source = lora(_base(trained))
     dt.save(source, tmp_path / "d", "x")
-    expected = output(source)
-    strict = llama(fmt=loaded)
-    with pytest.raises(dt.FingerprintError, match=f"was trained on {re.escape(was)}.*same base {re.escape(now)}.*"
-                                                  f"check='strict' asks for"):
+    expected = output(source).float()
+    strict = _base(loaded)
+    with pytest.raises(dt.FingerprintError, match=f"was trained on the base {re.escape(was)}.*same base "
+                                                  f"{re.escape(now)}.*check='strict' asks for"):
         dt.load(strict, tmp_path / "d", check="strict")
     assert not dt.list_deltas(strict)
-    target = llama(fmt=loaded)
-    with pytest.warns(UserWarning, match=f"was trained on {re.escape(was)}.*same base {re.escape(now)}"):
+    target = _base(loaded)
+    with pytest.warns(UserWarning, match=f"was trained on the base {re.escape(was)}.*same base {re.escape(now)}"):
         dt.load(target, tmp_path / "d")
     # the delta itself is the same; only the base's rounding differs
-    assert (output(target) - expected).norm() / expected.norm() < 0.2
+    assert (output(target).float() - expected).norm() / expected.norm() < 0.2
 
 
 def test_a_quantised_copy_of_another_base_is_refused(tmp_path):
@@ -224,5 +233,5 @@ def test_train_and_eval_on_a_quantised_base_from_the_command_line(tmp_path, tiny
     assert metrics["quantization"]["format"] == "int8" and metrics["quantization"]["layers"] == 12
     assert metrics["quantization"]["weight_bytes_after"] < 0.3 * metrics["quantization"]["weight_bytes_before"]
     meta = json.loads((out / "delta.json").read_text())
-    assert meta["base"]["quantization"]["formats"] == ["int8"]
+    assert meta["base"]["precision"]["formats"] == ["int8"]
     assert main(["eval", "--delta", str(out)]) == 0  # evaluates on the int8 base it was trained on

@@ -167,15 +167,15 @@ def quantize_parameter(module: nn.Module, name: str, fmt: QuantFormat) -> None:
     weight = getattr(module, name).detach()
     module.__dict__.setdefault("_deltatune_sources", {})[name] = SourceSample(tuple(weight.shape), weight.dtype,
                                                                               sample(weight))
-    setattr(module, name, nn.Parameter(fmt.make(weight.float()), requires_grad=False))
+    setattr(module, name, nn.Parameter(fmt.make(weight), requires_grad=False))
 
 
 def requantize(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    """``value`` (float) as a frozen parameter in the format of the quantised tensor ``like``."""
+    """``value`` (float) as a frozen parameter in the format and precision of the quantised ``like``."""
     fmt = format_of(like)
     if fmt is None:
         raise TypeError("requantize() needs a quantised tensor to copy the format of")
-    return nn.Parameter(fmt.make(value.detach().float()), requires_grad=False)
+    return nn.Parameter(fmt.make(value.detach().to(like.dtype)), requires_grad=False)
 
 
 def packed(tensor: torch.Tensor) -> list[torch.Tensor]:

@@ -1,14 +1,14 @@
 """The base a delta records in ``delta.json``, and the check that a model is that base.
 
-A delta records the fingerprint of the base modules it adapts (:mod:`.fingerprint`). When
-those modules are quantised it also records the fingerprint of the float tensors they were
-made from, so the check can tell three cases apart:
+A delta records the fingerprint of the base modules it adapts (:mod:`.fingerprint`), and
+with it the precision the base was held in (its dtype, its quantisation formats) and a second,
+precision-independent fingerprint (values rounded to bfloat16; a quantised tensor counts as the
+float tensor it was made from). So the check tells three cases apart:
 
 - the same tensors: the delta loads;
-- the same base at another precision (a delta trained on the float base, loaded on its
-  int8 or 4-bit version, or the other way round): under ``check="base"`` (the default) it loads
-  with a warning that says how far the quantised weights are from the float ones; under
-  ``check="strict"`` it is refused;
+- the same base at another precision (a delta trained on the float32 base, loaded on its
+  bfloat16, int8 or 4-bit version, or the other way round): under ``check="base"`` (the default)
+  it loads with a warning that says how the precisions differ; ``check="strict"`` refuses it;
 - another base: refused, unless ``check="warn"`` or ``"off"``.
 """
 
@@ -23,7 +23,8 @@ from ..core.quantized import get_format
 from ..core.slot import require_state, slot_sites
 from ..core.targeting import base_modules
 from ..errors import ConfigError, FingerprintError
-from .fingerprint import WHOLE_BASE, combine, module_fingerprint, quantized_formats, whole_base_fingerprint
+from .fingerprint import (WHOLE_BASE, base_dtype_name, combine, module_fingerprint, quantized_formats,
+                          whole_base_fingerprint)
 from .schema import FIX
 
 #: how closely a model must match the base a delta recorded
@@ -31,10 +32,14 @@ Check = Literal["strict", "base", "warn", "off"]
 CHECKS = ("strict", "base", "warn", "off")
 
 
-def _fingerprints(model: nn.Module, paths: list[str], saved: list[str], source: bool) -> dict[str, str]:
+def _fingerprints(model: nn.Module, paths: list[str], saved: list[str], rounded: bool) -> dict[str, str]:
     modules = dict(base_modules(model))
-    return {p: whole_base_fingerprint(model, saved, source) if p == WHOLE_BASE else module_fingerprint(modules[p], source)
+    return {p: whole_base_fingerprint(model, saved, rounded) if p == WHOLE_BASE else module_fingerprint(modules[p], rounded)
             for p in paths}
+
+
+def _precision(model: nn.Module) -> dict[str, Any]:
+    return {"dtype": base_dtype_name(model), "formats": quantized_formats(model)}
 
 
 def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
@@ -43,41 +48,36 @@ def base_fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
     sites = [paths[id(target)] for _, module, slot in slot_sites(model) if name in slot
              if (target := slot[name].fingerprint_module(module, model)) is not None]
     saved = require_state(model).saved_modules[name]
-    per_module = _fingerprints(model, sites or [WHOLE_BASE], saved, source=False)
+    per_module = _fingerprints(model, sites or [WHOLE_BASE], saved, rounded=False)
     config = getattr(model, "config", None)
-    record = {
+    return {
         "sha256": combine(per_module),
         "modules": {path: digest[:16] for path, digest in sorted(per_module.items())},
         "model_class": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
+        "precision": {**_precision(model), "rounded_sha256": combine(_fingerprints(model, list(per_module), saved, True))},
     }
-    formats = quantized_formats(model)
-    if formats:
-        source = combine(_fingerprints(model, list(per_module), saved, source=True))
-        if source != record["sha256"]:
-            record["quantization"] = {"formats": formats, "source_sha256": source}
-    return record
 
 
-def _precision(formats: list[str]) -> str:
+def _describe(precision: dict[str, Any]) -> str:
+    formats = precision.get("formats") or []
     if not formats:
-        return "the float base"
-    return " and ".join(f"{f} ({get_format(f).description}; about {get_format(f).typical_error:.1%} relative "
-                        f"error per weight)" for f in formats)
+        return precision.get("dtype", "float32")
+    quantised = " and ".join(f"{f} ({get_format(f).description}; about {get_format(f).typical_error:.1%} relative "
+                             f"error per weight)" for f in formats)
+    return f"{quantised} over {precision.get('dtype', 'float32')}"
 
 
-def _same_base_other_precision(model: nn.Module, meta: dict[str, Any], here: dict[str, str]) -> str | None:
+def _same_base_other_precision(model: nn.Module, meta: dict[str, Any], paths: list[str]) -> str | None:
     """Why ``model`` is the recorded base at another precision, or ``None`` when it is not."""
-    recorded = meta["base"]
-    trained = recorded.get("quantization")
-    formats = quantized_formats(model)
-    source_here = combine(_fingerprints(model, list(here), meta.get("modules_to_save", []), source=True)) if formats else None
-    same_source = (trained or {}).get("source_sha256", recorded["sha256"]) == (source_here or combine(here))
-    if not same_source:
+    recorded = meta["base"].get("precision")
+    if not recorded:  # written before deltatune recorded precision
         return None
-    was = _precision(trained["formats"]) if trained else "the float base"
-    return (f"delta {meta['name']!r} was trained on {was}, and this model is the same base as {_precision(formats)}, "
-            f"so its outputs will differ from training by that quantisation error")
+    here = combine(_fingerprints(model, paths, meta.get("modules_to_save", []), rounded=True))
+    if here != recorded["rounded_sha256"]:
+        return None
+    return (f"delta {meta['name']!r} was trained on the base in {_describe(recorded)}, and this model is the same base "
+            f"in {_describe(_precision(model))}, so its outputs will differ from training by the rounding between the two")
 
 
 def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> None:
@@ -92,10 +92,10 @@ def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> N
     if missing:
         problem = f"this {type(model).__name__} has no module {missing[0]!r}"
     else:
-        here = _fingerprints(model, list(recorded["modules"]), meta.get("modules_to_save", []), source=False)
+        here = _fingerprints(model, list(recorded["modules"]), meta.get("modules_to_save", []), rounded=False)
         if combine(here) == recorded["sha256"]:
             return
-        precision = _same_base_other_precision(model, meta, here)
+        precision = _same_base_other_precision(model, meta, list(here))
         if precision is not None:
             if check == "strict":
                 raise FingerprintError(f"{precision}. check='strict' asks for the exact tensors: load the base at the "

@@ -57,11 +57,13 @@ class TensorInfo(Schema):
     dtype: DtypeName
 
 
-class Quantization(Schema):
-    """The base was quantised: its formats, and the fingerprint of the float tensors it came from."""
+class Precision(Schema):
+    """How the base was held: its dtype, its quantisation formats (none: not quantised), and the
+    fingerprint of its values rounded to bfloat16 (:func:`deltatune.io.fingerprint.rounded_digest`)."""
 
-    formats: Annotated[list[str], Field(min_length=1)]
-    source_sha256: Sha256
+    dtype: str
+    formats: list[str]
+    rounded_sha256: Sha256
 
 
 class BaseRecord(Schema):
@@ -71,7 +73,7 @@ class BaseRecord(Schema):
     modules: Annotated[dict[str, str], Field(min_length=1, description="an object mapping module paths to digests")]
     model_class: str | None = None
     model_type: str | None = None
-    quantization: Quantization | None = None
+    precision: Precision | None = None
 
 
 class Compression(Schema):

@@ -42,6 +42,17 @@ class Loaded:
     quantization: QuantizeReport | None = None
 
 
+#: ``--dtype`` values: the precision of the frozen base
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def base_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` value, or a :class:`ModelError` listing the choices."""
+    if name not in DTYPES:
+        raise ModelError(f"unknown --dtype {name!r}; choose one of {', '.join(DTYPES)} (deltas always train in float32)")
+    return DTYPES[name]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DELTATUNE_CACHE", Path.home() / ".cache" / "deltatune"))
 
@@ -111,13 +122,15 @@ def model_task(name: str) -> str:
 
 
 def load_model(name: str, task: str, num_labels: int | None = None, labels: list[str] | None = None, *,
-               quantize: str | None = None) -> Loaded:
+               quantize: str | None = None, dtype: str = "fp32") -> Loaded:
     """Model and tokenizer for ``task`` ("classification" or "causal_lm").
 
-    A classification head is new and randomly initialised; it must be trained. ``quantize``
-    (``"int8"`` or ``"4bit"``) quantises the frozen base's Linear layers
+    A classification head is new and randomly initialised; it must be trained. ``dtype``
+    (``"fp32"`` or ``"bf16"``) is the base's precision; deltas stay float32 whatever it is.
+    ``quantize`` (``"int8"`` or ``"4bit"``) quantises the frozen base's Linear layers
     (:func:`deltatune.models.quantize.quantize_model`).
     """
+    precision = base_dtype(dtype)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -129,9 +142,9 @@ def load_model(name: str, task: str, num_labels: int | None = None, labels: list
         if labels:
             kwargs["id2label"] = dict(enumerate(labels))
             kwargs["label2id"] = {label: i for i, label in enumerate(labels)}
-        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=precision, **kwargs)
     elif task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=precision)
     else:
         raise ModelError(f"unknown task {task!r}")
     if tokenizer.pad_token is None:

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..io.artifact import META_FILE, TENSORS_FILE, load, read_meta, save
 from ..io.atomic import write_text_atomic
 from ..methods.head import find_head
-from ..models.load import check_model_name, load_model
+from ..models.load import base_dtype, check_model_name, load_model
 from . import distributed
 from .batches import encode
 from .loop import Settings, train
@@ -68,6 +68,8 @@ class TrainJob:
     save_every: int = _flag("write a resumable checkpoint every N steps (0: never)", default=0)
     quantize: str | None = _flag("quantise the frozen base's Linear layers: int8 or 4bit (NF4); the delta stays float32",
                                  default=None)
+    dtype: str = _flag("precision of the frozen base: fp32 or bf16 (the delta and its optimizer state stay float32)",
+                       default="fp32")
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -83,6 +85,10 @@ class TrainJob:
             takes = ", ".join(sorted({o.name for o in known.values()})) or "no options"
             raise ConfigError(f"option(s) {unknown} are not options of {self.method}; {self.method} takes {takes}")
         self.options = {known[k].name: v for k, v in self.options.items()}
+        base_dtype(self.dtype)
+        if spec.trains_base and self.dtype != "fp32":
+            raise ConfigError(f"--dtype {self.dtype} sets the frozen base's precision, but method {self.method!r} trains "
+                              f"the base itself (in float32); drop --dtype or pick a delta method")
         if self.quantize is not None:
             get_format(self.quantize)
             if spec.trains_base:
@@ -149,7 +155,7 @@ def prepare(job: TrainJob) -> tuple[Splits, Any]:
                           completion_column=job.completion_column, limit=job.limit)
     torch.manual_seed(job.seed)
     loaded = load_model(job.model, splits.task, len(splits.labels) or None, splits.labels or None,
-                        quantize=job.quantize)
+                        quantize=job.quantize, dtype=job.dtype)
     return splits, loaded
 
 
@@ -251,7 +257,8 @@ def run_eval(delta_dir: str | Path, job: TrainJob) -> dict[str, Any]:
                           completion_column=job.completion_column, limit=job.limit)
     labels = eval_labels(meta, splits, delta_dir)
     torch.manual_seed(job.seed)
-    loaded = load_model(job.model, splits.task, len(labels) or None, labels or None, quantize=job.quantize)
+    loaded = load_model(job.model, splits.task, len(labels) or None, labels or None, quantize=job.quantize,
+                        dtype=job.dtype)
     load(loaded.model, delta_dir)
     encoded = encode(splits.test, loaded.tokenizer, splits.task, job.max_length, labels)
     return {"delta": str(delta_dir), "method": meta["method"], "data": splits.describe(),

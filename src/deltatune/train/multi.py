@@ -40,7 +40,7 @@ from .loop import Settings, TrainingDiverged, learning_rate, total_steps
 from .metrics import evaluate
 
 #: TrainJob fields every task of one multi-delta run must share (one model, one schedule)
-SHARED_FIELDS = ("model", "seed", "steps", "epochs", "lr")
+SHARED_FIELDS = ("model", "seed", "steps", "epochs", "lr", "quantize", "dtype")
 
 
 @dataclass
@@ -283,7 +283,7 @@ def run_multi(jobs: dict[str, TrainJob], out: str | Path) -> dict[str, Any]:
     same = all(s.labels == first.labels for s in splits.values())
     torch.manual_seed(shared.seed)
     loaded = load_model(shared.model, first.task, width or None, first.labels if same and first.labels else None,
-                        quantize=shared.quantize)
+                        quantize=shared.quantize, dtype=shared.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     configs: dict[str, DeltaConfig] = {}
     owners: dict[str, str] = {}  # method -> the run's first task of that method
