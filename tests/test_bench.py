@@ -184,3 +184,29 @@ def test_a_peft_codec_that_refuses_the_model_leaves_a_reason_not_a_crash():
     assert "group_size=64" in result["not_applicable"]["road"]
     alone = _roundtrip(workers.train_step({**TINY, "lib": "deltatune", "method": "road"}))
     assert alone["refused"] == result["not_applicable"]["road"]
+
+
+def test_precision_rows_and_targets():
+    from deltatune.bench.run import PRECISION_RUNS, precision_rows
+
+    rss = {"fp32": 1000.0, "bf16": 700.0, "autocast": 1100.0, "int8": 580.0, "4bit": 500.0}
+    loss = {"fp32": 2.0, "bf16": 2.01, "autocast": 2.02, "int8": 2.03, "4bit": 2.1}
+    runs = {f"{lib}:{v}": {"peak_rss_mib": rss[v] + (50 if lib == "peft" else 0), "test_loss": loss[v], "steps": 30}
+            for v, libs in PRECISION_RUNS for lib in libs}
+    step = {"bf16": 4.0, "autocast": 3.0, "int8": 1.1, "4bit": 1.3}
+    ratios = {"train_over_fp32": {v: {"median": s, "q1": s, "q3": s, "n": 15} for v, s in step.items()},
+              "decode_tokens_per_s": {v: 10.0 for v in rss}}
+    rows = {r["metric"]: r for r in precision_rows("smollm2", {"runs": runs, "ratios": ratios})}
+    assert rows["precision_int8"]["rss_over_fp32"] == pytest.approx(0.58)
+    assert rows["precision_int8"]["ratio"] == pytest.approx(580 / 630)
+    assert rows["precision_4bit"]["loss_vs_fp32"] == pytest.approx(0.05)
+    assert rows["precision_bf16"]["peft"] is None and rows["precision_fp32"]["step_over_fp32"] is None
+    met = {name: ok for name, ok, _ in report.targets(list(rows.values()))}
+    assert met == {
+        "`smollm2` int8 base: peak RSS of training / float32's <= 0.60": True,
+        "`smollm2` 4-bit base: peak RSS of training / float32's <= 0.45": False,
+        "`smollm2` int8 base: test loss after the same steps, relative to float32's <= 0.02": True,
+        "`smollm2` 4-bit base: test loss after the same steps, relative to float32's <= 0.04": False,
+        "`smollm2` bf16 base: train step / float32's (1.4x faster) <= 0.71": False,
+    }
+    assert "| int8 | 580 | 0.580 | 630 | 2.0300 | +1.50% |" in "\n".join(report._precision_section("smollm2", list(rows.values())))

@@ -44,16 +44,18 @@ def _network(model, name="a"):
 
 
 def _generated_by_hand(net, task, layer, position, k, d, layer_norm):
-    """The hypernetwork applied by hand: z = LN(W2 relu(W1 [t; l; p] + c1) + c2), then G z + g."""
+    """The hypernetwork applied by hand: z = LN(W2 relu(W1 [t; l; p] + c1) + c2), then G z / dim + g."""
     e = torch.cat([task, net.layer_embedding[layer], net.position_embedding[position]])
     hidden = torch.clamp(net.mix_in.weight @ e + net.mix_in.bias, min=0)
     m = net.mix_out.weight @ hidden + net.mix_out.bias
     z = (m - m.mean()) / torch.sqrt(((m - m.mean()) ** 2).mean() + 1e-5) * net.norm.weight + net.norm.bias
-    out = {"down": (net.down.weight @ z + net.down.bias).reshape(k, d), "down_bias": net.down_bias.weight @ z + net.down_bias.bias,
-           "up": (net.up.weight @ z + net.up.bias).reshape(d, k), "up_bias": net.up_bias.weight @ z + net.up_bias.bias}
+    dim = z.numel()
+    out = {"down": (net.down.weight @ z / dim + net.down.bias).reshape(k, d),
+           "down_bias": net.down_bias.weight @ z / dim + net.down_bias.bias,
+           "up": (net.up.weight @ z / dim + net.up.bias).reshape(d, k), "up_bias": net.up_bias.weight @ z / dim + net.up_bias.bias}
     if layer_norm:
-        out["gamma"] = net.norm_weight.weight @ z + net.norm_weight.bias
-        out["beta"] = net.norm_bias.weight @ z + net.norm_bias.bias
+        out["gamma"] = net.norm_weight.weight @ z / dim + net.norm_weight.bias
+        out["beta"] = net.norm_bias.weight @ z / dim + net.norm_bias.bias
     return out
 
 

@@ -235,3 +235,28 @@ def test_train_and_eval_on_a_quantised_base_from_the_command_line(tmp_path, tiny
     meta = json.loads((out / "delta.json").read_text())
     assert meta["base"]["precision"]["formats"] == ["int8"]
     assert main(["eval", "--delta", str(out)]) == 0  # evaluates on the int8 base it was trained on
+
+
+def test_unmerge_restores_the_int8_codes_where_peft_does_not(tiny_llama):
+    """peft (0.21, its torchao LoRA layer) merges by dequantise-add-requantise and unmerges by
+    dequantise-subtract-requantise, so a merge + unmerge leaves other int8 codes; ours puts
+    the original parameter back."""
+    import peft
+    import transformers
+    from torchao.quantization import Int8WeightOnlyConfig, PerRow
+
+    quantised = transformers.TorchAoConfig(quant_type=Int8WeightOnlyConfig(granularity=PerRow()))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quantised)
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    layer = theirs.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    codes = packed(layer.weight)[0].clone()
+    theirs.merge_adapter()
+    theirs.unmerge_adapter()
+    assert not torch.equal(packed(layer.weight)[0], codes)  # peft: changed codes
+
+    ours = lora(llama(fmt="int8"))
+    weight = ours.model.layers[0].self_attn.q_proj.weight
+    codes = packed(weight)[0].clone()
+    dt.merge(ours)
+    dt.unmerge(ours)
+    assert ours.model.layers[0].self_attn.q_proj.weight is weight and torch.equal(packed(weight)[0], codes)

@@ -11,6 +11,7 @@ import sys
 
 from .decode import decode
 from .mixed import mixed
+from .precision import precision_ratios, precision_run
 from .ratios import inference_ratios, mixed_train, train_ratios
 from .serve import serve_rows
 from .swap import swap_costs
@@ -28,7 +29,8 @@ def _serve(args: dict) -> dict:
 
 KINDS = {"train_step": train_step, "train_ratios": train_ratios, "equivalence": equivalence,
          "inference_ratios": inference_ratios, "mixed": mixed, "mixed_train": mixed_train,
-         "decode": decode, "swap": _swap, "serve": _serve}
+         "decode": decode, "swap": _swap, "serve": _serve, "precision_run": precision_run,
+         "precision_ratios": precision_ratios}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,43 @@ RATIO_TARGETS = (
 )
 
 
+#: (variant, field, limit, target) of issue #15 for the precision rows: at most ``limit``
+PRECISION_TARGETS = (
+    ("int8", "rss_over_fp32", 0.60, "int8 base: peak RSS of training / float32's"),
+    ("4bit", "rss_over_fp32", 0.45, "4-bit base: peak RSS of training / float32's"),
+    ("int8", "loss_vs_fp32", 0.02, "int8 base: test loss after the same steps, relative to float32's"),
+    ("4bit", "loss_vs_fp32", 0.04, "4-bit base: test loss after the same steps, relative to float32's"),
+    ("bf16", "step_over_fp32", 1 / 1.4, "bf16 base: train step / float32's (1.4x faster)"),
+)
+
+
+def precision_targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    out = []
+    for variant, field, limit, name in PRECISION_TARGETS:
+        for row in (r for r in rows if r["metric"] == f"precision_{variant}" and r.get(field) is not None):
+            out.append(_limit(f"`{row['model']}` {name} <= {limit:.2f}", row[field], limit, ""))
+    return out
+
+
+def _precision_section(name: str, rows: list[dict]) -> list[str]:
+    chosen = [r for r in rows if r["metric"].startswith("precision_")]
+    if not chosen:
+        return []
+    lines = ["", f"### {name}: the base's precision (LoRA r=8 on q, k, v, o, float32; {chosen[0]['steps']} steps on "
+             "chatterbot, batch 8 x 128)", "",
+             "Peak RSS and test loss from one fresh process per variant and library (model load, quantisation, "
+             "training and evaluation included); train step and decoding interleaved in one process. `autocast`: the "
+             "float32 base under `torch.autocast(\"cpu\", bfloat16)`.", "",
+             "| base | peak MiB | / fp32 | peft MiB | test loss | vs fp32 | peft test loss | step / fp32 | "
+             "decode tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in chosen:
+        lines.append(f"| {r['metric'].removeprefix('precision_')} | {_num(r['deltatune'], 0)} | "
+                     f"{_ratio(r['rss_over_fp32'])} | {_num(r['peft'], 0)} | {_num(r['test_loss'], 4)} | "
+                     f"{r['loss_vs_fp32']:+.2%} | {_num(r['peft_test_loss'], 4)} | "
+                     f"{_ratio(r['step_over_fp32'], r.get('step_spread'))} | {_num(r['decode_tokens_per_s'])} |")
+    return lines
+
+
 def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     """(target, met?, detail) for each target measured in ``rows``."""
     out = []
@@ -65,7 +102,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
     if eq:
         out.append(("LoRA losses match peft within 1e-4 relative (guard)", eq["deltatune"] <= 1e-4,
                     f"max relative difference {eq['deltatune']:.2e}"))
-    return out
+    return out + precision_targets(rows)
 
 
 def _header(data: dict) -> list[str]:
@@ -149,7 +186,7 @@ def _ratio_section(title: str, note: str, rows: list[dict], prefix: str, columns
 
 
 def _model_section(name: str, rows: list[dict]) -> list[str]:
-    lines = _train_section(name, rows) + _memory_section(name, rows)
+    lines = _train_section(name, rows) + _memory_section(name, rows) + _precision_section(name, rows)
     lines += _ratio_section(
         f"### {name}: unmerged / merged latency (LoRA r=8 on every Linear of the body), interleaved",
         "Each library's unmerged model over its own merged model.", rows, "unmerged_over_merged_", [])
@@ -177,6 +214,7 @@ def _model_section(name: str, rows: list[dict]) -> list[str]:
                   "HTTP clients in the same process, 1 torch thread)", "", "| metric | value | unit |", "|---|---:|---|"]
         lines += [f"| {r['metric']} | {_num(r['deltatune'])} | {r['unit']} |" for r in served]
     other = [r for r in rows if r["unit"] in ("ms", "KiB", "relative") and r["metric"] != "train_step"
+             and not r["metric"].startswith("precision_")
              and r not in swap and r not in served]
     if other:
         lines += ["", f"### {name}: equivalence guard, latency and file operations (LoRA r=8 on every Linear)", "",

@@ -3,7 +3,7 @@
     deltatune bench                     # MiniLM and SmolLM2, 15 timed rounds after 2 warm-ups
     deltatune bench --models minilm     # one model
     deltatune bench --tiny              # tiny random BERT and Llama, 3 rounds (smoke run)
-    deltatune bench --only train        # train|memory|equivalence|inference|mixed|mixed_train|decode|swap|serve
+    deltatune bench --only train        # train|memory|equivalence|inference|mixed|mixed_train|decode|swap|serve|precision
 
 Every ratio (deltatune / peft, / the frozen floor, / merged, / the base) comes from its cases
 run interleaved in one process (interleave.py: alternating order, warm-up rounds, median of
@@ -29,7 +29,7 @@ from . import report
 from .cases import ALL_LINEAR, BASELINES, MODELS, benchmarkable, case, default_methods, peft_refusal
 
 
-PARTS = ["train", "memory", "equivalence", "inference", "mixed", "mixed_train", "decode", "swap", "serve"]
+PARTS = ["train", "memory", "equivalence", "inference", "mixed", "mixed_train", "decode", "swap", "serve", "precision"]
 THREADS = 2
 
 
@@ -157,6 +157,9 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
     if "decode" in parts and spec.task == "causal_lm":
         raw["decode"] = run_worker("decode", common, timeout=7200)
         rows += decode_rows(model, raw["decode"])
+    if "precision" in parts and spec.task == "causal_lm" and spec.packaged:
+        raw["precision"] = precision_raw(model, repeats, warmup, steps)
+        rows += precision_rows(model, raw["precision"])
     if "swap" in parts and spec.task == "classification":
         raw["swap"] = run_worker("swap", common)
         rows += swap_rows(model, raw["swap"])
@@ -164,6 +167,42 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
         raw["serve"] = run_worker("serve", common)
         rows += raw["serve"]["rows"]
     return rows, raw
+
+
+#: (variant, libraries) of the precision runs: peft where it can hold a LoRA on that base on CPU
+PRECISION_RUNS = (("fp32", ("deltatune", "peft")), ("bf16", ("deltatune",)), ("autocast", ("deltatune",)),
+                  ("int8", ("deltatune", "peft")), ("4bit", ("deltatune", "peft")))
+
+
+def precision_raw(model: str, repeats: int, warmup: int, steps: int) -> dict:
+    """Fresh processes per variant and library (peak RSS, test loss), then the interleaved ratios."""
+    runs = {}
+    for variant, libs in PRECISION_RUNS:
+        for lib in libs:
+            runs[f"{lib}:{variant}"] = run_worker("precision_run", {"model": model, "variant": variant, "lib": lib,
+                                                                    "steps": steps}, timeout=7200)
+    ratios = run_worker("precision_ratios", {"model": model, "repeats": repeats, "warmup": warmup}, timeout=7200)
+    return {"runs": runs, "ratios": ratios}
+
+
+def precision_rows(model: str, raw: dict) -> list[dict]:
+    """Per variant: peak RSS and test loss (against float32, and peft's on the same base), the
+    interleaved train step over float32's, and greedy decoding tokens per second."""
+    runs, ratios = raw["runs"], raw["ratios"]
+    fp32 = runs["deltatune:fp32"]
+    out = []
+    for variant, _ in PRECISION_RUNS:
+        ours, theirs = runs[f"deltatune:{variant}"], runs.get(f"peft:{variant}")
+        out.append({"model": model, "method": "lora", "metric": f"precision_{variant}", "unit": "MiB",
+                    "deltatune": ours["peak_rss_mib"], "peft": theirs and theirs["peak_rss_mib"],
+                    "ratio": ratio(ours["peak_rss_mib"], theirs and theirs["peak_rss_mib"]),
+                    "rss_over_fp32": ratio(ours["peak_rss_mib"], fp32["peak_rss_mib"]),
+                    "test_loss": ours["test_loss"], "peft_test_loss": theirs and theirs["test_loss"],
+                    "loss_vs_fp32": ratio(ours["test_loss"], fp32["test_loss"]) - 1,
+                    "step_over_fp32": (ratios["train_over_fp32"].get(variant) or {}).get("median"),
+                    "step_spread": _spread(ratios["train_over_fp32"].get(variant)),
+                    "decode_tokens_per_s": ratios["decode_tokens_per_s"].get(variant), "steps": ours["steps"]})
+    return out
 
 
 def _spread(summary: dict | None) -> list[float] | None:

@@ -25,7 +25,12 @@ NORM_EPS = 1e-5
 class HyperNetwork(nn.Module):
     """Generates one bottleneck adapter ``(D, b_D, U, b_U[, gamma, beta])`` from a task embedding,
     a layer and an adapter position: ``z = LayerNorm(W2 relu(W1 [t; l; p] + c1) + c2)``, then one
-    linear generator per tensor of ``z``.
+    linear generator per tensor, ``G z / task_dim + g``.
+
+    The ``1 / task_dim`` keeps a generated weight's optimizer step at the size of a plain
+    adapter's: Adam moves every entry of ``G`` by about the learning rate, and a generated entry
+    sums ``task_dim`` of them, so without it each step moved the adapters ~``task_dim`` times
+    further (measured: flat losses at adapters' usual 1e-3).
 
     Attributes:
         layout: adapted module path -> (layer, position): the sites it generates adapters for.
@@ -35,6 +40,7 @@ class HyperNetwork(nn.Module):
         super().__init__()
         dim, bottleneck = config.task_dim, config.bottleneck
         self.width, self.bottleneck, self.layout = width, bottleneck, dict(layout)
+        self.scale = 1.0 / dim
         layers = 1 + max(layer for layer, _ in layout.values())
         positions = 1 + max(position for _, position in layout.values())
         self.layer_embedding = nn.Parameter(torch.randn(layers, dim))
@@ -46,9 +52,9 @@ class HyperNetwork(nn.Module):
         self.down_bias = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(dim, width * bottleneck)
         self.up_bias = nn.Linear(dim, width)
-        # z has unit variance per component, so D's entries start with standard deviation 0.02
-        # (a plain adapter's start); the up generators start at zero: a fresh adapter is the identity
-        nn.init.normal_(self.down.weight, std=0.02 / math.sqrt(dim))
+        # z has unit variance per component, so D's entries (G z / dim) start with standard deviation
+        # 0.02 (a plain adapter's start); the up generators start at zero: a fresh adapter is the identity
+        nn.init.normal_(self.down.weight, std=0.02 * math.sqrt(dim))
         for generator in (self.down_bias, self.up, self.up_bias):
             nn.init.zeros_(generator.weight)
         for generator in (self.down, self.down_bias, self.up, self.up_bias):
@@ -70,12 +76,15 @@ class HyperNetwork(nn.Module):
         """The adapter of one site: ``down (k, d)``, ``down_bias (k)``, ``up (d, k)``, ``up_bias (d)``
         and, with ``layer_norm``, ``norm_weight (d)`` and ``norm_bias (d)``."""
         z = self.source(task, layer, position)
-        out = {"down": self.down(z).view(self.bottleneck, self.width), "down_bias": self.down_bias(z),
-               "up": self.up(z).view(self.width, self.bottleneck), "up_bias": self.up_bias(z)}
+        out = {"down": self._made(self.down, z).view(self.bottleneck, self.width), "down_bias": self._made(self.down_bias, z),
+               "up": self._made(self.up, z).view(self.width, self.bottleneck), "up_bias": self._made(self.up_bias, z)}
         if hasattr(self, "norm_weight"):
-            out["norm_weight"] = self.norm_weight(z)
-            out["norm_bias"] = self.norm_bias(z)
+            out["norm_weight"] = self._made(self.norm_weight, z)
+            out["norm_bias"] = self._made(self.norm_bias, z)
         return out
+
+    def _made(self, generator: nn.Linear, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, generator.weight) * self.scale + generator.bias
 
     def sha256(self) -> str:
         """A digest of every tensor (names, shapes, values): which hypernetwork a task was trained with."""
