@@ -188,3 +188,17 @@ def test_generate_needs_a_prompt_and_a_delta(qa_llama, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(qa_llama), "--prompt", "what"])
     assert main(["generate", "--model", str(qa_llama), "--delta", "nowhere", "--prompt", "what"]) == 2
+
+
+def test_causal_evaluation_batches_keep_the_logits_small_and_give_the_same_loss(qa_llama, qa_jsonl, monkeypatch):
+    from deltatune.train import metrics
+
+    loaded = load_model(str(qa_llama), "causal_lm")
+    data = encode(load_dataset(str(qa_jsonl), 0, text_column="prompt", completion_column="completion").test,
+                  loaded.tokenizer, "causal_lm", 64)
+    longest, vocab = max(len(x) for x in data.input_ids), loaded.model.get_output_embeddings().weight.shape[0]
+    assert metrics.causal_rows(loaded.model, data) == min(64, metrics.LOGITS_BUDGET // (4 * longest * vocab))
+    whole = evaluate(loaded.model, data)
+    monkeypatch.setattr(metrics, "LOGITS_BUDGET", 4 * longest * vocab)  # one row per batch
+    assert metrics.causal_rows(loaded.model, data) == 1
+    assert evaluate(loaded.model, data)["loss"] == pytest.approx(whole["loss"], rel=1e-6)
