@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -260,3 +261,41 @@ def test_unmerge_restores_the_int8_codes_where_peft_does_not(tiny_llama):
     dt.merge(ours)
     dt.unmerge(ours)
     assert ours.model.layers[0].self_attn.q_proj.weight is weight and torch.equal(packed(weight)[0], codes)
+
+
+def test_a_server_on_an_int8_base_answers_with_the_int8_trained_delta(tiny_bert, tmp_path):
+    from deltatune.serve import DeltaLibrary, engine_from_options, load_base
+    from deltatune.serve.engine import Work
+
+    model, tokenizer, _ = load_base(str(tiny_bert), DeltaLibrary(tmp_path), quantize="int8")
+    assert format_of(model.bert.encoder.layer[0].attention.self.query.weight).name == "int8"
+    dt.attach(model, dt.LoRAConfig(r=4, modules_to_save=["classifier"]), name="sentiment")
+    for _, p in dt.delta_parameters(model, "sentiment"):
+        torch.nn.init.normal_(p, std=0.2)
+    dt.save(model, tmp_path / "sentiment", "sentiment")
+    with torch.no_grad():
+        expected = model(**tokenizer(["a fine film"], return_tensors="pt")).logits.softmax(-1)[0]
+    engine = engine_from_options(str(tiny_bert), tmp_path, quantize="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same int8 base: no precision warning
+        (answer,) = engine.classify([Work("sentiment", ["a fine film"])])
+    probabilities = answer[0]["probabilities"] if isinstance(answer, list) else answer
+    assert sorted(probabilities.values()) == pytest.approx(sorted(expected.tolist()), abs=1e-5)
+
+
+def test_generate_on_a_quantised_base_from_the_command_line(tiny_llama, tmp_path, capsys):
+    from deltatune.cli import main
+
+    model = transformers_causal(tiny_llama)
+    quantize_model(model, "4bit")
+    lora(model)
+    dt.save(model, tmp_path / "d", "x")
+    assert main(["generate", "--model", str(tiny_llama), "--delta", str(tmp_path / "d"), "--prompt", "good film",
+                 "--max-new-tokens", "3", "--quantize", "4bit"]) == 0
+    assert "tuned:" in capsys.readouterr().out
+
+
+def transformers_causal(folder):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
