@@ -17,22 +17,24 @@ tensor and the row says so.
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
 from deltatune.data.datasets import load_dataset
-from deltatune.models.load import load_model
+from deltatune.models.load import load_model, model_folder
 from deltatune.train.batches import encode
 from deltatune.train.loop import Settings, train
 from deltatune.train.metrics import evaluate
-from .cases import CASES, LR, MODELS, peft_twin, with_delta
+from .cases import LR, MODELS
 from .interleave import interleaved
-from .workers import make_train_step, peak_rss_mib
+from .workers import fresh_model, make_train_step, peak_rss_mib
 
 #: variant -> (the base's dtype, its quantisation, whether the step runs under bf16 autocast)
 VARIANTS = {"fp32": ("fp32", None, False), "bf16": ("bf16", None, False), "autocast": ("fp32", None, True),
             "int8": ("fp32", "int8", False), "4bit": ("fp32", "4bit", False)}
+#: the quantised bases peft's LoRA also runs on here (its torchao layer for int8; its plain
+#: LoRA layer over the NF4 tensor), and the float32 reference
+PEFT_VARIANTS = ("fp32", "int8", "4bit")
 DATA, MAX_LENGTH, BATCH = "chatterbot", 128, 8
 
 
@@ -40,21 +42,23 @@ def autocast(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
-def base_model(name: str, variant: str):
+def base_model(name: str, variant: str, seed: int = 0):
+    """The packaged model ``name`` at ``variant``'s precision (autocast: the float32 model)."""
     dtype, quantize, _ = VARIANTS[variant]
-    torch.manual_seed(0)
-    return load_model(name, MODELS[name].task, dtype=dtype, quantize=quantize)
+    torch.manual_seed(seed)
+    return load_model(name, MODELS[name].task, dtype=dtype, quantize=quantize).model
 
 
-def lora_model(base, lib: str, name: str):
-    """``base`` with the bench's LoRA (deltatune's, or its peft twin from the same weights)."""
-    if lib == "deltatune":
-        return with_delta(base, CASES["lora"], MODELS[name])
-    ours = with_delta(copy.deepcopy(base), CASES["lora"], MODELS[name])
-    return peft_twin(ours, base, trainable=True)
+def lora_model(lib: str, name: str, variant: str):
+    """The bench's LoRA on ``variant``'s base: deltatune's, or its peft twin from the same
+    initial weights (on a second copy of the base, loaded after deltatune's is dropped)."""
+    return fresh_model(lib, "lora", name, 0, build=lambda n, seed: base_model(n, variant, seed))
 
 
-def _data(tokenizer, seed: int = 0):
+def _data(name: str, seed: int = 0):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(name))
     splits = load_dataset(DATA, seed)
     return {part: encode(getattr(splits, part), tokenizer, splits.task, MAX_LENGTH) for part in ("train", "test")}
 
@@ -62,9 +66,8 @@ def _data(tokenizer, seed: int = 0):
 def precision_run(args: dict) -> dict:
     """One variant and library in a fresh process: trains, evaluates, reports peak RSS."""
     name, variant, lib, steps = args.get("model", "smollm2"), args["variant"], args.get("lib", "deltatune"), args["steps"]
-    loaded = base_model(name, variant)
-    encoded = _data(loaded.tokenizer)
-    model = lora_model(loaded.model, lib, name)
+    model = lora_model(lib, name, variant)
+    encoded = _data(name)
     with autocast(VARIANTS[variant][2]):
         result = train(model, encoded["train"], Settings(steps=steps, batch_size=BATCH, lr=LR, progress=False))
         test = evaluate(model, encoded["test"])
@@ -73,40 +76,31 @@ def precision_run(args: dict) -> dict:
 
 
 def precision_ratios(args: dict) -> dict:
-    """Train steps and greedy decoding of every variant, interleaved in this process."""
+    """Train steps and greedy decoding of every variant (and peft's LoRA on the quantised
+    bases), interleaved in this process; ratios against deltatune on float32."""
     name, repeats, warmup = args.get("model", "smollm2"), args.get("repeats", 15), args.get("warmup", 2)
     variants = args.get("variants", list(VARIANTS))
-    models, tokenizer = {}, None
-    for variant in variants:
-        if variant == "autocast":
-            continue  # the float32 model, run under autocast
-        loaded = base_model(name, variant)
-        tokenizer = loaded.tokenizer
-        models[variant] = lora_model(loaded.model, "deltatune", name)
-    batch = encode_batch(tokenizer, _data(tokenizer)["train"])
-    steps = {}
-    for variant in variants:
-        model = models["fp32" if variant == "autocast" else variant].train()
-        step, _ = make_train_step(model, batch)
-        steps[variant] = _under(step, VARIANTS[variant][2])
+    models = {v: lora_model("deltatune", name, v) for v in variants if v != "autocast"}
+    models.update({f"peft:{v}": lora_model("peft", name, v) for v in args.get("peft", PEFT_VARIANTS)})
+    runs = [*variants, *(f"peft:{v}" for v in args.get("peft", PEFT_VARIANTS))]
+    batch = _data(name)["train"].collate(list(range(BATCH)))
+
+    def model_of(run: str):
+        return models["fp32" if run == "autocast" else run]
+
+    steps = {run: _under(make_train_step(model_of(run).train(), batch)[0], run == "autocast") for run in runs}
     train_times = interleaved(steps, repeats, warmup, args.get("budget_s", 1800.0))
     new_tokens = args.get("new_tokens", 16)
     prompt = batch["input_ids"][:1, :16]
     options = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "max_new_tokens": new_tokens,
                "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
-    decodes = {v: _under(lambda m=models["fp32" if v == "autocast" else v]: m.eval().generate(**options),
-                         VARIANTS[v][2]) for v in variants}
+    decodes = {run: _under(lambda m=model_of(run): m.eval().generate(**options), run == "autocast") for run in runs}
     with torch.no_grad():
         decode_times = interleaved(decodes, repeats, warmup, args.get("budget_s", 1800.0))
     return {"kind": "precision_ratios", "train_ms": train_times.as_dict(), "decode_ms": decode_times.as_dict(),
-            "train_over_fp32": {v: train_times.ratio(v, "fp32") for v in variants if v != "fp32"},
-            "decode_tokens_per_s": {v: new_tokens / (t["median"] / 1000) for v, t in decode_times.as_dict().items()},
+            "train_over_fp32": {run: train_times.ratio(run, "fp32") for run in runs if run != "fp32"},
+            "decode_tokens_per_s": {run: new_tokens / (t["median"] / 1000) for run, t in decode_times.as_dict().items()},
             "new_tokens": new_tokens, "peak_rss_mib": peak_rss_mib()}
-
-
-def encode_batch(tokenizer, encoded) -> dict:
-    """The first ``BATCH`` training examples as one batch (labels: the answer tokens)."""
-    return encoded.collate(list(range(BATCH)))
 
 
 def _under(run, on: bool):

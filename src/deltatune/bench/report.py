@@ -64,15 +64,18 @@ def _precision_section(name: str, rows: list[dict]) -> list[str]:
     lines = ["", f"### {name}: the base's precision (LoRA r=8 on q, k, v, o, float32; {chosen[0]['steps']} steps on "
              "chatterbot, batch 8 x 128)", "",
              "Peak RSS and test loss from one fresh process per variant and library (model load, quantisation, "
-             "training and evaluation included); train step and decoding interleaved in one process. `autocast`: the "
-             "float32 base under `torch.autocast(\"cpu\", bfloat16)`.", "",
+             "training and evaluation included); train steps and greedy decoding (16 tokens) of every variant "
+             "interleaved in one process, steps over deltatune's float32 step. `autocast`: the float32 base under "
+             "`torch.autocast(\"cpu\", bfloat16)`.", "",
              "| base | peak MiB | / fp32 | peft MiB | test loss | vs fp32 | peft test loss | step / fp32 | "
-             "decode tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "peft step / fp32 | decode tokens/s | peft decode tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in chosen:
         lines.append(f"| {r['metric'].removeprefix('precision_')} | {_num(r['deltatune'], 0)} | "
                      f"{_ratio(r['rss_over_fp32'])} | {_num(r['peft'], 0)} | {_num(r['test_loss'], 4)} | "
                      f"{r['loss_vs_fp32']:+.2%} | {_num(r['peft_test_loss'], 4)} | "
-                     f"{_ratio(r['step_over_fp32'], r.get('step_spread'))} | {_num(r['decode_tokens_per_s'])} |")
+                     f"{_ratio(r['step_over_fp32'], r.get('step_spread'))} | {_ratio(r.get('peft_step_over_fp32'))} | "
+                     f"{_num(r['decode_tokens_per_s'])} | {_num(r.get('peft_decode_tokens_per_s'))} |")
     return lines
 
 

@@ -201,7 +201,10 @@ def precision_rows(model: str, raw: dict) -> list[dict]:
                     "loss_vs_fp32": ratio(ours["test_loss"], fp32["test_loss"]) - 1,
                     "step_over_fp32": (ratios["train_over_fp32"].get(variant) or {}).get("median"),
                     "step_spread": _spread(ratios["train_over_fp32"].get(variant)),
-                    "decode_tokens_per_s": ratios["decode_tokens_per_s"].get(variant), "steps": ours["steps"]})
+                    "peft_step_over_fp32": (ratios["train_over_fp32"].get(f"peft:{variant}") or {}).get("median"),
+                    "decode_tokens_per_s": ratios["decode_tokens_per_s"].get(variant),
+                    "peft_decode_tokens_per_s": ratios["decode_tokens_per_s"].get(f"peft:{variant}"),
+                    "steps": ours["steps"]})
     return out
 
 

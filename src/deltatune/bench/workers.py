@@ -75,21 +75,21 @@ def make_train_step(model, batch: dict, floor: bool = False):
     return step, sum(p.numel() for p in params)
 
 
-def _fresh_model(lib: str, label: str, name: str, seed: int):
+def fresh_model(lib: str, label: str, name: str, seed: int, build=build_model):
     """The train-step model of one row, built in this process without keeping anything else:
-    the peft twin is exported from a deltatune model that is dropped before peft loads it, so
-    the process's peak memory is peft's own."""
+    the peft twin is exported from a deltatune model that is dropped before peft loads it (on
+    a second ``build(name, seed)``), so the process's peak memory is peft's own."""
     spec = MODELS[name]
     if label in BASELINES:
-        return baseline(label, build_model(name, seed))
-    ours = with_delta(build_model(name, seed), case(label), spec)
+        return baseline(label, build(name, seed))
+    ours = with_delta(build(name, seed), case(label), spec)
     if lib == "deltatune":
         return ours
     with tempfile.TemporaryDirectory() as tmp:
         folders = export_peft(ours, tmp)
         del ours
         gc.collect()
-        return load_peft(build_model(name, seed), folders, trainable=True)
+        return load_peft(build(name, seed), folders, trainable=True)
 
 
 def train_step(args: dict) -> dict:
@@ -97,7 +97,7 @@ def train_step(args: dict) -> dict:
     (``floor``: all frozen, backward to the input embeddings; ``full``: everything trains)."""
     lib, label, name = args.get("lib", "deltatune"), args["method"], args.get("model", "minilm")
     try:
-        model = _fresh_model(lib, label, name, args.get("seed", 0)).train()
+        model = fresh_model(lib, label, name, args.get("seed", 0)).train()
     except (ConfigError, NotApplicableError, TargetError) as error:
         # the method cannot adapt this model, or its peft codec cannot hold it: the reason, no row
         return {"kind": "train_step", "lib": lib, "method": label, "refused": refusal(error, lib)[1]}
