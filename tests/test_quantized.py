@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.core.quantized import FORMATS, dense, format_of, packed
+from deltatune.core.quantized import FORMATS, QuantizedLinear, dense, format_of, packed
 from deltatune.core.slot import require_state
 from deltatune.models.quantize import quantize_model, stored_bytes
 from deltatune.train.job import TrainJob
@@ -67,7 +67,7 @@ def test_quantize_model_quantises_the_block_linears_only():
     report = quantize_model(model, "int8")
     block_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
     assert report.quantized == block_linears and len(block_linears) == 14 and not report.skipped
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in block_linears)
+    assert all(isinstance(model.get_submodule(n), nn.Linear) for n in block_linears)
     assert all(format_of(model.get_submodule(n).weight).name == "int8" for n in block_linears)
     assert format_of(model.lm_head.weight) is None and format_of(model.model.embed_tokens.weight) is None
     assert report.bytes_after / report.bytes_before < 0.3
@@ -146,6 +146,7 @@ def test_fold_of_a_quantised_base_writes_a_loadable_float_model(tmp_path):
     model = lora(llama(fmt="4bit"))
     unmerged = output(model)
     dt.fold(model)
+    assert all(type(m) is not QuantizedLinear for m in model.modules())
     model.save_pretrained(tmp_path / "folded")
     reloaded = type(model).from_pretrained(tmp_path / "folded").eval()
     assert not any(format_of(p) is not None for p in reloaded.parameters())
@@ -214,6 +215,21 @@ def test_a_quantised_copy_of_another_base_is_refused(tmp_path):
         dt.load(llama(seed=1, fmt="int8"), tmp_path / "d")
     with pytest.raises(dt.FingerprintError, match="was made for another base"):
         dt.load(llama(seed=1), tmp_path / "d")
+
+
+def test_the_backward_pass_keeps_no_float_copy_of_a_quantised_weight():
+    model = llama(fmt="int8")
+    layer = model.model.layers[0].mlp.down_proj
+    assert type(layer) is QuantizedLinear
+    x = torch.randn(3, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert not any(t.shape == layer.weight.shape for t in saved)
+    y.pow(2).sum().backward()
+    reference = x.detach().requires_grad_(True)
+    torch.nn.functional.linear(reference, dense(layer.weight)).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
 
 
 def test_packed_parts_are_what_the_fingerprint_reads():

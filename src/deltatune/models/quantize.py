@@ -3,7 +3,9 @@
 Every ``nn.Linear`` inside the model's transformer blocks (found from its structure,
 :func:`deltatune.core.roles.find_roles`) gets its weight replaced by a torchao tensor in the
 chosen format (:data:`deltatune.core.quantized.FORMATS`); the module stays an ``nn.Linear``,
-so targeting, roles and every method see the same model. Embeddings, heads and tied weights
+so targeting, roles and every method see the same model (its class becomes
+:class:`~deltatune.core.quantized.QuantizedLinear`, an ``nn.Linear`` subclass whose backward pass
+dequantises the weight again instead of keeping a float copy). Embeddings, heads and tied weights
 stay float: a classification head is trained whole, and a weight tied to the embeddings
 would change them too. Deltas attach afterwards and stay float32.
 """
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from ..core.params import parameter_owners, tied_elsewhere
-from ..core.quantized import FORMATS, format_of, get_format, packed, quantize_parameter
+from ..core.quantized import FORMATS, QuantizedLinear, format_of, get_format, packed, quantize_parameter
 from ..core.roles import find_roles
 from ..core.slot import get_state
 from ..core.targeting import base_modules
@@ -58,6 +60,18 @@ def _candidates(model: nn.Module) -> list[str]:
     return [path for path, module in base_modules(model) if isinstance(module, nn.Linear) and path]
 
 
+def _copy_out_of_the_checkpoint(model: nn.Module) -> None:
+    """Give the tensors that stay float storage of their own. transformers maps the checkpoint
+    file into memory and a loaded tensor may be a view of that mapping; quantising read every
+    page of it, and while any float tensor (the embeddings) still views it, all of it stays
+    resident: on SmolLM2 505 MB of float32 weights that were just replaced by 101 MB of int8."""
+    with torch.no_grad():
+        for _, module in base_modules(model):
+            for _, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if tensor is not None and format_of(tensor) is None:
+                    tensor.data = tensor.data.clone()
+
+
 def quantize_model(model: nn.Module, fmt: str) -> QuantizeReport:
     """Quantise ``model``'s frozen Linear layers to ``fmt`` (``"int8"`` or ``"4bit"``), in place.
 
@@ -89,8 +103,11 @@ def quantize_model(model: nn.Module, fmt: str) -> QuantizeReport:
             continue
         report.bytes_before += stored_bytes(module.weight)
         quantize_parameter(module, "weight", chosen)
+        module.__class__ = QuantizedLinear  # keeps only the quantised weight for the backward pass
         report.bytes_after += stored_bytes(module.weight)
         report.quantized.append(path)
+    if report.quantized:
+        _copy_out_of_the_checkpoint(model)
     if not report.quantized:
         kinds = sorted({type(m).__name__ for _, m in base_modules(model)} - {type(model).__name__})
         reasons = "; ".join(f"{p}: {why}" for p, why in report.skipped.items())
