@@ -1,0 +1,86 @@
+"""Fully sharded data parallel training (``--sharding fsdp``) with FSDP2's ``fully_shard``.
+
+Each transformer block (found from the model's structure, :func:`~deltatune.core.roles.find_roles`)
+becomes one FSDP unit and the root holds the rest (embeddings, head, deltas outside the blocks).
+Between forwards every parameter, the frozen base and the float32 delta alike, is a ``DTensor``
+sharded on its first dimension over the ranks; a block's parameters are all-gathered just before
+it runs and freed after it. The optimizer holds, and keeps state for, this rank's shards only.
+
+Whatever reads whole tensors outside a forward (saving the delta, checkpoints) goes through
+:func:`full_tensor` or :func:`full_parameters`. Both are collectives: every rank calls them, in
+the same order, and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..core.roles import find_roles
+from ..errors import ConfigError
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place: ``fully_shard`` on each transformer block, then on the root.
+
+    Raises:
+        ConfigError: the model has no transformer blocks to shard.
+    """
+    blocks = find_roles(model).blocks
+    if not blocks:
+        raise ConfigError(f"--sharding fsdp shards a model block by block, but no transformer blocks were found in "
+                          f"{type(model).__name__} (an nn.ModuleList of layers holding an attention sub-module); "
+                          f"train it with --sharding ddp")
+    for path in blocks:
+        fully_shard(model.get_submodule(path))
+    # the root too frees its whole weights after each forward (FSDP keeps them by default, for the
+    # backward): an evaluation has no backward, and parameters, optimizer and checkpoint must all
+    # see the same sharded tensors between steps
+    fully_shard(model, reshard_after_forward=True)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether :func:`shard` sharded ``model``."""
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded ``DTensor`` (gathered from every rank), else ``tensor``."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` split the way ``like`` (a sharded parameter) is, or ``full`` on ``like``'s device
+    when ``like`` is not sharded. Every rank must pass the same ``full``."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    return full.to(like.device)
+
+
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Every parameter whole (a plain tensor again) inside the block, sharded again after it.
+
+    Meant for reading (saving, fingerprints); run no forward inside it. A no-op for a model
+    :func:`shard` did not shard.
+    """
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def local_parameter_mb(model: nn.Module) -> float:
+    """MiB of parameter storage this rank holds (its shards under FSDP, everything otherwise)."""
+    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in local) / 2**20
