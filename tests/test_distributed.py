@@ -94,6 +94,8 @@ def _assert_same_run(single, launched, stdout):
     metrics = json.loads((launched / "metrics.json").read_text())
     reference = json.loads((single / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["tokens_per_second"] > 0
+    assert len(metrics["peak_memory_mb_per_rank"]) == 2 and min(metrics["peak_memory_mb_per_rank"]) > 0  # every rank's
+    print(f"peak MiB per rank {metrics['peak_memory_mb_per_rank']}, parameter MiB per rank {metrics['parameter_mb_per_rank']}")
     assert metrics["test"]["loss"] == pytest.approx(reference["test"]["loss"], rel=1e-4)
     history, reference = (json.loads((d / "history.json").read_text()) for d in (launched, single))
     assert [s for s, _ in history["train"]] == list(range(1, 7))

@@ -21,16 +21,29 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..core.registry import get_method
 from ..core.roles import find_roles
+from ..core.slot import get_state
 from ..errors import ConfigError
+
+
+def check_method(method: str) -> None:
+    """Raises ConfigError when FSDP cannot train ``method`` (its ``fsdp_refusal`` says why)."""
+    refusal = get_method(method).fsdp_refusal
+    if refusal:
+        raise ConfigError(f"--sharding fsdp cannot train method {method!r}: {refusal}; train it with --sharding ddp")
 
 
 def shard(model: nn.Module) -> nn.Module:
     """Shard ``model`` in place: ``fully_shard`` on each transformer block, then on the root.
 
     Raises:
-        ConfigError: the model has no transformer blocks to shard.
+        ConfigError: the model has no transformer blocks to shard, or a delta's method cannot be
+            sharded (:func:`check_method`).
     """
+    state = get_state(model)
+    for config in (state.configs.values() if state is not None else ()):
+        check_method(config.method)
     blocks = find_roles(model).blocks
     if not blocks:
         raise ConfigError(f"--sharding fsdp shards a model block by block, but no transformer blocks were found in "

@@ -30,7 +30,7 @@ from ..methods.head import find_head
 from ..models.load import base_dtype, check_model_name, load_model
 from . import distributed
 from .batches import encode
-from .fsdp import full_parameters, is_sharded, local_parameter_mb
+from .fsdp import check_method, full_parameters, is_sharded, local_parameter_mb
 from .loop import Settings, train
 from .metrics import evaluate
 from .plot import plot_losses
@@ -94,6 +94,8 @@ class TrainJob:
                               f"the base itself (in float32); drop --dtype or pick a delta method")
         if self.sharding not in distributed.SHARDINGS:
             raise ConfigError(f"--sharding {self.sharding!r} is not a sharding; use one of {', '.join(distributed.SHARDINGS)}")
+        if self.sharding == "fsdp":
+            check_method(self.method)
         if self.quantize is not None:
             get_format(self.quantize)
             if self.sharding == "fsdp":
