@@ -13,18 +13,31 @@ the same order, and rank 0 alone writes.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..core.registry import get_method
 from ..core.roles import find_roles
 from ..core.slot import get_state
 from ..errors import ConfigError
+
+
+def _loaded(module: str, name: str) -> type | None:
+    """Class ``name`` of torch module ``module`` if that module is imported, else ``None``.
+
+    Importing ``torch.distributed.tensor`` takes seconds, and no DTensor or FSDP module can exist
+    before it is imported, so the checks below do not import it (every CLI command would pay)."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else None
+
+
+def _is(value: object, module: str, name: str) -> bool:
+    kind = _loaded(module, name)
+    return kind is not None and isinstance(value, kind)
 
 
 def check_method(method: str) -> None:
@@ -49,6 +62,8 @@ def shard(model: nn.Module) -> nn.Module:
         raise ConfigError(f"--sharding fsdp shards a model block by block, but no transformer blocks were found in "
                           f"{type(model).__name__} (an nn.ModuleList of layers holding an attention sub-module); "
                           f"train it with --sharding ddp")
+    from torch.distributed.fsdp import fully_shard
+
     for path in blocks:
         fully_shard(model.get_submodule(path))
     # the root too frees its whole weights after each forward (FSDP keeps them by default, for the
@@ -60,18 +75,20 @@ def shard(model: nn.Module) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether :func:`shard` sharded ``model``."""
-    return isinstance(model, FSDPModule)
+    return _is(model, "torch.distributed.fsdp", "FSDPModule")
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded ``DTensor`` (gathered from every rank), else ``tensor``."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if _is(tensor, "torch.distributed.tensor", "DTensor") else tensor
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` split the way ``like`` (a sharded parameter) is, or ``full`` on ``like``'s device
     when ``like`` is not sharded. Every rank must pass the same ``full``."""
-    if isinstance(like, DTensor):
+    if _is(like, "torch.distributed.tensor", "DTensor"):
+        from torch.distributed.tensor import distribute_tensor
+
         return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
     return full.to(like.device)
 
@@ -83,7 +100,7 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
     Meant for reading (saving, fingerprints); run no forward inside it. A no-op for a model
     :func:`shard` did not shard.
     """
-    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    units = [module for module in model.modules() if _is(module, "torch.distributed.fsdp", "FSDPModule")]
     for unit in units:
         unit.unshard()
     try:
@@ -95,5 +112,5 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
 def local_parameter_mb(model: nn.Module) -> float:
     """MiB of parameter storage this rank holds (its shards under FSDP, everything otherwise)."""
-    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())
+    local = (p.to_local() if _is(p, "torch.distributed.tensor", "DTensor") else p for p in model.parameters())
     return sum(t.numel() * t.element_size() for t in local) / 2**20
