@@ -9,9 +9,9 @@ this test's LoRA run (6 AdamW steps, batches of 19 that split 10/9 and a last ba
 model without dropout): largest difference 3.5e-8 absolute; with batches of 8, 1.5e-8 absolute
 and 1.4e-6 relative to the tensor's largest entry; DDP gives the same numbers on these runs. The
 resumed run (2 more steps from the gathered checkpoint) differs by 7.5e-9. Over every method
-FSDP can train, 3 steps on this
-model, the largest difference was 1.0e-6 (loha), the same number DDP gives for loha (molora's
-balancing term, computed per rank on its own rows, differs by 1e-2 under DDP and FSDP alike).
+FSDP can train, 3 steps on this model, the largest difference was 1.0e-6 (loha), the same
+number DDP gives for loha (molora's balancing term, computed per rank on its own rows, differs
+by 1e-2 under DDP and FSDP alike).
 So this test asserts the DDP test's ``rtol=1e-4, atol=1e-6``.
 """
 
