@@ -47,11 +47,11 @@ def setup(tiny_bert, tmp_path_factory):
     return root, model, write_reviews(root / "reviews.csv")
 
 
-def _args(setup, out, batch_size):
+def _args(setup, out, batch_size, *extra):
     root, model, data = setup
     return ["train", "--model", str(model), "--data", str(data), "--text-column", "review", "--label-column", "sentiment",
             "--method", "lora", "--steps", "6", "--batch-size", str(batch_size), "--max-length", "16", "--eval-every", "3",
-            "--save-every", "3", "--no-progress", "--out", str(root / out)]
+            "--save-every", "3", "--no-progress", "--out", str(root / out), *extra]
 
 
 def _single(setup, out, batch_size):
@@ -61,13 +61,13 @@ def _single(setup, out, batch_size):
     return out_dir
 
 
-def _launch(setup, launcher, out, batch_size, home=None):
+def _launch(setup, launcher, out, batch_size, home=None, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
     if home:
         env["HF_HOME"] = str(home)  # no accelerate config file of the user's
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", *launcher, "-m", "deltatune.cli", *_args(setup, out, batch_size)],
+    done = subprocess.run([sys.executable, "-m", *launcher, "-m", "deltatune.cli", *_args(setup, out, batch_size, *extra)],
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(f"{launcher[0]} {batch_size=}: {time.perf_counter() - began:.1f} s")
@@ -94,6 +94,8 @@ def _assert_same_run(single, launched, stdout):
     metrics = json.loads((launched / "metrics.json").read_text())
     reference = json.loads((single / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["tokens_per_second"] > 0
+    assert len(metrics["peak_memory_mb_per_rank"]) == 2 and min(metrics["peak_memory_mb_per_rank"]) > 0  # every rank's
+    print(f"peak MiB per rank {metrics['peak_memory_mb_per_rank']}, parameter MiB per rank {metrics['parameter_mb_per_rank']}")
     assert metrics["test"]["loss"] == pytest.approx(reference["test"]["loss"], rel=1e-4)
     history, reference = (json.loads((d / "history.json").read_text()) for d in (launched, single))
     assert [s for s, _ in history["train"]] == list(range(1, 7))

@@ -99,6 +99,8 @@ class MethodSpec:
             records, when it depends on the trained units (the ranks a rank allocation kept).
         peft: the codec that exports and imports this method in peft's format, else ``None``.
         peft_refusal: why the method has no peft format (when ``peft`` is ``None``).
+        fsdp_refusal: why ``--sharding fsdp`` (FSDP2, every parameter sharded over the ranks)
+            cannot train it; ``""`` when it can.
         reference: set on the comparison's reference points (``"floor"``: the least a method
             must beat, the head alone; ``"ceiling"``: full fine-tuning); ``""`` for the rest.
     """
@@ -122,6 +124,7 @@ class MethodSpec:
     peft: Any = None
     peft_refusal: str = "peft has no matching adapter type"
     merge_refusal: str = ""
+    fsdp_refusal: str = ""
     reference: Literal["", "floor", "ceiling"] = ""
 
     @property

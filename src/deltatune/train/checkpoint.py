@@ -1,7 +1,8 @@
 """Training checkpoints that survive ``kill -9``.
 
 A checkpoint is ``checkpoint/step-NNNNNNN.safetensors`` (trainable tensors, the deltas'
-buffers (a rank allocator's running statistics and masks), optimizer state, RNG state) plus ``checkpoint/latest.json`` naming it, with its SHA-256. The tensor
+buffers (a rank allocator's running statistics and masks), optimizer state, RNG state) plus ``checkpoint/latest.json`` naming it, with its SHA-256. Under FSDP the tensors are gathered whole
+(every rank takes part, rank 0 writes) and split into each rank's shards again on resume. The tensor
 file is written first and the JSON last, both atomically, so ``latest.json`` always names
 a complete file; older step files are removed only after the JSON points past them.
 """
@@ -20,6 +21,7 @@ from ..core.slot import slot_sites
 from ..errors import DeltaFileError
 from ..io.artifact import file_sha256
 from ..io.atomic import atomic_path, write_text_atomic
+from .fsdp import full_tensor, shard_like
 
 LATEST = "latest.json"
 
@@ -34,17 +36,29 @@ def _delta_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b for name, b in model.named_buffers() if id(b) in owned}
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, record: dict[str, Any]) -> Path:
-    """Write the training state after ``step`` optimizer steps."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the whole tensor (gathered from every rank when FSDP sharded it)."""
+    return full_tensor(tensor).detach().cpu().contiguous().clone()
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, record: dict[str, Any],
+                    *, write: bool = True) -> Path | None:
+    """Write the training state after ``step`` optimizer steps.
+
+    Under FSDP every rank calls this (the shards are gathered) and only the one with ``write``
+    writes; it returns the step file, or ``None`` where nothing was written.
+    """
     params = _trainable(model)
     index = {id(p): name for name, p in params.items()}
-    tensors = {f"param/{name}": p.detach().cpu().contiguous() for name, p in params.items()}
-    tensors.update({f"buffer/{name}": b.detach().cpu().contiguous().clone() for name, b in _delta_buffers(model).items()})
+    tensors = {f"param/{name}": _whole(p) for name, p in params.items()}
+    tensors.update({f"buffer/{name}": _whole(b) for name, b in _delta_buffers(model).items()})
     for param, state in optimizer.state.items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim/{index[id(param)]}/{key}"] = value.detach().cpu().contiguous().clone()
+                tensors[f"optim/{index[id(param)]}/{key}"] = _whole(value)
+    if not write:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
     tensors["rng/torch"] = torch.get_rng_state()
     name = f"step-{step:07d}.safetensors"
     with atomic_path(folder / name) as tmp:
@@ -73,12 +87,12 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         raise DeltaFileError(f"checkpoint {path} lacks tensors for {missing[:3]}; was it written by another run?")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(tensors[f"param/{name}"])
+            param.copy_(shard_like(tensors[f"param/{name}"], param))
         for name, buffer in _delta_buffers(model).items():
             if f"buffer/{name}" in tensors:  # checkpoints from before buffers were kept have none
                 buffer.copy_(tensors[f"buffer/{name}"])
     for name, param in params.items():
-        state = {key.split("/")[-1]: value if key.endswith("/step") else value.to(param.device)
+        state = {key.split("/")[-1]: value if key.endswith("/step") else shard_like(value, param)
                  for key, value in tensors.items() if key.startswith(f"optim/{name}/")}
         if state:
             optimizer.state[param] = state

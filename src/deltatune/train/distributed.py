@@ -1,6 +1,7 @@
 """Data-parallel training through torch.distributed (started by ``torchrun`` or
-``accelerate launch``): every rank takes its share of each global batch; DDP averages
-the gradients. Without a launcher everything here is a no-op.
+``accelerate launch``): every rank takes its share of each global batch; DDP (or FSDP, with
+``sharding="fsdp"``: see :mod:`.fsdp`) averages the gradients. Without a launcher everything
+here is a no-op.
 
 Each rank trains on ``device()``: its own GPU (``LOCAL_RANK``) where CUDA is available, with
 the nccl backend, else the CPU with gloo.
@@ -62,10 +63,22 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def wrap(model: nn.Module) -> nn.Module:
-    """The model wrapped in DistributedDataParallel when running distributed, else itself."""
+#: how the ranks hold the model: ``ddp`` a whole copy each, ``fsdp`` a shard each (FSDP2)
+SHARDINGS = ("ddp", "fsdp")
+
+
+def wrap(model: nn.Module, sharding: str = "ddp") -> nn.Module:
+    """The model to call for training when running distributed, else ``model`` itself.
+
+    ``ddp``: ``model`` wrapped in DistributedDataParallel. ``fsdp``: ``model`` itself, sharded in
+    place by :func:`.fsdp.shard` (its parameters are replaced, so build the optimizer after this).
+    """
     if rank_and_world()[1] == 1:
         return model
+    if sharding == "fsdp":
+        from .fsdp import shard  # imports FSDP only for the runs that use it
+
+        return shard(model)
     target = device()
     return nn.parallel.DistributedDataParallel(model, device_ids=[target] if target.type == "cuda" else None)
 
@@ -86,6 +99,17 @@ def total(value: float) -> float:
     tensor = torch.tensor(float(value), dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.item()
+
+
+def every_rank(value: float) -> list[float]:
+    """``value`` from each rank, in rank order, on every rank (``[value]`` without a launcher)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [value]
+    values = torch.zeros(world, dtype=torch.float64, device=device())
+    values[rank] = value
+    dist.all_reduce(values)
+    return values.cpu().tolist()
 
 
 def from_main(value: Any) -> Any:

@@ -30,6 +30,7 @@ from ..methods.head import find_head
 from ..models.load import base_dtype, check_model_name, load_model
 from . import distributed
 from .batches import encode
+from .fsdp import check_method, full_parameters, is_sharded, local_parameter_mb
 from .loop import Settings, train
 from .metrics import evaluate
 from .plot import plot_losses
@@ -70,6 +71,8 @@ class TrainJob:
                                  default=None)
     dtype: str = _flag("precision of the frozen base: fp32 or bf16 (the delta and its optimizer state stay float32)",
                        default="fp32")
+    sharding: str = _flag("under torchrun / accelerate launch: ddp (each rank a whole copy) or fsdp (FSDP2: each "
+                          "rank a shard of the base and the delta); no effect in one process", default="ddp")
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -89,8 +92,16 @@ class TrainJob:
         if spec.trains_base and self.dtype != "fp32":
             raise ConfigError(f"--dtype {self.dtype} sets the frozen base's precision, but method {self.method!r} trains "
                               f"the base itself (in float32); drop --dtype or pick a delta method")
+        if self.sharding not in distributed.SHARDINGS:
+            raise ConfigError(f"--sharding {self.sharding!r} is not a sharding; use one of {', '.join(distributed.SHARDINGS)}")
+        if self.sharding == "fsdp":
+            check_method(self.method)
         if self.quantize is not None:
             get_format(self.quantize)
+            if self.sharding == "fsdp":
+                raise ConfigError(f"--sharding fsdp shards plain float tensors, and --quantize {self.quantize} makes the "
+                                  f"frozen base's weights quantised tensors that FSDP cannot split; drop one of the two "
+                                  f"(--sharding ddp trains a quantised base)")
             if spec.trains_base:
                 raise ConfigError(f"--quantize {self.quantize} freezes a quantised base, but method {self.method!r} "
                                   f"trains the base itself; drop --quantize or pick a delta method")
@@ -101,7 +112,8 @@ class TrainJob:
 
     def settings(self) -> Settings:
         return Settings(epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.learning_rate,
-                        seed=self.seed, eval_every=self.eval_every, save_every=self.save_every, progress=self.progress)
+                        seed=self.seed, eval_every=self.eval_every, save_every=self.save_every, progress=self.progress,
+                        sharding=self.sharding)
 
     @classmethod
     def from_yaml(cls, path: Path) -> "TrainJob":
@@ -200,28 +212,34 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
         write_text_atomic(out / "config.yaml", yaml.safe_dump(asdict(job), sort_keys=False))
     result = train(model, encoded["train"], job.settings(), validation=encoded["validation"], num_labels=num_labels,
                    checkpoint_dir=out / "checkpoint", resume=resume)
-    if not distributed.is_main():  # the ranks hold the same weights; rank 0 evaluates and writes
+    memory = {"peak_memory_mb_per_rank": [round(m, 1) for m in distributed.every_rank(peak_memory_mb())],
+              "parameter_mb_per_rank": [round(m, 3) for m in distributed.every_rank(local_parameter_mb(model))]}
+    sharded = is_sharded(model)  # then every rank takes part in each forward and in gathering the weights
+    if not distributed.is_main() and not sharded:  # the ranks hold the same weights; rank 0 evaluates and writes
         return distributed.from_main(None)
-    test = evaluate(model, encoded["test"], num_labels=num_labels)
-    metrics = {
-        "model": job.model, "data": splits.describe(), "method": job.method, "task": splits.task,
-        "test": test, **({"base_test": base_test} if base_test else {}),
-        "validation": evaluate(model, encoded["validation"], num_labels=num_labels),
-        "trainable_parameters": trainable, "total_parameters": count_parameters(model),
-        "percent_trainable": 100 * trainable / count_parameters(model),
-        "steps": result["steps"], "seed": job.seed, "train_seconds": round(result["seconds"], 2),
-        "tokens_per_second": round(result["tokens_per_second"], 1), "peak_memory_mb": round(peak_memory_mb(), 1),
-    }
-    if loaded.quantization is not None:
-        metrics["quantization"] = quantization_summary(loaded.quantization)
-    stats = delta_stats(model)  # methods' own statistics (a router's expert load per layer)
-    if stats:
-        metrics["delta_stats"] = stats
-    metrics["delta_bytes"] = _write_result(model, job, out, metrics, config)
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    write_text_atomic(out / "history.json", json.dumps(asdict(result["history"])) + "\n")
-    plot_losses(result["history"], out / "loss.png", title=f"{job.method} on {job.model} / {job.data}")
-    return distributed.from_main(metrics)
+    evaluated = {name: evaluate(model, encoded[name], num_labels=num_labels) for name in ("test", "validation")}
+    with full_parameters(model):  # under FSDP the whole weights on every rank (a gather); else a no-op
+        if not distributed.is_main():
+            return distributed.from_main(None)
+        metrics = {
+            "model": job.model, "data": splits.describe(), "method": job.method, "task": splits.task,
+            "test": evaluated["test"], **({"base_test": base_test} if base_test else {}), "validation": evaluated["validation"],
+            "trainable_parameters": trainable, "total_parameters": count_parameters(model),
+            "percent_trainable": 100 * trainable / count_parameters(model),
+            "steps": result["steps"], "seed": job.seed, "train_seconds": round(result["seconds"], 2),
+            "tokens_per_second": round(result["tokens_per_second"], 1), "peak_memory_mb": round(peak_memory_mb(), 1),
+            **memory, "sharding": job.sharding if distributed.rank_and_world()[1] > 1 else None,
+        }
+        if loaded.quantization is not None:
+            metrics["quantization"] = quantization_summary(loaded.quantization)
+        stats = delta_stats(model)  # methods' own statistics (a router's expert load per layer)
+        if stats:
+            metrics["delta_stats"] = stats
+        metrics["delta_bytes"] = _write_result(model, job, out, metrics, config)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out / "history.json", json.dumps(asdict(result["history"])) + "\n")
+        plot_losses(result["history"], out / "loss.png", title=f"{job.method} on {job.model} / {job.data}")
+        return distributed.from_main(metrics)
 
 
 def _write_result(model, job: TrainJob, out: Path, metrics: dict, config: DeltaConfig | None) -> int:

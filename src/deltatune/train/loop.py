@@ -40,6 +40,7 @@ class Settings:
     eval_every: int = 0
     save_every: int = 0
     progress: bool = True
+    sharding: str = "ddp"
 
 
 @dataclass
@@ -81,12 +82,19 @@ def train(
 ) -> dict[str, Any]:
     """Train the model's trainable parameters; returns history and timing.
 
+    Under a launcher with ``settings.sharding == "fsdp"`` the model is left sharded (see
+    :mod:`.fsdp`): every rank must then take part in its forwards and in
+    :func:`.fsdp.full_parameters`.
+
     Raises:
         TrainingDiverged: the loss became NaN/inf (the last checkpoint, if any, is kept).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise DeltaError("the model has no trainable parameters; attach a delta first")
+    runner = distributed.wrap(model, settings.sharding)  # before the optimizer: FSDP replaces the parameters
+    # under FSDP every rank takes part in every forward and gather, so all evaluate and checkpoint
+    collective = settings.sharding == "fsdp" and distributed.rank_and_world()[1] > 1
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     total = total_steps(settings, len(train_data))
     plan = BatchPlan(len(train_data), settings.batch_size, settings.seed)
@@ -98,7 +106,6 @@ def train(
         history.train = [tuple(x) for x in record["history"]["train"]]
         history.validation = [tuple(x) for x in record["history"]["validation"]]
     device = next(model.parameters()).device
-    runner = distributed.wrap(model)
     rank, world = distributed.rank_and_world()
     if rank:  # every rank was seeded alike; give the others their own dropout masks
         torch.manual_seed(settings.seed * 1_000_003 + rank * 10_007 + start)
@@ -111,13 +118,13 @@ def train(
         everyone = plan.rows(step)
         rows = everyone[rank::world]
         # a rank left without rows (a last batch smaller than the world) still runs one row,
-        # weighted 0 below, so that DDP's gradient all-reduce sees every rank
+        # weighted 0 below, so that the gradient all-reduce (DDP) or reduce-scatter (FSDP) sees every rank
         batch = to_device(train_data.collate(rows or everyone[:1]), device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings, step, total)
         loss = runner(**batch).loss
         if world > 1:
-            # DDP averages gradients over ranks; weighting each rank's mean loss by its share of
+            # DDP and FSDP average gradients over ranks; weighting each rank's mean loss by its share of
             # the global batch's loss terms makes that average the global batch's mean, also when
             # the batch does not split evenly (or a rank's tokens differ, for causal LM)
             share = loss_items(train_data, rows) / max(1, loss_items(train_data, everyone))
@@ -139,14 +146,14 @@ def train(
         tokens += int(batch["attention_mask"].sum()) if rows else 0
         history.train.append((step + 1, logged.item()))
         bar.set_postfix(loss=f"{history.train[-1][1]:.4f}")
-        if validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0 and rank == 0:
+        if validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0 and (rank == 0 or collective):
             history.validation.append((step + 1, evaluate(model, validation, num_labels=num_labels)))
             bar.set_postfix(loss=f"{history.train[-1][1]:.4f}", **{f"val_{k}": f"{v:.3f}" for k, v in history.validation[-1][1].items()})
-        if checkpoint_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0 and rank == 0:
+        if checkpoint_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0 and (rank == 0 or collective):
             save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {
                 "seconds": elapsed + time.perf_counter() - began,
                 "history": {"train": history.train, "validation": history.validation},
-            })
+            }, write=rank == 0)
     bar.close()
     seconds = elapsed + time.perf_counter() - began
     return {"history": history, "steps": total, "seconds": seconds,

@@ -47,4 +47,6 @@ register_method(MethodSpec(
     summary="SVD-shaped low-rank update whose rank budget is reallocated by importance during training",
     default_lr=1e-2, mixing=Mixing("batched"), step_hook=allocate, loss_term=penalty, saved_config=kept_ranks,
     peft=AdaLoraCodec(),
+    fsdp_refusal="its orthogonality penalty and rank allocation read whole P, E, Q matrices and their gradients "
+                 "between forward passes, where FSDP holds only each rank's shard",
 ))

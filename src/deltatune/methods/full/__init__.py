@@ -36,4 +36,6 @@ register_method(MethodSpec(
     "full", FullConfig, build, mergeable=False, identity_at_init=True,
     summary="full fine-tuning of every base parameter (reference; writes a whole model, not a delta)",
     default_lr=5e-5, targeted=False, trains_base=True, reference="ceiling",
-    peft_refusal="full fine-tuning is a whole model, not an adapter"))
+    peft_refusal="full fine-tuning is a whole model, not an adapter",
+    fsdp_refusal="it writes a whole transformers model (save_pretrained), which deltatune does not gather from "
+                 "FSDP shards yet"))
