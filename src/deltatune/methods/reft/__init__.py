@@ -122,5 +122,7 @@ register_method(MethodSpec(
     merge_refusal="it edits the hidden states of chosen token positions only, through a low-rank subspace",
     summary="representation finetuning (LoReFT / DiReFT): low-rank edits of block outputs at the first and last "
             "tokens",
-    default_lr=2e-3, mixing=Mixing("batched"),
+    # MiniLM movie reviews, 60 steps of 32 rows, head included: loss 0.694 -> 0.676 at 2e-3,
+    # 0.689 -> 0.598 at 1e-2, flat at 5e-4 (a plain adapter at 1e-3: 0.69 -> 0.57)
+    default_lr=1e-2, mixing=Mixing("batched"),
     peft_refusal="peft has no representation-finetuning method (pyreft saves its interventions in its own format)"))
