@@ -71,13 +71,14 @@ def _describe(precision: dict[str, Any]) -> str:
 def _same_base_other_precision(model: nn.Module, meta: dict[str, Any], paths: list[str]) -> str | None:
     """Why ``model`` is the recorded base at another precision, or ``None`` when it is not."""
     recorded = meta["base"].get("precision")
-    if not recorded:  # written before deltatune recorded precision
+    now = _precision(model)
+    if not recorded or {k: recorded.get(k) for k in now} == now:  # no record, or no precision differs
         return None
     here = combine(_fingerprints(model, paths, meta.get("modules_to_save", []), rounded=True))
     if here != recorded["rounded_sha256"]:
         return None
     return (f"delta {meta['name']!r} was trained on the base in {_describe(recorded)}, and this model is the same base "
-            f"in {_describe(_precision(model))}, so its outputs will differ from training by the rounding between the two")
+            f"in {_describe(now)}, so its outputs will differ from training by the rounding between the two")
 
 
 def check_fingerprint(model: nn.Module, meta: dict[str, Any], check: Check) -> None:
