@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import DeltaStateError, MergeError
 from .inject import remove_all
 from .params import base_parameters, parameter_owners, tensor_key, tied_elsewhere
-from .quantized import QuantizedLinear, dense, format_of, replace_parameter, requantize
+from .quantized import dense, format_of, replace_parameter, requantize, to_float
 from .registry import get_method
 from .slot import DeltaSlot, require_state, slot_sites
 from .targeting import base_modules
@@ -186,9 +186,4 @@ def fold(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Modul
 def dequantize_all(model: nn.Module) -> None:
     """Replace every quantised base parameter of ``model`` by its float32 value."""
     for _, module in base_modules(model):
-        for key, param in list(module.named_parameters(recurse=False)):
-            if format_of(param) is not None:
-                replace_parameter(module, key, nn.Parameter(dense(param), requires_grad=False))
-        module.__dict__.pop("_deltatune_sources", None)
-        if type(module) is QuantizedLinear:
-            module.__class__ = nn.Linear
+        to_float(module)

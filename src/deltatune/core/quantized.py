@@ -236,3 +236,14 @@ class QuantizedLinear(nn.Linear):
         if format_of(self.weight) is None:  # a float weight put back (fold): the plain forward
             return super().forward(input)
         return _QuantizedLinearFunction.apply(input, self.weight, self.bias)
+
+
+def to_float(module: nn.Module) -> None:
+    """Replace ``module``'s own quantised parameters by their float32 values and forget their
+    sources; a :class:`QuantizedLinear` becomes a plain ``nn.Linear`` again."""
+    for key, param in list(module.named_parameters(recurse=False)):
+        if format_of(param) is not None:
+            replace_parameter(module, key, nn.Parameter(dense(param), requires_grad=False))
+    module.__dict__.pop("_deltatune_sources", None)
+    if isinstance(module, QuantizedLinear):
+        module.__class__ = nn.Linear
