@@ -189,8 +189,10 @@ def test_a_peft_codec_that_refuses_the_model_leaves_a_reason_not_a_crash():
 def test_precision_rows_and_targets():
     from deltatune.bench.run import PRECISION_RUNS, precision_rows
 
-    rss = {"fp32": 1000.0, "bf16": 700.0, "autocast": 1100.0, "int8": 580.0, "4bit": 500.0}
-    loss = {"fp32": 2.0, "bf16": 2.01, "autocast": 2.02, "int8": 2.03, "4bit": 2.1}
+    rss = {"fp32": 1000.0, "bf16": 700.0, "autocast": 1100.0, "int8": 580.0, "4bit": 500.0, "fp32-gc": 700.0,
+           "int8-gc": 400.0, "4bit-gc": 460.0}
+    loss = {"fp32": 2.0, "bf16": 2.01, "autocast": 2.02, "int8": 2.03, "4bit": 2.1, "fp32-gc": 2.0, "int8-gc": 2.03,
+            "4bit-gc": 2.1}
     runs = {f"{lib}:{v}": {"peak_rss_mib": rss[v] + (50 if lib == "peft" else 0), "test_loss": loss[v], "steps": 30}
             for v, libs in PRECISION_RUNS for lib in libs}
     step = {"bf16": 4.0, "autocast": 3.0, "int8": 1.1, "4bit": 1.3}
@@ -205,6 +207,8 @@ def test_precision_rows_and_targets():
     assert met == {
         "`smollm2` int8 base: peak RSS of training / float32's <= 0.60": True,
         "`smollm2` 4-bit base: peak RSS of training / float32's <= 0.45": False,
+        "`smollm2` int8 base, gradient checkpointing: peak RSS of training / float32's <= 0.60": True,
+        "`smollm2` 4-bit base, gradient checkpointing: peak RSS of training / float32's <= 0.45": False,
         "`smollm2` int8 base: test loss after the same steps, relative to float32's <= 0.02": True,
         "`smollm2` 4-bit base: test loss after the same steps, relative to float32's <= 0.04": False,
         "`smollm2` bf16 base: train step / float32's (1.4x faster) <= 0.71": False,

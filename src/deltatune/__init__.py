@@ -40,6 +40,7 @@ from .core.inject import (
 )
 from .core.merge import fold, merge, requantization_errors, unmerge
 from .core.mixing import get_routing, route
+from .core.recompute import disable_gradient_checkpointing, enable_gradient_checkpointing, recompute_context
 from .core.rows import Routing
 from .core.params import base_parameters, count_parameters, delta_parameters, set_trainable
 from .core.registry import (
@@ -115,9 +116,10 @@ __all__ = [
     "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack", "SwapResult",
     "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig", "VeRAConfig", "activate", "active_deltas",
     "after_step", "attach", "base_only", "base_parameters", "block_from_dict", "compose", "config_from_dict",
-    "count_parameters", "deactivate", "delete", "delta_parameters", "fold", "get_composition", "get_config",
+    "count_parameters", "deactivate", "delete", "delta_parameters", "disable_gradient_checkpointing",
+    "enable_gradient_checkpointing", "fold", "get_composition", "get_config",
     "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge", "merge_deltas",
-    "method_names", "method_specs", "quantize_model", "read_meta", "register_method", "replace", "requantization_errors",
+    "method_names", "method_specs", "quantize_model", "read_meta", "recompute_context", "register_method", "replace", "requantization_errors",
     "route", "save", "set_active",
     "set_composition", "set_trainable", "unmerge", "using",
 ]

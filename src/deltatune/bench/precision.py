@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from deltatune.data.datasets import load_dataset
+from deltatune.core.recompute import enable_gradient_checkpointing
 from deltatune.models.load import load_model, model_folder
 from deltatune.train.batches import encode
 from deltatune.train.loop import Settings, train
@@ -29,9 +30,12 @@ from .cases import LR, MODELS
 from .interleave import interleaved
 from .workers import fresh_model, make_train_step, peak_rss_mib
 
-#: variant -> (the base's dtype, its quantisation, whether the step runs under bf16 autocast)
-VARIANTS = {"fp32": ("fp32", None, False), "bf16": ("bf16", None, False), "autocast": ("fp32", None, True),
-            "int8": ("fp32", "int8", False), "4bit": ("fp32", "4bit", False)}
+#: variant -> (the base's dtype, its quantisation, whether the step runs under bf16 autocast,
+#: whether the blocks' activations are recomputed in the backward pass: gradient checkpointing)
+VARIANTS = {"fp32": ("fp32", None, False, False), "bf16": ("bf16", None, False, False),
+            "autocast": ("fp32", None, True, False), "int8": ("fp32", "int8", False, False),
+            "4bit": ("fp32", "4bit", False, False), "fp32-gc": ("fp32", None, False, True),
+            "int8-gc": ("fp32", "int8", False, True), "4bit-gc": ("fp32", "4bit", False, True)}
 #: the quantised bases peft's LoRA also runs on here (its torchao layer for int8; its plain
 #: LoRA layer over the NF4 tensor), and the float32 reference
 PEFT_VARIANTS = ("fp32", "int8", "4bit")
@@ -44,15 +48,19 @@ def autocast(on: bool):
 
 def base_model(name: str, variant: str, seed: int = 0):
     """The packaged model ``name`` at ``variant``'s precision (autocast: the float32 model)."""
-    dtype, quantize, _ = VARIANTS[variant]
+    dtype, quantize, _, _ = VARIANTS[variant]
     torch.manual_seed(seed)
     return load_model(name, MODELS[name].task, dtype=dtype, quantize=quantize).model
 
 
 def lora_model(lib: str, name: str, variant: str):
     """The bench's LoRA on ``variant``'s base: deltatune's, or its peft twin from the same
-    initial weights (on a second copy of the base, loaded after deltatune's is dropped)."""
-    return fresh_model(lib, "lora", name, 0, build=lambda n, seed: base_model(n, variant, seed))
+    initial weights (on a second copy of the base, loaded after deltatune's is dropped); with
+    the variant's gradient checkpointing on."""
+    model = fresh_model(lib, "lora", name, 0, build=lambda n, seed: base_model(n, variant, seed))
+    if VARIANTS[variant][3]:
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def _data(name: str, seed: int = 0):

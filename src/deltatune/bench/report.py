@@ -43,6 +43,8 @@ RATIO_TARGETS = (
 PRECISION_TARGETS = (
     ("int8", "rss_over_fp32", 0.60, "int8 base: peak RSS of training / float32's"),
     ("4bit", "rss_over_fp32", 0.45, "4-bit base: peak RSS of training / float32's"),
+    ("int8-gc", "rss_over_fp32", 0.60, "int8 base, gradient checkpointing: peak RSS of training / float32's"),
+    ("4bit-gc", "rss_over_fp32", 0.45, "4-bit base, gradient checkpointing: peak RSS of training / float32's"),
     ("int8", "loss_vs_fp32", 0.02, "int8 base: test loss after the same steps, relative to float32's"),
     ("4bit", "loss_vs_fp32", 0.04, "4-bit base: test loss after the same steps, relative to float32's"),
     ("bf16", "step_over_fp32", 1 / 1.4, "bf16 base: train step / float32's (1.4x faster)"),
@@ -66,7 +68,8 @@ def _precision_section(name: str, rows: list[dict]) -> list[str]:
              "Peak RSS and test loss from one fresh process per variant and library (model load, quantisation, "
              "training and evaluation included); train steps and greedy decoding (16 tokens) of every variant "
              "interleaved in one process, steps over deltatune's float32 step. `autocast`: the float32 base under "
-             "`torch.autocast(\"cpu\", bfloat16)`.", "",
+             "`torch.autocast(\"cpu\", bfloat16)`; `-gc`: with gradient checkpointing (each block's activations "
+             "recomputed in the backward pass).", "",
              "| base | peak MiB | / fp32 | peft MiB | test loss | vs fp32 | peft test loss | step / fp32 | "
              "peft step / fp32 | decode tokens/s | peft decode tokens/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

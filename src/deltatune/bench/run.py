@@ -171,7 +171,8 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
 
 #: (variant, libraries) of the precision runs: peft where it can hold a LoRA on that base on CPU
 PRECISION_RUNS = (("fp32", ("deltatune", "peft")), ("bf16", ("deltatune",)), ("autocast", ("deltatune",)),
-                  ("int8", ("deltatune", "peft")), ("4bit", ("deltatune", "peft")))
+                  ("int8", ("deltatune", "peft")), ("4bit", ("deltatune", "peft")), ("fp32-gc", ("deltatune",)),
+                  ("int8-gc", ("deltatune",)), ("4bit-gc", ("deltatune",)))
 
 
 def precision_raw(model: str, repeats: int, warmup: int, steps: int) -> dict:

@@ -64,7 +64,10 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
         text = field.metadata.get("help", "")
         if field.name == "method":
             text = "; ".join(f"{s.name}: {s.summary}" for s in method_specs() if s.trainable_from_flags)
-        parser.add_argument(flag, type=_field_type(field), default=None, help=text)
+        if field.type in (bool, "bool"):  # a switch: given means True, absent leaves the job's value
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=_field_type(field), default=None, help=text)
     parser.add_argument("--targets", nargs="+", default=None, help="module patterns to adapt, or all-linear "
                         "(default: the method's roles, found in the model's structure)")
     parser.add_argument("--config", type=Path, default=None, help="YAML file of the same options (flags win)")

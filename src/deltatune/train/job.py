@@ -73,6 +73,9 @@ class TrainJob:
                        default="fp32")
     sharding: str = _flag("under torchrun / accelerate launch: ddp (each rank a whole copy) or fsdp (FSDP2: each "
                           "rank a shard of the base and the delta); no effect in one process", default="ddp")
+    gradient_checkpointing: bool = _flag("recompute each transformer block's activations in the backward pass "
+                                         "instead of keeping them: less memory, about a third more compute",
+                                         default=False)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -113,7 +116,7 @@ class TrainJob:
     def settings(self) -> Settings:
         return Settings(epochs=self.epochs, steps=self.steps, batch_size=self.batch_size, lr=self.learning_rate,
                         seed=self.seed, eval_every=self.eval_every, save_every=self.save_every, progress=self.progress,
-                        sharding=self.sharding)
+                        sharding=self.sharding, gradient_checkpointing=self.gradient_checkpointing)
 
     @classmethod
     def from_yaml(cls, path: Path) -> "TrainJob":

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.inject import after_step, loss_terms
+from ..core.recompute import enable_gradient_checkpointing
 from ..errors import DeltaError
 from . import distributed
 from .batches import IGNORE, BatchPlan, Encoded, to_device
@@ -41,6 +42,8 @@ class Settings:
     save_every: int = 0
     progress: bool = True
     sharding: str = "ddp"
+    #: recompute each block's activations in the backward pass (transformers models; see core/recompute.py)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -91,6 +94,8 @@ def train(
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise DeltaError("the model has no trainable parameters; attach a delta first")
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     runner = distributed.wrap(model, settings.sharding)  # before the optimizer: FSDP replaces the parameters
     # under FSDP every rank takes part in every forward and gather, so all evaluate and checkpoint
     collective = settings.sharding == "fsdp" and distributed.rank_and_world()[1] > 1

@@ -26,6 +26,7 @@ from ..core.config import DeltaConfig
 from ..core.inject import after_step, attach, loss_terms, using
 from ..core.registry import get_method
 from ..core.params import count_parameters, delta_parameters
+from ..core.recompute import enable_gradient_checkpointing
 from ..core.saved_module import SavedModule
 from ..core.slot import check_delta_name, require_state, slot_sites
 from ..data.datasets import Splits, load_dataset
@@ -40,7 +41,7 @@ from .loop import Settings, TrainingDiverged, learning_rate, total_steps
 from .metrics import evaluate
 
 #: TrainJob fields every task of one multi-delta run must share (one model, one schedule)
-SHARED_FIELDS = ("model", "seed", "steps", "epochs", "lr", "quantize", "dtype")
+SHARED_FIELDS = ("model", "seed", "steps", "epochs", "lr", "quantize", "dtype", "gradient_checkpointing")
 
 
 @dataclass
@@ -148,6 +149,8 @@ def train_tasks(model: nn.Module, tasks: list[Task], settings: Settings, *, num_
             p.requires_grad_(True)
         groups.append({"params": params, "name": name})
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.gradient_checkpointing:  # each recompute runs under its forward's row routing
+        enable_gradient_checkpointing(model)
     total = settings.steps if settings.steps is not None else max(
         total_steps(dataclasses.replace(settings, batch_size=t.rows_per_step), len(t.train)) for t in tasks)
     plans = {t.name: BatchPlan(len(t.train), t.rows_per_step, settings.seed) for t in tasks}
