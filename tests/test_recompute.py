@@ -67,12 +67,14 @@ def test_every_method_has_the_same_gradients_with_checkpointing(method):
     _assert_same(*grads)
 
 
-def _two_loras(checkpointing: str | None):
+def _two_loras(checkpointing: str | None, active: str | None = None):
     model = MODELS["llama"].build()
     for name in ("a", "b"):
         dt.attach(model, dt.LoRAConfig(r=4), name=name)
     _perturbed(model, ["a", "b"])
     dt.set_trainable(model, ["a", "b"])
+    if active is not None:
+        dt.set_active(model, active)
     if checkpointing == "deltatune":
         dt.enable_gradient_checkpointing(model)
     elif checkpointing == "plain":  # transformers' own, without the plan kept for the recompute
@@ -80,9 +82,9 @@ def _two_loras(checkpointing: str | None):
     return model.train()
 
 
-def _mixed_batch_gradients(model) -> dict[str, torch.Tensor]:
+def _mixed_batch_gradients(model, delta_ids=("a", "b", "a", None)) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(1))
-    model(input_ids=ids, labels=ids, delta_ids=["a", "b", "a", None]).loss.backward()
+    model(input_ids=ids, labels=ids, delta_ids=list(delta_ids)).loss.backward()
     return _gradients(model, ["a", "b"])
 
 
@@ -95,6 +97,16 @@ def test_without_the_recompute_context_the_routing_is_gone():
     ended, through the active deltas; torch notices the different graph here and refuses."""
     with pytest.raises(CheckpointError, match="different number of tensors"):
         _mixed_batch_gradients(_two_loras("plain"))
+
+
+def test_without_the_recompute_context_gradients_can_be_silently_wrong():
+    """Every row routed to "a" while "b" is active: the plain recompute runs "b" in the same graph
+    shape, torch cannot tell, and the gradients are wrong; with the context they are exact."""
+    rows = ("a", "a", "a", "a")
+    expected = _mixed_batch_gradients(_two_loras(None, active="b"), rows)
+    _assert_same(expected, _mixed_batch_gradients(_two_loras("deltatune", active="b"), rows))
+    plain = _mixed_batch_gradients(_two_loras("plain", active="b"), rows)
+    assert max((plain[k] - expected[k]).abs().max().item() for k in expected) > 1e-2
 
 
 def test_the_context_serves_torch_checkpoint_on_any_model():
