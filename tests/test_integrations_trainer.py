@@ -387,3 +387,46 @@ def test_the_readme_trainer_snippet_runs(tmp_path):
         os.chdir(cwd)
     assert dt.read_meta(tmp_path / "runs" / "trainer" / "delta")["method"] == "lora"
     assert (tmp_path / "runs" / "trainer" / "checkpoint-20" / STATE_FILE).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# activation checkpointing
+
+
+def _routed_sgd_steps(tmp_path, checkpointing: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Two SGD steps over rows routed to delta "a" while "b" is active (``delta_ids`` in the
+    batch); the deltas before and after."""
+    model = _bert()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("a", "b"):
+        dt.attach(model, dt.LoRAConfig(r=4, alpha=8, targets=["query", "value"]), name=name)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for _, param in dt.delta_parameters(model, name):
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    dt.set_trainable(model, ["a", "b"])
+    dt.set_active(model, "b")
+
+    def deltas() -> dict[str, torch.Tensor]:
+        return {f"{n}.{k}": p.detach().clone() for n in ("a", "b") for k, p in dt.delta_parameters(model, n)}
+
+    before = deltas()
+    rows = [{**row, "delta_ids": 0} for row in _rows(8)]
+    args = _args(tmp_path / str(checkpointing), max_steps=2, save_strategy="no", optim="sgd", learning_rate=0.5,
+                 lr_scheduler_type="constant", max_grad_norm=0, activation_checkpointing=checkpointing,
+                 remove_unused_columns=False)  # keep delta_ids, which the model's forward signature does not name
+    DeltaTrainer(model=model, args=args, train_dataset=rows).train()
+    return before, deltas()
+
+
+def test_activation_checkpointing_keeps_a_routed_batchs_deltas_in_the_recompute(tmp_path):
+    """Trainer's switch turns on deltatune's checkpointing: the recompute runs the rows through
+    "a", as their forward did (Trainer's own would run them through the active "b")."""
+    before, plain = _routed_sgd_steps(tmp_path, False)
+    _, checkpointed = _routed_sgd_steps(tmp_path, True)
+    assert any(not torch.equal(plain[k], before[k]) for k in plain if k.startswith("a."))  # the rows trained "a"
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=0, atol=0, msg=key)

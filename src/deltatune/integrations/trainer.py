@@ -1,6 +1,6 @@
 """transformers ``Trainer`` (and TRL's trainers) on a model that carries deltatune deltas.
 
-:class:`DeltaTrainerMixin` changes four things of any ``Trainer`` subclass, and nothing else:
+:class:`DeltaTrainerMixin` changes five things of any ``Trainer`` subclass, and nothing else:
 
 - ``save_model`` and every ``checkpoint-N`` write the deltas as delta folders
   (:func:`deltatune.save`), not the base model's tensors; tokenizer, training arguments,
@@ -10,7 +10,10 @@
 - the loss gets the deltas' extra terms (:func:`deltatune.loss_terms`: AdaLoRA's
   orthogonality penalty);
 - :class:`DeltaStepCallback` runs the deltas' per-step hooks (:func:`deltatune.after_step`:
-  AdaLoRA's rank allocation, DyLoRA's rank sampling) after each optimizer step.
+  AdaLoRA's rank allocation, DyLoRA's rank sampling) after each optimizer step;
+- ``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5) turns on
+  :func:`deltatune.enable_gradient_checkpointing` instead of Trainer's own, so a recompute runs
+  the deltas its forward ran (Trainer's loses a mixed batch's per-row routing).
 
 Example:
     >>> from deltatune.integrations import DeltaTrainer, DeltaTrainerMixin
@@ -29,6 +32,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..core.inject import after_step, list_deltas, loss_terms
+from ..core.recompute import enable_gradient_checkpointing
 from ..core.slot import get_slot
 from ..errors import ConfigError, DeltaStateError
 from .checkpoint import restore_deltas, save_deltas
@@ -61,8 +65,18 @@ class DeltaTrainerMixin:
                 f"call deltatune.attach(model, config) before building the trainer, or use transformers.Trainer"
             )
         _refuse_a_bypassed_head(self.model)
+        self._take_over_checkpointing()
         self.add_callback(DeltaStepCallback)
         self._writing_checkpoint = False
+
+    def _take_over_checkpointing(self) -> None:
+        for switch, options in (("activation_checkpointing", "activation_checkpointing_kwargs"),
+                                ("gradient_checkpointing", "gradient_checkpointing_kwargs")):
+            if getattr(self.args, switch, False) is True:
+                every = dict(getattr(self.args, options, None) or {}).get("every_n_layers", 1)
+                enable_gradient_checkpointing(self.model, every_n_layers=every)
+                setattr(self.args, switch, False)  # Trainer's own would replace the recompute context
+                return
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
