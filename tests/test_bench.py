@@ -214,3 +214,10 @@ def test_precision_rows_and_targets():
         "`smollm2` bf16 base: train step / float32's (1.4x faster) <= 0.71": False,
     }
     assert "| int8 | 580 | 0.580 | 630 | 2.0300 | +1.50% |" in "\n".join(report._precision_section("smollm2", list(rows.values())))
+    # a variant without a fresh process (--fresh-variants) keeps its timed columns and shows no memory or loss
+    del runs["deltatune:bf16"]
+    rows = {r["metric"]: r for r in precision_rows("smollm2", {"runs": runs, "ratios": ratios})}
+    assert rows["precision_bf16"]["deltatune"] is None and rows["precision_bf16"]["loss_vs_fp32"] is None
+    assert rows["precision_bf16"]["step_over_fp32"] == 4.0
+    assert "| bf16 | - | - | - | - | - | - | 4.000 [4.00, 4.00] |" in "\n".join(
+        report._precision_section("smollm2", list(rows.values())))

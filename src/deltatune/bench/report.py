@@ -76,7 +76,7 @@ def _precision_section(name: str, rows: list[dict]) -> list[str]:
     for r in chosen:
         lines.append(f"| {r['metric'].removeprefix('precision_')} | {_num(r['deltatune'], 0)} | "
                      f"{_ratio(r['rss_over_fp32'])} | {_num(r['peft'], 0)} | {_num(r['test_loss'], 4)} | "
-                     f"{r['loss_vs_fp32']:+.2%} | {_num(r['peft_test_loss'], 4)} | "
+                     f"{'-' if r['loss_vs_fp32'] is None else format(r['loss_vs_fp32'], '+.2%')} | {_num(r['peft_test_loss'], 4)} | "
                      f"{_ratio(r['step_over_fp32'], r.get('step_spread'))} | {_ratio(r.get('peft_step_over_fp32'))} | "
                      f"{_num(r['decode_tokens_per_s'])} | {_num(r.get('peft_decode_tokens_per_s'))} |")
     return lines

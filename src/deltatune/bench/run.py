@@ -86,7 +86,7 @@ def time_row(model: str, method: str, metric: str, ms: dict, vs_peft: dict | Non
 
 
 def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
-            methods: list[str] | None = None) -> tuple[list[dict], dict]:
+            methods: list[str] | None = None, fresh_variants: list[str] | None = None) -> tuple[list[dict], dict]:
     """Run the workers; return (rows, raw worker outputs)."""
     methods = default_methods() if methods is None else methods
     rows: list[dict] = []
@@ -158,7 +158,7 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
         raw["decode"] = run_worker("decode", common, timeout=7200)
         rows += decode_rows(model, raw["decode"])
     if "precision" in parts and spec.task == "causal_lm" and spec.packaged:
-        raw["precision"] = precision_raw(model, repeats, warmup, steps)
+        raw["precision"] = precision_raw(model, repeats, warmup, steps, fresh_variants)
         rows += precision_rows(model, raw["precision"])
     if "swap" in parts and spec.task == "classification":
         raw["swap"] = run_worker("swap", common)
@@ -175,10 +175,13 @@ PRECISION_RUNS = (("fp32", ("deltatune", "peft")), ("bf16", ("deltatune",)), ("a
                   ("int8-gc", ("deltatune",)), ("4bit-gc", ("deltatune",)))
 
 
-def precision_raw(model: str, repeats: int, warmup: int, steps: int) -> dict:
-    """Fresh processes per variant and library (peak RSS, test loss), then the interleaved ratios."""
+def precision_raw(model: str, repeats: int, warmup: int, steps: int, fresh: list[str] | None = None) -> dict:
+    """Fresh processes per variant and library (peak RSS, test loss; only the variants in
+    ``fresh`` when given), then the interleaved ratios of every variant."""
     runs = {}
     for variant, libs in PRECISION_RUNS:
+        if fresh is not None and variant not in fresh:
+            continue
         for lib in libs:
             runs[f"{lib}:{variant}"] = run_worker("precision_run", {"model": model, "variant": variant, "lib": lib,
                                                                     "steps": steps}, timeout=7200)
@@ -193,13 +196,15 @@ def precision_rows(model: str, raw: dict) -> list[dict]:
     fp32 = runs["deltatune:fp32"]
     out = []
     for variant, _ in PRECISION_RUNS:
-        ours, theirs = runs[f"deltatune:{variant}"], runs.get(f"peft:{variant}")
+        ours, theirs = runs.get(f"deltatune:{variant}"), runs.get(f"peft:{variant}")
+        if ours is None:  # no fresh process for this variant: its interleaved times only
+            ours = {"peak_rss_mib": None, "test_loss": None, "steps": fp32["steps"]}
         out.append({"model": model, "method": "lora", "metric": f"precision_{variant}", "unit": "MiB",
                     "deltatune": ours["peak_rss_mib"], "peft": theirs and theirs["peak_rss_mib"],
                     "ratio": ratio(ours["peak_rss_mib"], theirs and theirs["peak_rss_mib"]),
                     "rss_over_fp32": ratio(ours["peak_rss_mib"], fp32["peak_rss_mib"]),
                     "test_loss": ours["test_loss"], "peft_test_loss": theirs and theirs["test_loss"],
-                    "loss_vs_fp32": ratio(ours["test_loss"], fp32["test_loss"]) - 1,
+                    "loss_vs_fp32": None if ours["test_loss"] is None else ratio(ours["test_loss"], fp32["test_loss"]) - 1,
                     "step_over_fp32": (ratios["train_over_fp32"].get(variant) or {}).get("median"),
                     "step_spread": _spread(ratios["train_over_fp32"].get(variant)),
                     "peft_step_over_fp32": (ratios["train_over_fp32"].get(f"peft:{variant}") or {}).get("median"),
@@ -261,6 +266,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=",".join(PARTS),
                         help="comma list of parts (mixed, mixed_train, swap and serve run on classification models, "
                              "decode on causal LMs)")
+    parser.add_argument("--fresh-variants", default=None,
+                        help="precision part: comma list of the base variants that get a fresh training process (peak "
+                             "RSS, test loss; default all); every variant's step and decoding are timed regardless")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 
@@ -280,7 +288,8 @@ def run(opts: argparse.Namespace) -> int:
         print(f"bench: {model}, {repeats} repeats after {opts.warmup} warm-ups, {THREADS} threads", file=sys.stderr)
         # the equivalence guard compares values, not times: once, on the first model
         model_rows, raw[model] = collect(model, repeats, opts.warmup, parts if i == 0 else parts - {"equivalence"},
-                                         opts.steps, methods)
+                                         opts.steps, methods,
+                                         opts.fresh_variants.split(",") if opts.fresh_variants else None)
         rows += model_rows
         spec = MODELS[model]
         settings[model] = {"task": spec.task, "batch": spec.batch, "seq": spec.seq}
