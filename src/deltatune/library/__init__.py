@@ -9,9 +9,13 @@
   layer, by each LoRA's top right singular vector).
 """
 
+from .arrow import ArrowRouting, arrow, check_arrow, prototype
+from .auto import ROUTERS, AutoRoute, deltas_for_base, load_deltas, route_auto
+from .centroid import embed, embed_texts, nearest
 from .index import DEFAULT_DB, LIBRARY_ENV, SCHEMA_VERSION, Library, default_db
 from .query import Query, Threshold
 from .record import CHANGED, CORRUPT, MISSING, OK, DeltaRecord, read_record
 
-__all__ = ["CHANGED", "CORRUPT", "DEFAULT_DB", "DeltaRecord", "LIBRARY_ENV", "Library", "MISSING", "OK", "Query",
+__all__ = ["ArrowRouting", "AutoRoute", "ROUTERS", "arrow", "check_arrow", "deltas_for_base", "embed",
+           "embed_texts", "load_deltas", "nearest", "prototype", "route_auto", "CHANGED", "CORRUPT", "DEFAULT_DB", "DeltaRecord", "LIBRARY_ENV", "Library", "MISSING", "OK", "Query",
            "SCHEMA_VERSION", "Threshold", "default_db", "read_record"]

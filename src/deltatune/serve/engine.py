@@ -20,12 +20,12 @@ from torch import nn
 
 from ..core.mixing import route
 from ..core.registry import config_from_dict, get_method
-from ..errors import DeltaFileError, DeltaStateError, FingerprintError, NotApplicableError
+from ..errors import ConfigError, DeltaFileError, DeltaStateError, FingerprintError, NotApplicableError
 from ..io.artifact import head_rows
 from ..swap import DeltaCache, delta_bytes
 from ..models.load import CAUSAL_LM, CLASSIFICATION, load_model, model_task
 from .errors import ApiError, as_api_error
-from .library import DeltaLibrary
+from .library import DeltaLibrary, IndexedDeltas
 
 
 @dataclass
@@ -280,9 +280,13 @@ class Engine:
                 "model_class": type(self.model).__name__}
 
 
-def engine_from_options(model: str, deltas: str | Path, *, max_deltas: int = 16, num_labels: int | None = None,
-                        seed: int = 0, quantize: str | None = None) -> Engine:
-    """An :class:`Engine` for a packaged model name or model folder and a deltas folder."""
-    library = DeltaLibrary(deltas)
+def engine_from_options(model: str, deltas: str | Path | None = None, *, library: str | Path | None = None,
+                        max_deltas: int = 16, num_labels: int | None = None, seed: int = 0,
+                        quantize: str | None = None) -> Engine:
+    """An :class:`Engine` for a packaged model name or model folder and its deltas: a deltas
+    folder (``deltas``) or a library index (``library``, see ``deltatune library``)."""
+    if (deltas is None) == (library is None):
+        raise ConfigError("serve takes its deltas from a folder (--deltas DIR) or a library (--library DB): give one")
+    library = DeltaLibrary(deltas) if library is None else IndexedDeltas(library)
     base, tokenizer, task = load_base(model, library, num_labels=num_labels, seed=seed, quantize=quantize)
     return Engine(base, tokenizer, task, library, max_deltas=max_deltas, model_name=model)
