@@ -168,7 +168,7 @@ def _add_many(db: str, folder: str, prefix: str, count: int) -> None:
 def test_concurrent_writers_from_processes_and_threads_all_land(folders, tmp_path):
     db = str(tmp_path / "lib.db")
     Library(db)
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")  # processes started before the threads
     processes = [context.Process(target=_add_many, args=(db, str(folders / "spam"), f"p{k}x", 6)) for k in range(3)]
     threads = [threading.Thread(target=_add_many, args=(db, str(folders / "sentiment"), f"t{k}x", 6)) for k in range(3)]
     for worker in (*processes, *threads):
