@@ -237,3 +237,66 @@ def test_unrouted_bad_options_are_clear(tiny_bert, saved, tmp_path):
     with pytest.raises(LibraryError, match="pass the tokenised batch"):
         with route_auto(model, library):
             pass
+
+
+# --- heads of other widths, eval --delta auto -----------------------------------------------
+
+WIDTHS = {"sentiment": ["neg", "pos"], "topic": ["what", "why", "yes"]}
+
+
+@pytest.fixture(scope="module")
+def wide_and_narrow(tiny_bert, tmp_path_factory):
+    """Two deltas on one base whose heads have 2 and 3 labels."""
+    root = tmp_path_factory.mktemp("widths")
+    for seed, (name, labels) in enumerate(WIDTHS.items()):
+        torch.manual_seed(seed)
+        model = load_model(str(tiny_bert), "classification", len(labels)).model.eval()
+        dt.attach(model, dt.LoRAConfig(r=4, targets=["query", "value"], modules_to_save=["classifier"]), name=name)
+        randomise(model, name, seed)
+        dt.save(model, root / name, name, labels=labels)
+    return root
+
+
+def reference_answer(folder, root, name: str, text: str) -> str:
+    labels = WIDTHS[name]
+    loaded = load_model(str(folder), "classification", len(labels))
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    dt.load(model, root / name)
+    with torch.no_grad():
+        logits = model(**tokenizer([text], return_tensors="pt")).logits[0]
+    return labels[int(logits.argmax())]
+
+
+def test_each_row_is_answered_by_its_routed_deltas_head_whatever_its_width(tiny_bert, wide_and_narrow, tmp_path):
+    from deltatune.library.evaluate import routed_answers
+
+    library = library_of(tmp_path, wide_and_narrow, WIDTHS)
+    model, tokenizer = tiny_classifier(tiny_bert)
+    anchors = embed(model, tokenizer(TEXTS[:2], padding=True, return_tensors="pt"))
+    library.set_centroid("sentiment", anchors[0], 1)
+    library.set_centroid("topic", anchors[1], 1)
+    texts = [TEXTS[1], TEXTS[0], TEXTS[1]]
+    choices, answers = routed_answers(model, tokenizer, library, texts)
+    assert choices == ["topic", "sentiment", "topic"]
+    assert answers == [reference_answer(tiny_bert, wide_and_narrow, c, t) for c, t in zip(choices, texts)]
+
+
+def test_cli_eval_delta_auto_reports_accuracy_and_where_rows_went(tiny_bert, wide_and_narrow, tmp_path, capsys):
+    import json
+
+    from conftest import write_reviews
+
+    from deltatune.cli import main
+
+    library = library_of(tmp_path, wide_and_narrow, WIDTHS)
+    model, tokenizer = tiny_classifier(tiny_bert)
+    for name, text in zip(WIDTHS, TEXTS[:2]):
+        library.set_centroid(name, embed(model, tokenizer([text], return_tensors="pt"))[0], 1)
+    data = write_reviews(tmp_path / "reviews.csv", rows=40)
+    code = main(["eval", "--delta", "auto", "--library", str(library.db), "--model", str(tiny_bert), "--data",
+                 str(data), "--text-column", "review", "--label-column", "sentiment", "--router", "arrow"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["delta"] == "auto" and result["router"] == "arrow"
+    assert sum(result["test"]["routed"].values()) == result["data"]["sizes"]["test"]
+    assert 0.0 <= result["test"]["accuracy"] <= 1.0
