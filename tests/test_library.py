@@ -247,3 +247,32 @@ def test_serve_needs_exactly_one_source(tiny_bert, tmp_path):
         engine_from_options(str(tiny_bert))
     with pytest.raises(DeltaFileError, match="does not exist"):
         engine_from_options(str(tiny_bert), library=tmp_path / "none.db")
+
+
+def test_server_model_auto_takes_the_delta_with_the_nearest_centroid(library, folders, tiny_bert):
+    import httpx
+
+    from deltatune.library import embed
+    from deltatune.serve import Settings, create_app
+    from deltatune.serve.background import running
+
+    engine = engine_from_options(str(tiny_bert), library=library.db)
+    texts = ["good movie", "the plot was very dull"]
+    with torch.no_grad():
+        anchors = embed(engine.model, engine.tokenizer(texts, padding=True, return_tensors="pt"))
+    library.set_centroid("sentiment", anchors[0], 1)
+    library.set_centroid("spam", anchors[1], 1)
+    library.set_centroid("otherbase", anchors[0], 1)  # nearest too, but made for another base: never chosen
+    auto = Work("auto", [texts[1]])
+    [got] = engine.classify([auto])
+    [named] = engine.classify([Work("spam", [texts[1]])])
+    assert auto.delta == "spam" and got == named
+    with running(create_app(engine, Settings(max_wait_ms=5))) as url:
+        answer = httpx.post(f"{url}/v1/classify", json={"delta": "auto", "inputs": [texts[0]]}, timeout=30).json()
+    assert answer["delta"] == "sentiment"
+
+
+def test_server_model_auto_without_a_library_is_a_clear_400(folders, tiny_bert):
+    engine = engine_from_options(str(tiny_bert), folders)
+    [error] = engine.classify([Work("auto", ["good movie"])])
+    assert error.status == 400 and "--library DB" in error.message

@@ -18,6 +18,8 @@ NAME_RULE = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
 NAME_PATTERN = re.compile(NAME_RULE)
 #: the name that means "no delta" in requests
 BASE = "base"
+#: the name that means "the delta the library's router chooses" (``--library`` servers)
+AUTO = "auto"
 
 
 class DeltaLibrary:
@@ -42,10 +44,11 @@ class DeltaLibrary:
             ApiError: 400 for a name that is not ``[A-Za-z][A-Za-z0-9_-]*`` or resolves outside
                 the deltas folder; 404 when no such delta exists.
         """
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name == BASE:
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (BASE, AUTO):
             raise ApiError(400, "invalid_delta_name",
                            f"delta name {name!r} is not allowed; names start with a letter and hold only letters, "
-                           f"digits, '_' and '-' (at most 64), and {BASE!r} means the base model")
+                           f"digits, '_' and '-' (at most 64), {BASE!r} means the base model and {AUTO!r} the delta "
+                           f"the library's router chooses")
         return self.locate(name)
 
     def locate(self, name: str) -> Path:
@@ -66,7 +69,7 @@ class DeltaLibrary:
         """Names of the delta folders present now, sorted."""
         names = []
         for entry in self.directory.iterdir():
-            named = NAME_PATTERN.fullmatch(entry.name) and entry.name != BASE
+            named = NAME_PATTERN.fullmatch(entry.name) and entry.name not in (BASE, AUTO)
             if named and (entry / META_FILE).is_file() and entry.resolve().is_relative_to(self.directory):
                 names.append(entry.name)
         return sorted(names)
@@ -149,4 +152,4 @@ class IndexedDeltas(DeltaLibrary):
         return Path(record.path)
 
     def available(self) -> list[str]:
-        return [r.name for r in self.index.list() if r.status not in (MISSING, CORRUPT) and r.name != BASE]
+        return [r.name for r in self.index.list() if r.status not in (MISSING, CORRUPT) and r.name not in (BASE, AUTO)]
