@@ -41,7 +41,7 @@ import torch
 import deltatune as dt
 from deltatune.data.datasets import load_dataset
 from deltatune.io.atomic import write_text_atomic
-from deltatune.library import Library, embed_texts
+from deltatune.library import Library, arrow, embed_texts
 from deltatune.library.evaluate import routed_answers
 from deltatune.library.heads import RowHeads
 from deltatune.models.load import load_model
@@ -104,6 +104,22 @@ def scores(rows: list[dict], choices: list[str] | None, answers: list[str]) -> d
     return result
 
 
+def arrow_per_module(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 32) -> list[float]:
+    """Arrow k=1 at each adapted module alone (in call order): the share of rows whose tokens
+    there went most to their own task's delta."""
+    right: list[int] = []
+    for start in range(0, len(rows), batch_size):
+        part = rows[start:start + batch_size]
+        batch = tokenizer([r["text"] for r in part], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt")
+        truth = torch.tensor([TASKS.index(r["task"]) for r in part])
+        with torch.no_grad(), arrow(model, TASKS, 1, batch["attention_mask"], trace=True) as plan:
+            model(**batch)
+        counts = [int((share.argmax(-1).cpu() == truth).sum()) for share in plan.trace]
+        right = counts if not right else [a + b for a, b in zip(right, counts)]
+    return [round(count / len(rows), 3) for count in right]
+
+
 def main() -> None:
     args = options()
     torch.manual_seed(args.seed)
@@ -133,6 +149,8 @@ def main() -> None:
                                           max_length=args.max_length)
         results[label] = scores(rows, choices, answers)
         print(label, json.dumps({key: results[label][key] for key in ("routing_accuracy", "accuracy")}), flush=True)
+    per_module = arrow_per_module(model, tokenizer, rows, args.max_length)
+    print("arrow k=1 per module", per_module, flush=True)
     heads = RowHeads(model, library)
     results["oracle"] = scores(rows, None, fixed_answers(model, tokenizer, heads, texts, tasks, tasks, args.max_length))
     dt.merge_deltas(model, list(TASKS), "linear", heads="drop", name="uniform")
@@ -144,7 +162,7 @@ def main() -> None:
                for task, folder in folders.items()}
     report = {"settings": {**vars(args), "rows": len(rows), "tasks": list(TASKS), "model": "minilm",
                            "method": "lora (r=8, q and v)", "seconds": round(time.time() - started, 1)},
-              "trained_test_accuracy": trained, "results": results}
+              "trained_test_accuracy": trained, "results": results, "arrow_per_module": per_module}
     write_text_atomic(HERE / "routing.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(HERE / "routing.md", markdown(report))
     print(f"wrote {HERE / 'routing.md'}")
@@ -171,6 +189,9 @@ def markdown(report: dict) -> str:
                  if routing is not None else f"- / {result['per_task'][t]['accuracy']:.3f}" for t in settings["tasks"]]
         lines.append(f"| {label} | {'-' if routing is None else f'{routing:.3f}'} | {result['accuracy']:.3f} | "
                      + " | ".join(cells) + " |")
+    per_module = ", ".join(f"{a:.2f}" for a in report["arrow_per_module"])
+    lines += ["", f"Arrow k=1 at each adapted module alone (query and value of each of MiniLM's layers, in order), the "
+                  f"share of rows whose tokens went most to their own task's delta: {per_module} (chance: 0.33)."]
     trained = ", ".join(f"{t} {a:.3f}" for t, a in report["trained_test_accuracy"].items())
     lines += ["", f"Each delta's own test accuracy from training (whole test split): {trained}.", "",
               "The oracle and the uniform merge score each row with its own task's head (the merge has none of its "

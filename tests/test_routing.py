@@ -119,10 +119,11 @@ def test_arrow_gives_each_row_the_head_of_its_most_voted_delta(tiny_bert):
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     pooled = {}
     handle = model.classifier.register_forward_hook(lambda m, args, out: pooled.update(x=args[0], y=out))
-    with torch.no_grad(), arrow(model, NAMES, top_k=2, token_mask=batch["attention_mask"]) as plan:
+    with torch.no_grad(), arrow(model, NAMES, top_k=2, token_mask=batch["attention_mask"], trace=True) as plan:
         model(**batch)
     handle.remove()
     assert plan.votes.shape == (len(TEXTS), 3)
+    assert len(plan.trace) == 4 and torch.allclose(sum(plan.trace), plan.votes)
     # every module adds 1 per token (weights sum to 1), averaged over tokens: 4 adapted modules
     assert torch.allclose(plan.votes.sum(-1), torch.full((len(TEXTS),), 4.0), atol=1e-5)
     for row, name in enumerate(plan.choice):

@@ -60,11 +60,14 @@ class ArrowRouting(Plan):
     refuses_routing = ("Arrow routing is in force on this model; per-row delta_ids cannot run inside it: leave the "
                        "route_auto block first")
 
-    def __init__(self, names: Sequence[str], top_k: int = 1, token_mask: torch.Tensor | None = None) -> None:
+    def __init__(self, names: Sequence[str], top_k: int = 1, token_mask: torch.Tensor | None = None,
+                 trace: bool = False) -> None:
         self.routed = tuple(names)
         self.top_k = top_k
         self.token_mask = token_mask
         self.votes: torch.Tensor | None = None
+        #: with ``trace``: each module call's per-row weights ``(batch, len(names))``, in call order
+        self.trace: list[torch.Tensor] | None = [] if trace else None
 
     @property
     def choice(self) -> list[str]:
@@ -130,7 +133,11 @@ class ArrowRouting(Plan):
             per_row = per_token.mean(1)
         if self.votes is None or self.votes.shape[0] != batch:
             self.votes = torch.zeros(batch, len(self.routed), device=per_row.device)
-        self.votes[:, positions.to(per_row.device)] += per_row
+        share = torch.zeros_like(self.votes)
+        share[:, positions.to(per_row.device)] = per_row
+        self.votes += share
+        if self.trace is not None:
+            self.trace.append(share)
 
     def _per_row(self, at: _AtSlot, module: nn.Module, args: tuple, kwargs: dict, output):
         if self.votes is None:
@@ -169,9 +176,10 @@ def check_arrow(model: nn.Module, names: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def arrow(model: nn.Module, names: Sequence[str], top_k: int = 1,
-          token_mask: torch.Tensor | None = None) -> Iterator[ArrowRouting]:
-    """Route every token through the deltas ``names`` by Arrow inside the block.
+def arrow(model: nn.Module, names: Sequence[str], top_k: int = 1, token_mask: torch.Tensor | None = None,
+          trace: bool = False) -> Iterator[ArrowRouting]:
+    """Route every token through the deltas ``names`` by Arrow inside the block (``trace``: keep
+    each module's per-row routing weights in ``plan.trace``).
 
     Example:
         >>> with arrow(model, ["sentiment", "spam", "topic"], top_k=2, token_mask=batch["attention_mask"]) as plan:
@@ -191,7 +199,7 @@ def arrow(model: nn.Module, names: Sequence[str], top_k: int = 1,
     if state.override is not None and state.override.refuses_routing:
         raise DeltaStateError(state.override.refuses_routing)
     check_arrow(model, names)
-    plan = ArrowRouting(names, top_k, token_mask)
+    plan = ArrowRouting(names, top_k, token_mask, trace)
     previous = state.override
     state.set_override(plan)
     try:
