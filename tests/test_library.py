@@ -276,3 +276,13 @@ def test_server_model_auto_without_a_library_is_a_clear_400(folders, tiny_bert):
     engine = engine_from_options(str(tiny_bert), folders)
     [error] = engine.classify([Work("auto", ["good movie"])])
     assert error.status == 400 and "--library DB" in error.message
+
+
+def test_cli_serve_takes_a_library_or_a_folder_not_both(capsys):
+    from deltatune.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "minilm", "--library", "deltas.db"])
+    assert (args.library, args.deltas) == ("deltas.db", None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "minilm", "--library", "a.db", "--deltas", "dir"])
+    assert "not allowed with argument" in capsys.readouterr().err
