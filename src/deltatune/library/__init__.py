@@ -7,6 +7,8 @@
   deltas for the model's base: a centroid router (``centroid.py``: each delta's training
   examples' mean embedding, nearest by cosine, per row) or Arrow (``arrow.py``: per token and
   layer, by each LoRA's top right singular vector).
+- ``heads.py``: each row answered by its routed delta's own head, whatever its width;
+  ``evaluate.py``: ``deltatune eval --delta auto`` over a dataset's test split.
 """
 
 from .arrow import ArrowRouting, arrow, check_arrow, prototype
