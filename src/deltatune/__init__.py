@@ -61,11 +61,13 @@ from .errors import (
     DeltaFileError,
     DeltaStateError,
     FingerprintError,
+    LibraryError,
     MergeError,
     NotApplicableError,
     TargetError,
 )
 from .io.artifact import load, read_meta, save
+from .library import Library, route_auto
 from .models.quantize import QuantizeReport, quantize_model
 from .swap import CacheStats, DeltaCache, SwapResult, replace
 from .version import __version__
@@ -110,7 +112,7 @@ __all__ = [
     "BatchSplit", "BitFitConfig", "Block", "CacheStats", "CompacterConfig", "ConfigError", "DeltaCache",
     "DeltaConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DenseConfig", "DiaBloConfig",
     "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "FingerprintError", "Fuse", "FusionConfig",
-    "HeadConfig", "HydraConfig", "HyperAdapterConfig", "IA3Config", "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig",
+    "HeadConfig", "HydraConfig", "Library", "LibraryError", "HyperAdapterConfig", "IA3Config", "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig",
     "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing", "MoLoRAConfig",
     "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig", "Parallel", "Placement", "PrefixConfig",
     "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack", "SwapResult",
@@ -119,8 +121,8 @@ __all__ = [
     "count_parameters", "deactivate", "delete", "delta_parameters", "disable_gradient_checkpointing",
     "enable_gradient_checkpointing", "fold", "get_composition", "get_config",
     "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge", "merge_deltas",
-    "method_names", "method_specs", "quantize_model", "read_meta", "recompute_context", "register_method", "replace", "requantization_errors",
-    "route", "save", "set_active",
+    "method_names", "method_specs", "quantize_model", "read_meta", "recompute_context", "register_method", "replace",
+    "requantization_errors", "route", "route_auto", "save", "set_active",
     "set_composition", "set_trainable", "unmerge", "using",
 ]
 

@@ -37,3 +37,8 @@ class DeltaFileError(DeltaError, ValueError):
 
 class FingerprintError(DeltaFileError):
     """A delta was made for a different base model."""
+
+
+class LibraryError(DeltaError, ValueError):
+    """A delta library (the SQLite index of delta folders) cannot do what was asked: an unknown
+    or repeated name, a newer schema, nothing to route to."""

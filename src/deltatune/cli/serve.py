@@ -25,14 +25,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ..serve import Settings, create_app, engine_from_options
 
-    engine = engine_from_options(args.model, args.deltas, max_deltas=args.max_deltas, num_labels=args.num_labels,
+    engine = engine_from_options(args.model, args.deltas, library=args.library, max_deltas=args.max_deltas, num_labels=args.num_labels,
                                  quantize=args.quantize)
     token = args.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
     settings = Settings(admin_token=token, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                         queue_size=args.queue_size, timeout_s=args.timeout, max_inputs=args.max_inputs,
                         max_tokens=args.max_tokens)
     admin = "on" if token else f"off (pass --admin-token or set {ADMIN_TOKEN_ENV})"
-    print(f"serving {args.model} ({engine.task}) with deltas from {args.deltas} on http://{args.host}:{args.port}; "
+    print(f"serving {args.model} ({engine.task}) with deltas from {args.deltas or args.library} on http://{args.host}:{args.port}; "
           f"admin endpoints {admin}")
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -41,7 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
 def add_parsers(commands) -> None:
     serve = commands.add_parser("serve", help="serve one base model and many deltas over HTTP")
     serve.add_argument("--model", required=True, help="minilm, smollm2 or a local transformers folder")
-    serve.add_argument("--deltas", required=True, metavar="DIR", help="folder of delta folders (<DIR>/<name>/delta.json)")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--deltas", metavar="DIR", help="folder of delta folders (<DIR>/<name>/delta.json)")
+    source.add_argument("--library", metavar="DB", help="a delta library (deltatune library add ...): serve its deltas")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--admin-token", default=None,

@@ -129,7 +129,23 @@ def _train_multi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_auto(args: argparse.Namespace) -> int:
+    from ..library import Library, default_db
+    from ..library.evaluate import evaluate_auto
+
+    job = job_from_args(args)
+    if not job.data:
+        raise ConfigError("eval --delta auto needs the dataset to evaluate on: pass --data")
+    library = Library(args.library or default_db())
+    print(json.dumps(evaluate_auto(library, job.model, job.data, router=args.router, top_k=args.route_top_k, seed=job.seed,
+                                   max_length=job.max_length, limit=job.limit, text_column=job.text_column,
+                                   label_column=job.label_column), indent=2))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.delta == AUTO:
+        return _eval_auto(args)
     run_config = Path(args.delta) / "config.yaml"
     if run_config.is_file():  # a training run's folder: evaluate the way it was trained
         base = TrainJob.from_yaml(run_config)
@@ -141,6 +157,10 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``eval --delta auto``: route each row among a library's deltas
+AUTO = "auto"
+
+
 def add_parsers(commands) -> None:
     train = commands.add_parser("train", help="train a delta on a dataset and write delta, metrics and plots")
     add_job_flags(train)
@@ -149,6 +169,14 @@ def add_parsers(commands) -> None:
                        help="train one delta per task config in shared mixed batches (writes OUT/<task>/)")
     train.set_defaults(run=_train)
     evaluate = commands.add_parser("eval", help="evaluate a saved delta on a dataset's test split")
-    evaluate.add_argument("--delta", required=True, help="a delta folder (a train --out folder)")
+    evaluate.add_argument("--delta", required=True,
+                          help=f"a delta folder (a train --out folder), or {AUTO!r}: each row routed among a library's "
+                               f"deltas for the base (--library, --router)")
+    evaluate.add_argument("--library", default=None, metavar="DB",
+                          help="with --delta auto: the library (default: $DELTATUNE_LIBRARY, else ~/.deltatune/library.db)")
+    evaluate.add_argument("--router", choices=("centroid", "arrow"), default="centroid",
+                          help="with --delta auto: nearest training-example centroid per row, or Arrow per token")
+    evaluate.add_argument("--route-top-k", type=int, default=1,
+                          help="with --delta auto --router arrow: how many LoRAs each token mixes")
     add_job_flags(evaluate)
     evaluate.set_defaults(run=_eval)

@@ -9,6 +9,6 @@ Example:
 from .app import Settings, create_app
 from .engine import Engine, Work, engine_from_options, load_base
 from .errors import ApiError
-from .library import DeltaLibrary
+from .library import DeltaLibrary, IndexedDeltas
 
-__all__ = ["ApiError", "DeltaLibrary", "Engine", "Settings", "Work", "create_app", "engine_from_options", "load_base"]
+__all__ = ["ApiError", "DeltaLibrary", "Engine", "IndexedDeltas", "Settings", "Work", "create_app", "engine_from_options", "load_base"]

@@ -26,7 +26,7 @@ from .batcher import CLASSIFY, Batcher
 from .contract import state_limits
 from .engine import CLASSIFICATION, Engine, Work
 from .errors import ApiError, as_api_error, error_responses
-from .library import BASE
+from .library import AUTO, BASE
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import openai_router
 from .schemas import NAME_PATTERN, ClassifyRequest
@@ -144,6 +144,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     def delta_of(name: str | None) -> str | None:
         if name is None or name == BASE:
             return None
+        if name == AUTO:  # the library's router chooses (see Engine.auto_delta)
+            return AUTO
         engine.library.folder(name)  # 400 for a bad name, 404 for an unknown one
         return name
 
@@ -172,8 +174,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     async def classify(body: ClassifyRequest) -> dict:
         texts = _rows(body.inputs, "inputs", settings.max_inputs)
         delta = delta_of(body.delta)
-        results = await batcher.run(CLASSIFY, Work(delta, texts))
-        return {"object": "classification", "model": engine.model_name, "delta": delta, "results": results}
+        work = Work(delta, texts)
+        results = await batcher.run(CLASSIFY, work)
+        return {"object": "classification", "model": engine.model_name, "delta": work.delta, "results": results}
 
     if settings.admin_token:
         admin = Depends(_admin_check(settings.admin_token))

@@ -20,17 +20,19 @@ from torch import nn
 
 from ..core.mixing import route
 from ..core.registry import config_from_dict, get_method
-from ..errors import DeltaFileError, DeltaStateError, FingerprintError, NotApplicableError
+from ..errors import ConfigError, DeltaFileError, LibraryError, DeltaStateError, FingerprintError, NotApplicableError
 from ..io.artifact import head_rows
+from ..library import deltas_for_base, embed, nearest
 from ..swap import DeltaCache, delta_bytes
 from ..models.load import CAUSAL_LM, CLASSIFICATION, load_model, model_task
 from .errors import ApiError, as_api_error
-from .library import DeltaLibrary
+from .library import AUTO, DeltaLibrary, IndexedDeltas
 
 
 @dataclass
 class Work:
-    """One request's rows: the delta they use (``None``: the base) and their texts."""
+    """One request's rows: the delta they use (``None``: the base; ``"auto"``: chosen by the
+    library's centroid router, then replaced by the chosen name) and their texts."""
 
     delta: str | None
     texts: list[str]
@@ -150,8 +152,14 @@ class Engine:
         (an unknown or unloadable delta fails only the works that name it).
         """
         results: list[Any] = [None] * len(works)
+        for i, work in enumerate(works):
+            if work.delta == AUTO:
+                try:
+                    work.delta = self.auto_delta(work.texts)
+                except Exception as error:  # noqa: BLE001 - reported to that work
+                    results[i] = as_api_error(error)
         pinned = []
-        for name in dict.fromkeys(w.delta for w in works if w.delta is not None):
+        for name in dict.fromkeys(w.delta for i, w in enumerate(works) if w.delta is not None and results[i] is None):
             try:
                 self._acquire(name)
                 if name not in self._held:
@@ -159,7 +167,7 @@ class Engine:
                     pinned.append(name)
             except Exception as error:  # noqa: BLE001 - reported to the works that named it
                 for i, work in enumerate(works):
-                    if work.delta == name:
+                    if work.delta == name and results[i] is None:
                         results[i] = as_api_error(error)
         try:
             todo = [i for i, r in enumerate(results) if r is None]
@@ -169,6 +177,29 @@ class Engine:
             for name in pinned:
                 self.cache.unpin(name)
         return results
+
+    def auto_delta(self, texts: list[str]) -> str:
+        """The delta for ``texts`` chosen by the centroid router: the library delta for this base
+        whose training examples' centroid is nearest (cosine) to the texts' mean embedding.
+
+        Raises:
+            ApiError: 400 when the server has no library (``--deltas``), or no delta of it for
+                this base has a centroid.
+        """
+        index = getattr(self.library, "index", None)
+        if index is None:
+            raise ApiError(400, "no_router", f"model {AUTO!r} routes among a library's deltas by their training "
+                                             f"examples' centroids; start the server with --library DB")
+        try:
+            candidates = [r.name for r in deltas_for_base(self.model, index)]
+        except LibraryError as error:
+            raise ApiError(400, "no_router", str(error)) from None
+        centroids = index.centroids(candidates)
+        if not centroids:
+            raise ApiError(400, "no_router", f"no delta of library {index.db} for this base has a centroid; store them "
+                                             f"with deltatune library centroid NAME --model ... --data ...")
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return nearest(embed(self.model, batch).mean(0, keepdim=True), centroids)[0]
 
     def _groups(self, todo: list[int], works: Sequence[Work]) -> list[list[int]]:
         """Works that can share one forward: prefix deltas alone, prompt deltas by prompt length."""
@@ -280,9 +311,13 @@ class Engine:
                 "model_class": type(self.model).__name__}
 
 
-def engine_from_options(model: str, deltas: str | Path, *, max_deltas: int = 16, num_labels: int | None = None,
-                        seed: int = 0, quantize: str | None = None) -> Engine:
-    """An :class:`Engine` for a packaged model name or model folder and a deltas folder."""
-    library = DeltaLibrary(deltas)
+def engine_from_options(model: str, deltas: str | Path | None = None, *, library: str | Path | None = None,
+                        max_deltas: int = 16, num_labels: int | None = None, seed: int = 0,
+                        quantize: str | None = None) -> Engine:
+    """An :class:`Engine` for a packaged model name or model folder and its deltas: a deltas
+    folder (``deltas``) or a library index (``library``, see ``deltatune library``)."""
+    if (deltas is None) == (library is None):
+        raise ConfigError("serve takes its deltas from a folder (--deltas DIR) or a library (--library DB): give one")
+    library = DeltaLibrary(deltas) if library is None else IndexedDeltas(library)
     base, tokenizer, task = load_base(model, library, num_labels=num_labels, seed=seed, quantize=quantize)
     return Engine(base, tokenizer, task, library, max_deltas=max_deltas, model_name=model)

@@ -23,7 +23,7 @@ from .batcher import COMPLETE, Batcher, Job
 from .completions import Choice
 from .engine import CAUSAL_LM, Engine, Work
 from .errors import ApiError, as_api_error, error_responses
-from .library import BASE
+from .library import AUTO, BASE
 from .sampling import Generation
 from .schemas import ChatRequest, CompletionRequest, Sampled
 
@@ -38,6 +38,8 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
     def delta_of(name: str) -> str | None:
         if name in (BASE, engine.model_name):
             return None
+        if name == AUTO:  # the library's router chooses (see Engine.auto_delta)
+            return AUTO
         engine.library.folder(name)  # 400 for a bad name, 404 for an unknown one
         return name
 
@@ -77,6 +79,7 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
                                              "finish_reason": end and end.finish_reason}]}
             return await _stream(batcher, work, head, settings.timeout_s, chunk, body)
         choices = await batcher.run(COMPLETE, work)
+        head["model"] = work.delta or body.model  # "auto": the delta the router chose
         return {**head, "choices": [{"text": c.text, "index": i, "logprobs": _completion_logprobs(c),
                                      "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
                 "usage": _usage(choices, body.n)}
@@ -102,6 +105,7 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
                                              "finish_reason": end and end.finish_reason}]}
             return await _stream(batcher, work, head, settings.timeout_s, chunk, body)
         choices = await batcher.run(COMPLETE, work)
+        head["model"] = work.delta or body.model  # "auto": the delta the router chose
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                              "logprobs": _chat_logprobs(c), "finish_reason": c.finish_reason}
