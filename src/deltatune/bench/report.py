@@ -65,7 +65,8 @@ def _precision_section(name: str, rows: list[dict]) -> list[str]:
         return []
     lines = ["", f"### {name}: the base's precision (LoRA r=8 on q, k, v, o, float32; {chosen[0]['steps']} steps on "
              "chatterbot, batch 8 x 128)", "",
-             "Peak RSS and test loss from one fresh process per variant and library (model load, quantisation, "
+             f"Peak RSS and test loss (the first {chosen[0].get('test_rows') or 'all'} test rows) from one fresh process "
+             "per variant and library (model load, quantisation, "
              "training and evaluation included); train steps and greedy decoding (16 tokens) of every variant "
              "interleaved in one process, steps over deltatune's float32 step. `autocast`: the float32 base under "
              "`torch.autocast(\"cpu\", bfloat16)`; `-gc`: with gradient checkpointing (each block's activations "

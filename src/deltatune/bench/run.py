@@ -210,7 +210,7 @@ def precision_rows(model: str, raw: dict) -> list[dict]:
                     "peft_step_over_fp32": (ratios["train_over_fp32"].get(f"peft:{variant}") or {}).get("median"),
                     "decode_tokens_per_s": ratios["decode_tokens_per_s"].get(variant),
                     "peft_decode_tokens_per_s": ratios["decode_tokens_per_s"].get(f"peft:{variant}"),
-                    "steps": ours["steps"]})
+                    "steps": ours["steps"], "test_rows": fp32.get("test_rows")})
     return out
 
 
