@@ -36,7 +36,8 @@ TASKS = ("movie-reviews", "sms-spam", "trec")
 
 def options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--held-out", default="trec,sms-spam,movie-reviews", help="comma list of held-out tasks, in order")
+    parser.add_argument("--held-out", default="trec,sms-spam,movie-reviews",
+                        help="comma list of held-out tasks, in order")
     parser.add_argument("--k", type=int, default=8, help="principal components per side of each module")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank, and the eigenlora loadings' rank")
     parser.add_argument("--steps", type=int, default=200)
@@ -126,8 +127,8 @@ def main() -> None:
 def write(splits: list[dict], args: argparse.Namespace) -> None:
     lines = ["# EigenLoRAx on MiniLM: a held-out task over the other tasks' LoRA subspace", "",
              f"`python results/eigenlora.py`: for each held-out task, the eigenlora basis is the top k={args.k} "
-             f"principal directions per side of each adapted module (MiniLM's 12 query and value projections) of the other "
-             f"two tasks' LoRAs (r={args.r}, alpha {2 * args.r}, {args.steps} steps); the held-out task then trains "
+             f"principal directions per side of each adapted module (MiniLM's 12 query and value projections) "
+             f"of the other two tasks' LoRAs (r={args.r}, alpha {2 * args.r}, {args.steps} steps); the held-out task then trains "
              f"only the loadings (L_B (k, r), L_A (r, k) per module) against a LoRA r={args.r} from scratch and "
              f"against eigenlora over k random orthonormal components (no basis). Same data, {args.steps} steps of "
              f"{args.batch_size} rows, max length {args.max_length}, seed {args.seed}; each method at its default "

@@ -155,7 +155,8 @@ def test_training_changes_only_the_loadings(tmp_path):
         optimizer.zero_grad()
         BERT.output(model).pow(2).mean().backward()
         optimizer.step()
-    assert all(torch.equal(u.up_basis, bases[p][0]) and torch.equal(u.down_basis, bases[p][1]) for p, u in units.items())
+    for p, unit in units.items():
+        assert torch.equal(unit.up_basis, bases[p][0]) and torch.equal(unit.down_basis, bases[p][1])
     assert all(torch.equal(p, base[k]) for k, p in dt.base_parameters(model))
     assert all(not torch.equal(p, loadings[k]) for k, p in dt.delta_parameters(model, "new"))
 
@@ -243,8 +244,8 @@ def test_eigenbasis_and_train_from_the_command_line(tmp_path, tiny_bert, reviews
 
     sources = []
     for seed in (0, 1):
-        out = train_from_the_command_line(tmp_path / f"s{seed}", tiny_bert, reviews_csv,
-                                          ["--method", "lora", "--r", "2", "--seed", str(seed), "--lr", "5e-2"], steps=3)
+        flags = ["--method", "lora", "--r", "2", "--seed", str(seed), "--lr", "5e-2"]
+        out = train_from_the_command_line(tmp_path / f"s{seed}", tiny_bert, reviews_csv, flags, steps=3)
         sources.append(str(out))
     basis = tmp_path / "basis.safetensors"
     assert main(["eigenbasis", *sources, "--model", str(tiny_bert), "--k", "3", "--augment", "1",

@@ -59,7 +59,8 @@ class EigenLoRALinear(WeightDelta):
         if self.needs_basis:
             generator = torch.Generator().manual_seed(self.seed)
             k = self.up_basis.shape[1]
-            self.set_basis(random_orthonormal(self.fan_out, k, generator), random_orthonormal(self.fan_in, k, generator).T)
+            up = random_orthonormal(self.fan_out, k, generator)
+            self.set_basis(up, random_orthonormal(self.fan_in, k, generator).T)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s U L_B, L_A D)``: LoRA's ``(out, r)`` and ``(r, in)`` factors, scaling in the first (with grad)."""
