@@ -180,6 +180,20 @@ def test_saved_delta_loads_without_its_basis_file(tmp_path):
     torch.testing.assert_close(BERT.output(fresh), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_basis_of_the_float_base_fits_its_bf16_and_int8_copies(tmp_path, precision):
+    from deltatune.models.quantize import quantize_model
+
+    path = _basis_file(tmp_path)
+    model = BERT.build(0)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    else:
+        quantize_model(model, "int8")
+    report = dt.attach(model, dt.EigenLoRAConfig(basis=str(path), k=5, r=2), name="new")
+    assert len(report.sites) == 4
+
+
 def test_mixed_batch_rows_equal_each_delta_alone(tmp_path):
     path = _basis_file(tmp_path)
     model = BERT.build(0)

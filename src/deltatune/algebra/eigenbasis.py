@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ..core.inject import delete, list_deltas
-from ..core.shapes import linear_shape
 from ..core.slot import get_state, slot_sites
 from ..errors import ConfigError, FingerprintError, NotApplicableError
 from ..io.artifact import load
@@ -172,7 +171,6 @@ def eigen_basis(model: nn.Module, sources: Sequence[str | Path], k: int, *, augm
         sites = {}
         for path in sorted(paths[first]):
             module = model.get_submodule(path)
-            transposed = linear_shape(module)[2] if linear_shape(module) is not None else False
             factors = [(u[path][0], u[path][1]) for u in per_source.values()]
             try:
                 U, s_u, V, s_v = principal_directions(factors, k)
@@ -180,7 +178,7 @@ def eigen_basis(model: nn.Module, sources: Sequence[str | Path], k: int, *, augm
                 raise NotApplicableError(f"eigenlora basis at {path!r}: {error}") from None
             up = torch.cat([U, orthogonal_complement(U, augment, generator)], dim=1)
             down = torch.cat([V, orthogonal_complement(V, augment, generator)], dim=1).T
-            sites[path] = SiteBasis(up.contiguous(), down.contiguous(), s_u, s_v, weight_digest(module, transposed))
+            sites[path] = SiteBasis(up.contiguous(), down.contiguous(), s_u, s_v, weight_digest(module))
     finally:
         for name in loaded:
             delete(model, name)

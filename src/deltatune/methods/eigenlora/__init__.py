@@ -81,7 +81,7 @@ def build(model: nn.Module, config: EigenLoRAConfig) -> Placements:
 
     def make(path: str, module: nn.Module, fan_in: int, fan_out: int, transposed: bool):
         check_rank("eigenlora", path, module, config.k, "k")
-        site = site_basis_for(basis, path, module, transposed, config.k, repr(config.basis)) if basis else None
+        site = site_basis_for(basis, path, module, config.k, repr(config.basis)) if basis else None
         unit = EigenLoRALinear(fan_in, fan_out, config.k, config.r, config.scaling, transposed,
                                seed=config.basis_seed + len(sites))
         sites.append((unit, site))

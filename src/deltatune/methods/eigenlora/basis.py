@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...core.quantized import dense, sample
-from ...core.shapes import weight_as_out_in
+from ...core.quantized import dense, format_of, sample, source_sample
+from ...core.shapes import linear_shape
 from ...core.slot import get_slot
 from ...errors import ConfigError, DeltaFileError
 
@@ -82,17 +82,19 @@ class EigenBasis:
                 "digests": json.dumps({path: site.digest for path, site in self.sites.items()})}
 
 
-def weight_digest(module: nn.Module, transposed: bool) -> str:
-    """A digest of a module's base weight that a basis records and checks: its ``(out, in)`` shape
-    and up to 64 evenly spaced values rounded to bfloat16 (so the base's precision or
-    quantisation does not change it). A delta merged into the module does not either."""
+def weight_digest(module: nn.Module) -> str:
+    """A digest of a module's base weight that a basis records and checks: its shape and up to 64
+    evenly spaced values rounded to bfloat16, those of the float weight a quantised one was made
+    from, so the base's precision or quantisation does not change it; nor does a merged delta."""
     slot = get_slot(module)
     weight = slot._originals.get("weight", module.weight) if slot is not None else module.weight
-    values = dense(weight.detach()).float()
-    if transposed:
-        values = values.T
-    rounded = sample(values.to(torch.bfloat16)).numpy().tobytes()
-    return hashlib.sha256(f"{tuple(values.shape)}|".encode() + rounded).hexdigest()
+    source = source_sample(module, "weight") if format_of(weight) is not None else None
+    if source is not None:
+        shape, values = tuple(source.shape), source.values
+    else:
+        shape, values = tuple(weight.shape), sample(dense(weight.detach()))
+    rounded = values.to(torch.bfloat16).to(torch.float64).numpy().tobytes()
+    return hashlib.sha256(f"{shape}|".encode() + rounded).hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -144,8 +146,7 @@ def read_basis(path: str | Path) -> EigenBasis:
     return EigenBasis(sites, k, augment, sources, seed)
 
 
-def site_basis_for(basis: EigenBasis, path: str, module: nn.Module, transposed: bool, k: int,
-                   where: str) -> SiteBasis:
+def site_basis_for(basis: EigenBasis, path: str, module: nn.Module, k: int, where: str) -> SiteBasis:
     """``basis``'s components for the module at ``path``, checked against it.
 
     Raises:
@@ -161,8 +162,9 @@ def site_basis_for(basis: EigenBasis, path: str, module: nn.Module, transposed: 
         raise TargetError(f"eigenlora basis {where} has no components for module {path!r} (it covers "
                           f"{covered[:4]}{' ...' if len(covered) > 4 else ''}); leave targets unset to adapt "
                           f"the modules the basis covers, or build a basis over these targets")
-    out_in = tuple(weight_as_out_in(module, transposed).shape)
-    if (site.up.shape[0], site.down.shape[1]) != out_in or site.digest != weight_digest(module, transposed):
+    fan_in, fan_out, _ = linear_shape(module)
+    out_in = (fan_out, fan_in)
+    if (site.up.shape[0], site.down.shape[1]) != out_in or site.digest != weight_digest(module):
         raise FingerprintError(f"eigenlora basis {where} was built on another base: module {path!r} "
                                f"(weight (out, in) = {out_in}) differs from the one it records; build the basis "
                                f"from deltas trained on this base")
