@@ -32,6 +32,8 @@ from deltatune.io.atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("movie-reviews", "sms-spam", "trec")
+#: extra eigenlora runs on the first held-out task: name -> (k, flags)
+VARIANTS = {"lr3e-2": (None, ["--lr", "3e-2"]), "k16": (16, [])}
 
 
 def options() -> argparse.Namespace:
@@ -44,7 +46,11 @@ def options() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-random", action="store_true", help="skip the random-component control")
+    parser.add_argument("--no-random", action="store_true",
+                        help="train no random-component control (those already trained are still reported)")
+    parser.add_argument("--variants", default="",
+                        help=f"comma list of extra eigenlora runs on the first held-out task: {', '.join(VARIANTS)} "
+                             "(those already trained are still reported)")
     parser.add_argument("--runs", default="runs/eigenlora", help="where the run folders go")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     return parser.parse_args()
@@ -68,11 +74,27 @@ def train(name: str, task: str, flags: list[str], args: argparse.Namespace) -> P
     return out
 
 
-def basis_for(held_out: str, sources: list[Path], args: argparse.Namespace) -> Path:
-    path = Path(args.runs) / f"basis-without-{held_out}-k{args.k}.safetensors"
+def basis_for(held_out: str, sources: list[Path], args: argparse.Namespace, k: int | None = None) -> Path:
+    k = k or args.k
+    path = Path(args.runs) / f"basis-without-{held_out}-k{k}.safetensors"
     if args.fresh or not path.exists():
-        _command("eigenbasis", *map(str, sources), "--model", "minilm", "--k", str(args.k), "--out", str(path))
+        _command("eigenbasis", *map(str, sources), "--model", "minilm", "--k", str(k), "--out", str(path))
     return path
+
+
+def variants(task: str, sources: list[Path], args: argparse.Namespace) -> dict[str, Path]:
+    """The extra eigenlora runs asked for or already trained, by row label."""
+    asked = set(filter(None, args.variants.split(",")))
+    runs = {}
+    for name, (k, flags) in VARIANTS.items():
+        k = k or args.k
+        folder = Path(args.runs) / (f"eigenlora-{task}-k{k}" + (f"-{name}" if name != f"k{k}" else ""))
+        if name in asked or (folder / "metrics.json").exists():
+            basis = basis_for(task, sources, args, k)
+            label = f"eigenlora (basis of the other two), k={k}" + (f", {' '.join(flags)}" if flags else "")
+            runs[label] = train(folder.name, task, ["--method", "eigenlora", "--k", str(k), "--r", str(args.r),
+                                                    "--basis", str(basis), *flags], args)
+    return runs
 
 
 def row(run: Path) -> dict:
@@ -117,8 +139,11 @@ def main() -> None:
         runs = {"lora (from scratch)": train(f"lora-{task}", task, lora_flags, args),
                 "eigenlora (basis of the other two)": train(f"eigenlora-{task}-k{args.k}", task,
                                                             [*eigen_flags, "--basis", str(basis)], args)}
-        if not args.no_random:
-            runs["eigenlora, random components"] = train(f"random-{task}-k{args.k}", task, eigen_flags, args)
+        control = Path(args.runs) / f"random-{task}-k{args.k}"
+        if not args.no_random or (control / "metrics.json").exists():
+            runs["eigenlora, random components"] = train(control.name, task, eigen_flags, args)
+        if task == held[0]:
+            runs.update(variants(task, sources, args))
         splits.append({"held_out": task, "sources": others, "basis": basis.name,
                        "rows": {label: row(run) for label, run in runs.items()}})
         write(splits, args)
