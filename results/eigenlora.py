@@ -32,8 +32,8 @@ from deltatune.io.atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("movie-reviews", "sms-spam", "trec")
-#: extra eigenlora runs on the first held-out task: name -> (k, flags)
-VARIANTS = {"lr3e-2": (None, ["--lr", "3e-2"]), "k16": (16, [])}
+#: extra eigenlora runs: name -> (k, flags, on every held-out task (else the first only))
+VARIANTS = {"lr3e-2": (None, ["--lr", "3e-2"], True), "k16": (16, [], False)}
 
 
 def options() -> argparse.Namespace:
@@ -49,7 +49,7 @@ def options() -> argparse.Namespace:
     parser.add_argument("--no-random", action="store_true",
                         help="train no random-component control (those already trained are still reported)")
     parser.add_argument("--variants", default="",
-                        help=f"comma list of extra eigenlora runs on the first held-out task: {', '.join(VARIANTS)} "
+                        help=f"comma list of extra eigenlora runs: {', '.join(VARIANTS)} (k16: first held-out task only) "
                              "(those already trained are still reported)")
     parser.add_argument("--runs", default="runs/eigenlora", help="where the run folders go")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
@@ -82,11 +82,13 @@ def basis_for(held_out: str, sources: list[Path], args: argparse.Namespace, k: i
     return path
 
 
-def variants(task: str, sources: list[Path], args: argparse.Namespace) -> dict[str, Path]:
+def variants(task: str, sources: list[Path], args: argparse.Namespace, first: bool) -> dict[str, Path]:
     """The extra eigenlora runs asked for or already trained, by row label."""
     asked = set(filter(None, args.variants.split(",")))
     runs = {}
-    for name, (k, flags) in VARIANTS.items():
+    for name, (k, flags, everywhere) in VARIANTS.items():
+        if not (everywhere or first):
+            continue
         k = k or args.k
         folder = Path(args.runs) / (f"eigenlora-{task}-k{k}" + (f"-{name}" if name != f"k{k}" else ""))
         if name in asked or (folder / "metrics.json").exists():
@@ -142,8 +144,7 @@ def main() -> None:
         control = Path(args.runs) / f"random-{task}-k{args.k}"
         if not args.no_random or (control / "metrics.json").exists():
             runs["eigenlora, random components"] = train(control.name, task, eigen_flags, args)
-        if task == held[0]:
-            runs.update(variants(task, sources, args))
+        runs.update(variants(task, sources, args, first=task == held[0]))
         splits.append({"held_out": task, "sources": others, "basis": basis.name,
                        "rows": {label: row(run) for label, run in runs.items()}})
         write(splits, args)
