@@ -49,8 +49,8 @@ def options() -> argparse.Namespace:
     parser.add_argument("--no-random", action="store_true",
                         help="train no random-component control (those already trained are still reported)")
     parser.add_argument("--variants", default="",
-                        help=f"comma list of extra eigenlora runs: {', '.join(VARIANTS)} (k16: first held-out task only) "
-                             "(those already trained are still reported)")
+                        help=f"comma list of extra eigenlora runs: {', '.join(VARIANTS)} (k16: on the first "
+                             "held-out task only; those already trained are still reported)")
     parser.add_argument("--runs", default="runs/eigenlora", help="where the run folders go")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     return parser.parse_args()
@@ -154,8 +154,8 @@ def write(splits: list[dict], args: argparse.Namespace) -> None:
     lines = ["# EigenLoRAx on MiniLM: a held-out task over the other tasks' LoRA subspace", "",
              f"`python results/eigenlora.py`: for each held-out task, the eigenlora basis is the top k={args.k} "
              f"principal directions per side of each adapted module (MiniLM's 12 query and value projections) "
-             f"of the other two tasks' LoRAs (r={args.r}, alpha {2 * args.r}, {args.steps} steps); the held-out task then trains "
-             f"only the loadings (L_B (k, r), L_A (r, k) per module) against a LoRA r={args.r} from scratch and "
+             f"of the other two tasks' LoRAs (r={args.r}, alpha {2 * args.r}, {args.steps} steps); the held-out "
+             f"task then trains only the loadings (L_B (k, r), L_A (r, k) per module) against a LoRA r={args.r} from scratch and "
              f"against eigenlora over k random orthonormal components (no basis). Same data, {args.steps} steps of "
              f"{args.batch_size} rows, max length {args.max_length}, seed {args.seed}; each method at its default "
              "learning rate. Parameters exclude the classifier head, which every run trains whole (its size is "
