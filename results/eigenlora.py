@@ -160,7 +160,8 @@ def write(splits: list[dict], args: argparse.Namespace) -> None:
              f"{args.steps} steps of {args.batch_size} rows, max length {args.max_length}, seed {args.seed}; each "
              "method at its default learning rate unless the lr column says otherwise. Parameters exclude the "
              "classifier head, which every run trains whole (its size is given once per task). Stored: the "
-             "floats `delta.safetensors` holds for the body, the frozen components included (what a delta file costs on its own; deltas trained over one basis could "
+             "floats `delta.safetensors` holds for the body, the frozen components included (what a delta "
+             "file costs on its own; deltas trained over one basis could "
              "share it).", ""]
     for split in splits:
         rows = split["rows"]
