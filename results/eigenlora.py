@@ -28,12 +28,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deltatune as dt
 from deltatune.io.atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("movie-reviews", "sms-spam", "trec")
 #: extra eigenlora runs: name -> (k, flags, on every held-out task (else the first only))
-VARIANTS = {"lr3e-2": (None, ["--lr", "3e-2"], True), "k16": (16, [], False)}
+VARIANTS = {"lr3e-2": (None, "3e-2", True), "k16": (16, "1e-2", False)}
+#: eigenlora runs pass their learning rate explicitly (the method's default changed from 1e-2 to
+#: 3e-2 after these runs; a folder trained without --lr then used 1e-2)
+EIGEN_LR = "1e-2"
 
 
 def options() -> argparse.Namespace:
@@ -82,24 +86,25 @@ def basis_for(held_out: str, sources: list[Path], args: argparse.Namespace, k: i
     return path
 
 
-def variants(task: str, sources: list[Path], args: argparse.Namespace, first: bool) -> dict[str, Path]:
-    """The extra eigenlora runs asked for or already trained, by row label."""
+def variants(task: str, sources: list[Path], args: argparse.Namespace, first: bool) -> dict[str, tuple[Path, str]]:
+    """The extra eigenlora runs asked for or already trained: row label -> (folder, lr)."""
     asked = set(filter(None, args.variants.split(",")))
     runs = {}
-    for name, (k, flags, everywhere) in VARIANTS.items():
+    for name, (k, lr, everywhere) in VARIANTS.items():
         if not (everywhere or first):
             continue
         k = k or args.k
         folder = Path(args.runs) / (f"eigenlora-{task}-k{k}" + (f"-{name}" if name != f"k{k}" else ""))
         if name in asked or (folder / "metrics.json").exists():
             basis = basis_for(task, sources, args, k)
-            label = f"eigenlora (basis of the other two), k={k}" + (f", {' '.join(flags)}" if flags else "")
-            runs[label] = train(folder.name, task, ["--method", "eigenlora", "--k", str(k), "--r", str(args.r),
-                                                    "--basis", str(basis), *flags], args)
+            label = f"eigenlora (basis of the other two), k={k}"
+            runs[label + f", lr {lr}"] = (train(folder.name, task, ["--method", "eigenlora", "--k", str(k), "--r",
+                                                                    str(args.r), "--basis", str(basis), "--lr", lr],
+                                                args), lr)
     return runs
 
 
-def row(run: Path) -> dict:
+def row(run: Path, lr: str) -> dict:
     """Accuracy and parameter counts of one run: trainable (the delta's body and its head) and
     stored in ``delta.safetensors`` (trainable + frozen components)."""
     metrics = json.loads((run / "metrics.json").read_text())
@@ -107,9 +112,10 @@ def row(run: Path) -> dict:
     head = tuple(f"{p}." for p in meta["modules_to_save"])
     head_count = sum(_numel(t["shape"]) for key, t in meta["tensors"].items() if key.startswith(head))
     return {"run": run.name, "accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
+            "validation_accuracy": metrics["validation"]["accuracy"],
             "trainable_body": metrics["trainable_parameters"] - head_count, "head": head_count,
             "stored_body": meta["num_parameters"] - head_count, "delta_bytes": metrics["delta_bytes"],
-            "train_seconds": metrics["train_seconds"], "lr": _lr(run)}
+            "train_seconds": metrics["train_seconds"], "lr": lr}
 
 
 def _numel(shape: list[int]) -> int:
@@ -117,15 +123,6 @@ def _numel(shape: list[int]) -> int:
     for size in shape:
         total *= size
     return total
-
-
-def _lr(run: Path) -> str:
-    """The run's learning rate: its ``--lr``, else its method's default."""
-    import deltatune as dt
-
-    fields = dict(line.split(":", 1) for line in (run / "config.yaml").read_text().splitlines() if ":" in line)
-    lr = fields.get("lr", "null").strip()
-    return lr if lr != "null" else f"{dt.get_method(fields['method'].strip()).default_lr:g} (default)"
 
 
 def main() -> None:
@@ -137,17 +134,42 @@ def main() -> None:
         others = [t for t in TASKS if t != task]
         sources = [train(f"lora-{t}", t, lora_flags, args) for t in others]
         basis = basis_for(task, sources, args)
-        eigen_flags = ["--method", "eigenlora", "--k", str(args.k), "--r", str(args.r)]
-        runs = {"lora (from scratch)": train(f"lora-{task}", task, lora_flags, args),
-                "eigenlora (basis of the other two)": train(f"eigenlora-{task}-k{args.k}", task,
-                                                            [*eigen_flags, "--basis", str(basis)], args)}
+        eigen_flags = ["--method", "eigenlora", "--k", str(args.k), "--r", str(args.r), "--lr", EIGEN_LR]
+        lora_lr = f"{dt.get_method('lora').default_lr:g} (default)"
+        runs = {f"lora r={args.r} (from scratch)": (train(f"lora-{task}", task, lora_flags, args), lora_lr),
+                f"eigenlora (basis of the other two), k={args.k}, lr {EIGEN_LR}": (
+                    train(f"eigenlora-{task}-k{args.k}", task, [*eigen_flags, "--basis", str(basis)], args), EIGEN_LR)}
         control = Path(args.runs) / f"random-{task}-k{args.k}"
         if not args.no_random or (control / "metrics.json").exists():
-            runs["eigenlora, random components"] = train(control.name, task, eigen_flags, args)
+            runs[f"eigenlora, random components, k={args.k}, lr {EIGEN_LR}"] = (
+                train(control.name, task, eigen_flags, args), EIGEN_LR)
         runs.update(variants(task, sources, args, first=task == held[0]))
         splits.append({"held_out": task, "sources": others, "basis": basis.name,
-                       "rows": {label: row(run) for label, run in runs.items()}})
+                       "rows": {label: row(run, lr) for label, (run, lr) in runs.items()}})
         write(splits, args)
+
+
+def summary(splits: list[dict]) -> list[str]:
+    """Points of test accuracy against LoRA from scratch and against random components, per split."""
+    def find(rows: dict, start: str, lr: str) -> dict | None:
+        return next((r for label, r in rows.items() if label.startswith(start) and r["lr"] == lr), None)
+
+    lines = ["## Summary", "", "| held out | eigenlora lr 3e-2 (default) - lora | eigenlora lr 1e-2 - lora | "
+             "basis - random components (both lr 1e-2) | trainable (body): eigenlora / lora |",
+             "|---|---:|---:|---:|---:|"]
+    for split in splits:
+        rows = split["rows"]
+        lora = next(r for label, r in rows.items() if label.startswith("lora"))
+        basis = find(rows, "eigenlora (basis of the other two), k=8", EIGEN_LR)
+        tuned = find(rows, "eigenlora (basis of the other two), k=8", "3e-2")
+        control = find(rows, "eigenlora, random components", EIGEN_LR)
+
+        def points(a: dict | None, b: dict | None) -> str:
+            return f"{100 * (a['accuracy'] - b['accuracy']):+.1f}" if a and b else "-"
+
+        lines.append(f"| {split['held_out']} | {points(tuned, lora)} | {points(basis, lora)} | "
+                     f"{points(basis, control)} | {basis['trainable_body']:,} / {lora['trainable_body']:,} |")
+    return [*lines, ""]
 
 
 def write(splits: list[dict], args: argparse.Namespace) -> None:
@@ -158,7 +180,7 @@ def write(splits: list[dict], args: argparse.Namespace) -> None:
              f"task then trains only the loadings (L_B (k, r), L_A (r, k) per module) against a LoRA r={args.r} "
              f"from scratch and against eigenlora over k random orthonormal components (no basis). Same data, "
              f"{args.steps} steps of {args.batch_size} rows, max length {args.max_length}, seed {args.seed}; each "
-             "method at its default learning rate unless the lr column says otherwise. Parameters exclude the "
+             "learning rate in the lr column. Parameters exclude the "
              "classifier head, which every run trains whole (its size is given once per task). Stored: the "
              "floats `delta.safetensors` holds for the body, the frozen components included (what a delta "
              "file costs on its own; deltas trained over one basis could "
@@ -167,12 +189,14 @@ def write(splits: list[dict], args: argparse.Namespace) -> None:
         rows = split["rows"]
         head = next(iter(rows.values()))["head"]
         lines += [f"## held out: {split['held_out']} (basis from {' + '.join(split['sources'])})", "",
-                  "| run | test accuracy | macro-F1 | trainable (body) | stored (body) | delta bytes | lr | "
-                  "train s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| run | test accuracy | macro-F1 | validation accuracy | trainable (body) | stored (body) | "
+                  "delta bytes | lr | train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for label, r in rows.items():
-            lines.append(f"| {label} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['trainable_body']:,} | "
+            lines.append(f"| {label} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['validation_accuracy']:.4f} | "
+                         f"{r['trainable_body']:,} | "
                          f"{r['stored_body']:,} | {r['delta_bytes']:,} | {r['lr']} | {r['train_seconds']:.0f} |")
         lines += ["", f"The head adds {head:,} trainable parameters to each run.", ""]
+    lines += summary(splits)
     write_text_atomic(HERE / "eigenlora.md", "\n".join(lines))
     write_text_atomic(HERE / "eigenlora.json", json.dumps({"settings": vars(args), "splits": splits}, indent=2) + "\n")
     print((HERE / "eigenlora.md").read_text(), flush=True)
