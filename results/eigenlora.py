@@ -9,14 +9,15 @@ data, steps, batch, seed (each method at its default learning rate), each in its
 1. ``lora-<task>``: LoRA r=8 (alpha 16, default targets: query and value) on every task; the
    held-out task's own is the from-scratch baseline, the other two are the sources;
 2. ``deltatune eigenbasis lora-<a> lora-<b> --k K`` -> ``basis-without-<task>.safetensors``;
-3. ``eigenlora-<task>``: ``train --method eigenlora --basis ... --k K --r 8`` on the held-out task;
-4. ``random-<task>``: ``train --method eigenlora --k K --r 8`` with no basis (random orthonormal
-   components): the same parameters, no recycled subspace: what the basis itself is worth.
+3. ``eigenlora-<task>``: ``train --method eigenlora --basis ... --k K --r 8 --lr 1e-2`` on the
+   held-out task (and, with ``--variants``, at 3e-2, eigenlora's default, and with k=16);
+4. ``random-<task>``: ``train --method eigenlora --k K --r 8 --lr 1e-2`` with no basis (random
+   orthonormal components): the same parameters, no recycled subspace: what the basis is worth.
 
 Writes ``results/eigenlora.md`` and ``results/eigenlora.json``. A finished run folder is
 reused (``--fresh`` retrains).
 
-    nice -n 19 python results/eigenlora.py [--held-out trec,sms-spam,movie-reviews --steps 200]
+    nice -n 19 python results/eigenlora.py [--held-out trec,sms-spam,movie-reviews --variants lr3e-2,k16]
 """
 
 from __future__ import annotations
