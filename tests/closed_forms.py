@@ -138,6 +138,11 @@ def _loraxs(model, config, modules):
     return len(modules) * config.r * config.r  # one r x r matrix per module; the SVD factors are frozen
 
 
+@closed_form("eigenlora")
+def _eigenlora(model, config, modules):
+    return len(modules) * 2 * config.k * config.r  # loadings L_B (k, r) and L_A (r, k); the components are frozen
+
+
 @closed_form("edora")
 def _edora(model, config, modules):
     # an r x r matrix and a magnitude per output for each module

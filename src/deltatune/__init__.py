@@ -10,7 +10,7 @@ Example:
 """
 
 from . import methods  # noqa: F401  (registers the built-in methods first, in listing order)
-from .algebra import TaskVector, merge_deltas
+from .algebra import TaskVector, eigen_basis, merge_deltas, save_basis
 from .compose import (
     Average,
     BatchSplit,
@@ -82,6 +82,7 @@ from .methods.dense import DenseConfig
 from .methods.diablo import DiaBloConfig
 from .methods.dylora import DyLoRAConfig
 from .methods.edora import EDoRAConfig
+from .methods.eigenlora import EigenLoRAConfig
 from .methods.ether import ETHERConfig
 from .methods.fusion import FusionConfig
 from .methods.head import HeadConfig
@@ -111,18 +112,18 @@ __all__ = [
     "ABBAConfig", "AdaLoRAConfig", "AdapterBiasConfig", "AdapterConfig", "AlignerConfig", "AttachReport", "Average",
     "BatchSplit", "BitFitConfig", "Block", "CacheStats", "CompacterConfig", "ConfigError", "DeltaCache",
     "DeltaConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DenseConfig", "DiaBloConfig",
-    "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "FingerprintError", "Fuse", "FusionConfig",
-    "HeadConfig", "HydraConfig", "Library", "LibraryError", "HyperAdapterConfig", "IA3Config", "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig",
-    "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing", "MoLoRAConfig",
-    "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig", "Parallel", "Placement", "PrefixConfig",
-    "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack", "SwapResult",
-    "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig", "VeRAConfig", "activate", "active_deltas",
-    "after_step", "attach", "base_only", "base_parameters", "block_from_dict", "compose", "config_from_dict",
-    "count_parameters", "deactivate", "delete", "delta_parameters", "disable_gradient_checkpointing",
-    "enable_gradient_checkpointing", "fold", "get_composition", "get_config",
-    "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge", "merge_deltas",
-    "method_names", "method_specs", "quantize_model", "read_meta", "recompute_context", "register_method", "replace",
-    "requantization_errors", "route", "route_auto", "save", "set_active",
+    "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "EigenLoRAConfig", "FingerprintError", "Fuse",
+    "FusionConfig", "HeadConfig", "HydraConfig", "HyperAdapterConfig", "IA3Config", "Library", "LibraryError",
+    "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError",
+    "MethodSpec", "Mixing", "MoLoRAConfig", "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig",
+    "Parallel", "Placement", "PrefixConfig", "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing",
+    "SparseAdapterConfig", "Stack", "SwapResult", "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig",
+    "VeRAConfig", "activate", "active_deltas", "after_step", "attach", "base_only", "base_parameters",
+    "block_from_dict", "compose", "config_from_dict", "count_parameters", "deactivate", "delete", "delta_parameters",
+    "disable_gradient_checkpointing", "eigen_basis", "enable_gradient_checkpointing", "fold", "get_composition",
+    "get_config", "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge",
+    "merge_deltas", "method_names", "method_specs", "quantize_model", "read_meta", "recompute_context",
+    "register_method", "replace", "requantization_errors", "route", "route_auto", "save", "save_basis", "set_active",
     "set_composition", "set_trainable", "unmerge", "using",
 ]
 

@@ -8,6 +8,7 @@ Example:
 """
 
 
+from .eigenbasis import eigen_basis, principal_directions, save_basis
 from .lowrank import LowRank, low_rank
 from .merging import METHODS, LayerMerge, MergeReport, merge_deltas, merge_task_vectors
 from .task_vector import LowRankEntry, TaskVector, attach_task_vector, interpolate, task_vector_of
@@ -20,9 +21,12 @@ __all__ = [
     "MergeReport",
     "TaskVector",
     "attach_task_vector",
+    "eigen_basis",
     "interpolate",
     "low_rank",
     "merge_deltas",
     "merge_task_vectors",
+    "principal_directions",
+    "save_basis",
     "task_vector_of",
 ]

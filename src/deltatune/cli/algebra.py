@@ -1,4 +1,4 @@
-"""``deltatune extract``, ``deltatune compress`` and ``deltatune fold``."""
+"""``deltatune extract``, ``deltatune compress``, ``deltatune fold`` and ``deltatune eigenbasis``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import deltatune as dt
 from ..algebra.compress import compress
+from ..algebra.eigenbasis import eigen_basis, save_basis
 from ..algebra.extract import extract_lora
 from ..data.datasets import load_dataset
 from ..errors import ConfigError, DeltaError
@@ -97,6 +98,23 @@ def _fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eigenbasis(args: argparse.Namespace) -> int:
+    meta = read_meta(args.sources[0])
+    name = args.model or meta.get("provenance", {}).get("model")
+    if not name:
+        raise ConfigError(f"{args.sources[0]}/delta.json does not record its base model; pass --model (minilm, "
+                          f"smollm2 or a transformers folder)")
+    model, _ = _base_for(meta, name, Path(args.sources[0]))
+    basis = eigen_basis(model, args.sources, args.k, augment=args.augment, seed=args.seed)
+    save_basis(basis, args.out)
+    first = basis.sites[next(iter(basis.sites))]
+    print(f"eigenlora basis of {len(args.sources)} deltas on {name}: {len(basis.sites)} modules, {basis.k} principal "
+          f"+ {basis.augment} random components per side (first module's singular values "
+          f"{[round(float(v), 4) for v in first.up_values]}) -> {args.out}")
+    print(f"train a new task over it: deltatune train --method eigenlora --basis {args.out} --k {basis.size} ...")
+    return 0
+
+
 def _base_for(meta: dict, name: str, directory: Path):
     """The delta's base model and tokenizer, built as the delta's ``model_class`` records."""
     import torch
@@ -175,3 +193,13 @@ def add_parsers(commands) -> None:
     fold.add_argument("--out", required=True, help="the model folder to write (new or empty)")
     fold.add_argument("--model", default=None, help="the base (default: the one recorded in delta.json)")
     fold.set_defaults(run=_fold)
+
+    basis = commands.add_parser("eigenbasis", help="the principal subspace of several LoRA deltas of one base, per "
+                                                   "module: the frozen basis of `train --method eigenlora --basis`")
+    basis.add_argument("sources", nargs="+", metavar="DIR", help="two or more low-rank delta folders of one base")
+    basis.add_argument("--k", type=int, required=True, help="principal components kept per side of each module")
+    basis.add_argument("--augment", type=int, default=0, help="random orthogonal components added after them")
+    basis.add_argument("--seed", type=int, default=0, help="seed of the random components")
+    basis.add_argument("--model", default=None, help="the base (default: the one the first delta records)")
+    basis.add_argument("--out", required=True, help="the basis file to write (.safetensors)")
+    basis.set_defaults(run=_eigenbasis)

@@ -36,4 +36,5 @@ from . import reft  # noqa: F401
 from . import llamaadapter  # noqa: F401
 from . import aligner  # noqa: F401
 from . import hyperadapter  # noqa: F401
+from . import eigenlora  # noqa: F401
 from . import full  # noqa: F401  (the full fine-tuning reference, listed last)
