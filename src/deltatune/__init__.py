@@ -39,6 +39,7 @@ from .core.inject import (
     using,
 )
 from .core.merge import fold, merge, requantization_errors, unmerge
+from .edit import EditReport, EditSettings, Fact, KeyStatistics, edit
 from .core.mixing import get_routing, route
 from .core.rows import Routing
 from .core.params import base_parameters, count_parameters, delta_parameters, set_trainable
@@ -59,6 +60,7 @@ from .errors import (
     DeltaError,
     DeltaFileError,
     DeltaStateError,
+    EditError,
     FingerprintError,
     MergeError,
     NotApplicableError,
@@ -108,14 +110,14 @@ __all__ = [
     "ABBAConfig", "AdaLoRAConfig", "AdapterBiasConfig", "AdapterConfig", "AlignerConfig", "AttachReport", "Average",
     "BatchSplit", "BitFitConfig", "Block", "CacheStats", "CompacterConfig", "ConfigError", "DeltaCache",
     "DeltaConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DenseConfig", "DiaBloConfig",
-    "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "FingerprintError", "Fuse", "FusionConfig",
-    "HeadConfig", "HydraConfig", "HyperAdapterConfig", "IA3Config", "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig",
+    "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "EditError", "EditReport", "EditSettings", "Fact", "FingerprintError", "Fuse", "FusionConfig",
+    "HeadConfig", "HydraConfig", "HyperAdapterConfig", "IA3Config", "KeyStatistics", "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig",
     "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing", "MoLoRAConfig",
     "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig", "Parallel", "Placement", "PrefixConfig",
     "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack", "SwapResult",
     "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig", "VeRAConfig", "activate", "active_deltas",
     "after_step", "attach", "base_only", "base_parameters", "block_from_dict", "compose", "config_from_dict",
-    "count_parameters", "deactivate", "delete", "delta_parameters", "fold", "get_composition", "get_config",
+    "count_parameters", "deactivate", "delete", "delta_parameters", "edit", "fold", "get_composition", "get_config",
     "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge", "merge_deltas",
     "method_names", "method_specs", "quantize_model", "read_meta", "register_method", "replace", "requantization_errors",
     "route", "save", "set_active",

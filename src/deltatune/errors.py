@@ -37,3 +37,7 @@ class DeltaFileError(DeltaError, ValueError):
 
 class FingerprintError(DeltaFileError):
     """A delta was made for a different base model."""
+
+
+class EditError(DeltaError, RuntimeError):
+    """A model edit (ROME / MEMIT) did not reach its target; nothing was attached or written."""
