@@ -39,12 +39,17 @@ def memit_factors(second_moment: torch.Tensor, keys: torch.Tensor, residuals: to
 
 
 def memit(model: nn.Module, tokenizer, facts: Sequence[Fact], sites: Sequence[Site], stats: KeyStatistics,
-          settings: EditSettings) -> tuple[list[LayerUpdate], list[Value]]:
+          settings: EditSettings, values: Sequence[Value] | None = None) -> tuple[list[LayerUpdate], list[Value]]:
     """MEMIT's updates of ``sites`` (in model order) for ``facts``, and each fact's value at the
-    last layer. The model's weights are changed while it runs and restored before it returns."""
+    last layer. The model's weights are changed while it runs and restored before it returns.
+
+    ``values``: each fact's value already found at the last layer (ROME's at that layer is the
+    same search), else searched here."""
     last = sites[-1]
     moments = stats.second_moments(model, tokenizer, [s.path for s in sites])
-    values = [optimise_value(model, tokenizer, fact, last.path, settings) for fact in facts]
+    if values is None:
+        values = [optimise_value(model, tokenizer, fact, last.path, settings) for fact in facts]
+    values = list(values)
     targets = torch.stack([_hidden(model, tokenizer, fact, last) for fact in facts])
     targets = targets + torch.stack([v.delta for v in values])
     updates: list[LayerUpdate] = []

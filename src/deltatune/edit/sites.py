@@ -17,7 +17,7 @@ from .facts import SLOT
 
 #: the contexts a key and a value are averaged over: the prompt alone and behind short prefixes
 #: (ROME averages over generated prefixes; fixed ones keep an edit reproducible)
-CONTEXTS = ("", "Here is a fact.", "I read this today.", "As everyone knows,", "Quick quiz:")
+CONTEXTS = ("", "Here is a fact.", "As everyone knows,")
 
 
 @dataclass(frozen=True)
