@@ -14,6 +14,7 @@ from deltatune.edit import (EditSettings, Fact, KeyStatistics, edit_sites, load_
 from deltatune.core.slot import get_state
 from deltatune.edit import stats as stats_module
 from deltatune.edit.rome import subject_key
+from deltatune.edit.sites import default_layers
 from deltatune.io.fingerprint import module_fingerprint
 from deltatune.errors import ConfigError, EditError, TargetError
 
@@ -256,6 +257,11 @@ def test_memit_with_one_fact_one_layer_matches_rome_up_to_the_lambda_scale(fresh
 
 
 # ---- bad input
+
+
+def test_default_layers_end_a_fifth_of_the_way_in_and_never_at_the_final_block(llama):
+    model, _ = llama
+    assert default_layers(model, 1) == [1] and default_layers(model, 5) == [0, 1, 2]
 
 
 def test_a_template_without_slot_naming_the_subject_suggests_the_template():

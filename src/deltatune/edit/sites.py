@@ -69,9 +69,10 @@ def resolve_layers(model: nn.Module, layers: Sequence[int] | None, default: Sequ
 
 
 def default_layers(model: nn.Module, count: int) -> list[int]:
-    """``count`` consecutive blocks ending a fifth of the way in (ROME's and MEMIT's early-middle MLPs)."""
+    """``count`` consecutive blocks ending a fifth of the way in (ROME's and MEMIT's early-middle
+    MLPs), never the final block (an edit there cannot reach a later token's prediction)."""
     blocks = len(edit_sites(model))
-    last = min(blocks - 1, max(count - 1, round(blocks * 0.2)))
+    last = min(max(blocks - 2, 0), max(count - 1, round(blocks * 0.2)))
     return list(range(max(0, last - count + 1), last + 1))
 
 
