@@ -333,6 +333,7 @@ def test_cli_edit_writes_a_delta_and_prints_efficacy(llama_folder, tmp_path, mon
     assert code == 0, captured.err
     assert "before: efficacy" in text and "after:  efficacy" in text
     assert dt.read_meta(out)["provenance"]["edit"]["method"] == "rome"
+    assert main(["inspect", str(out)]) == 0 and "lora" in capsys.readouterr().out
 
 
 def test_cli_bad_template_writes_nothing(tiny_llama, tmp_path, capsys):
