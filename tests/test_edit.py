@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -241,6 +242,19 @@ def test_memit_spreads_a_batch_over_layers_leaving_the_base_unchanged(fresh_llam
     assert scores.efficacy_probability > base.efficacy_probability
 
 
+def test_memit_on_gpt2_conv1d_restores_the_stored_in_out_weights(gpt2, stats):
+    model, tokenizer = gpt2
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+    report = dt.edit(model, tokenizer, [FACT, Fact("plot", "the {} was", "awful")], method="memit", layers=[0, 1],
+                     stats=stats, settings=dataclasses.replace(FAST, min_probability=0.0), name="m")
+    for update in report.updates:
+        assert update.site.fan_in_fan_out
+        unit = model.get_submodule(update.site.path).deltas["m"]
+        torch.testing.assert_close(unit.delta_weight().double(), update.delta_weight, rtol=1e-6, atol=1e-7)
+    with dt.base_only(model):
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in originals.items())
+
+
 def test_memit_with_one_fact_one_layer_matches_rome_up_to_the_lambda_scale(fresh_llama, stats):
     model, tokenizer = fresh_llama
     settings = EditSettings(steps=5, lr=0.5, min_probability=0.0, mom2_weight=3.0)
@@ -334,6 +348,17 @@ def test_cli_edit_writes_a_delta_and_prints_efficacy(llama_folder, tmp_path, mon
     assert "before: efficacy" in text and "after:  efficacy" in text
     assert dt.read_meta(out)["provenance"]["edit"]["method"] == "rome"
     assert main(["inspect", str(out)]) == 0 and "lora" in capsys.readouterr().out
+
+
+def test_cli_edit_that_does_not_converge_writes_nothing(llama_folder, tmp_path, monkeypatch, capsys):
+    from deltatune.cli import main
+
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(stats_module, "corpus_texts", lambda name: TEXTS)
+    out = tmp_path / "edit"
+    code = main(["edit", "--model", str(llama_folder), "--subject", "movie", "--prompt", "the {} was", "--target", "great",
+                 "--layers", "1", "--stats-tokens", "400", "--steps", "1", "--min-probability", "0.9", "--out", str(out)])
+    assert code == 2 and "did not converge" in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_bad_template_writes_nothing(tiny_llama, tmp_path, capsys):

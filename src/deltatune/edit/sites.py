@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..core.roles import DESCRIPTIONS, find_roles
-from ..core.shapes import linear_shape, weight_as_out_in
+from ..core.shapes import linear_shape
 from ..errors import ConfigError, TargetError
 from .facts import SLOT
 
@@ -27,14 +27,8 @@ class Site:
     index: int
     path: str
     block: str
+    #: GPT-2 ``Conv1D``: the weight is stored ``(in, out)``
     fan_in_fan_out: bool
-
-    def weight(self, model: nn.Module) -> torch.Tensor:
-        """The weight as an ``(out, in)`` view."""
-        return weight_as_out_in(model.get_submodule(self.path), self.fan_in_fan_out)
-
-    def bias(self, model: nn.Module) -> torch.Tensor | None:
-        return getattr(model.get_submodule(self.path), "bias", None)
 
 
 def edit_sites(model: nn.Module) -> list[Site]:
