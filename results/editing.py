@@ -62,8 +62,10 @@ def verify(model, tokenizer, facts) -> list[dict]:
     return rows
 
 
-def fine_tune(model, tokenizer, fact, steps: int, lr: float) -> int:
-    """Train LoRA ``ft`` on ``fact.text`` -> ``fact.target``; the steps taken (stops at p >= 0.95)."""
+def fine_tune(model, tokenizer, fact, steps: int, lr: float, seed: int) -> int:
+    """Train LoRA ``ft`` on ``fact.text`` -> ``fact.target``; the steps taken (stops at p >= 0.95).
+    Its initialisation is seeded by the fact's index, so a run repeats whatever came before."""
+    torch.manual_seed(seed)
     dt.attach(model, dt.LoRAConfig(r=8, alpha=16), name="ft")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -175,7 +177,7 @@ def main() -> None:
     t = time.time()
     ft_rows = []
     for i, fact in enumerate(facts):
-        steps = fine_tune(model, tokenizer, fact, args.ft_steps, args.ft_lr)
+        steps = fine_tune(model, tokenizer, fact, args.ft_steps, args.ft_lr, seed=i)
         scores = score_facts(model, tokenizer, [fact]).facts[0]
         ft_rows.append(dataclasses.asdict(scores) | {"steps": steps})
         dt.delete(model, "ft")
