@@ -146,7 +146,7 @@ def main() -> None:
         values.append(value)
         attach_updates(model, [update], "rome")
         unit = model.get_submodule(update.site.path).deltas["rome"]
-        errors.append(float((unit.delta_weight().double() - update.delta_weight).abs().max()))
+        errors.append(float((unit.delta_weight().detach().double() - update.delta_weight).abs().max()))
         scores = score_facts(model, tokenizer, [fact]).facts[0]
         per_fact.append(dataclasses.asdict(scores) | {"value_probability": value.probability, "value_steps": value.steps})
         dt.delete(model, "rome")
