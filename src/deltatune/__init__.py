@@ -39,6 +39,7 @@ from .core.inject import (
     using,
 )
 from .core.merge import fold, merge, requantization_errors, unmerge
+from .edit import EditReport, EditSettings, Fact, KeyStatistics, edit
 from .core.mixing import get_routing, route
 from .core.recompute import disable_gradient_checkpointing, enable_gradient_checkpointing, recompute_context
 from .core.rows import Routing
@@ -60,6 +61,7 @@ from .errors import (
     DeltaError,
     DeltaFileError,
     DeltaStateError,
+    EditError,
     FingerprintError,
     LibraryError,
     MergeError,
@@ -112,17 +114,18 @@ __all__ = [
     "ABBAConfig", "AdaLoRAConfig", "AdapterBiasConfig", "AdapterConfig", "AlignerConfig", "AttachReport", "Average",
     "BatchSplit", "BitFitConfig", "Block", "CacheStats", "CompacterConfig", "ConfigError", "DeltaCache",
     "DeltaConfig", "DeltaError", "DeltaFileError", "DeltaStateError", "DeltaUnit", "DenseConfig", "DiaBloConfig",
-    "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "EigenLoRAConfig", "FingerprintError", "Fuse",
-    "FusionConfig", "HeadConfig", "HydraConfig", "HyperAdapterConfig", "IA3Config", "Library", "LibraryError",
-    "LlamaAdapterConfig", "LoHaConfig", "LoKrConfig", "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError",
-    "MethodSpec", "Mixing", "MoLoRAConfig", "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig",
-    "Parallel", "Placement", "PrefixConfig", "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing",
-    "SparseAdapterConfig", "Stack", "SwapResult", "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig",
-    "VeRAConfig", "activate", "active_deltas", "after_step", "attach", "base_only", "base_parameters",
-    "block_from_dict", "compose", "config_from_dict", "count_parameters", "deactivate", "delete", "delta_parameters",
-    "disable_gradient_checkpointing", "eigen_basis", "enable_gradient_checkpointing", "fold", "get_composition",
-    "get_config", "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms", "merge",
-    "merge_deltas", "method_names", "method_specs", "quantize_model", "read_meta", "recompute_context",
+    "DoRAConfig", "DyLoRAConfig", "EDoRAConfig", "ETHERConfig", "EditError", "EditReport", "EditSettings",
+    "EigenLoRAConfig", "Fact", "FingerprintError", "Fuse", "FusionConfig", "HeadConfig", "HydraConfig",
+    "HyperAdapterConfig", "IA3Config", "KeyStatistics", "Library", "LibraryError", "LlamaAdapterConfig", "LoHaConfig",
+    "LoKrConfig", "LoRAConfig", "LoRAXSConfig", "MSPLoRAConfig", "MergeError", "MethodSpec", "Mixing", "MoLoRAConfig",
+    "NeuroAdaConfig", "NotApplicableError", "OFTConfig", "PaCAConfig", "Parallel", "Placement", "PrefixConfig",
+    "PromptConfig", "QuantizeReport", "ReftConfig", "RoadConfig", "Routing", "SparseAdapterConfig", "Stack",
+    "SwapResult", "TargetError", "TaskVector", "TiedLoRAConfig", "VBLoRAConfig", "VeRAConfig", "activate",
+    "active_deltas", "after_step", "attach", "base_only", "base_parameters", "block_from_dict", "compose",
+    "config_from_dict", "count_parameters", "deactivate", "delete", "delta_parameters",
+    "disable_gradient_checkpointing", "edit", "eigen_basis", "enable_gradient_checkpointing", "fold",
+    "get_composition", "get_config", "get_method", "get_routing", "list_deltas", "load", "load_plugins", "loss_terms",
+    "merge", "merge_deltas", "method_names", "method_specs", "quantize_model", "read_meta", "recompute_context",
     "register_method", "replace", "requantization_errors", "route", "route_auto", "save", "save_basis", "set_active",
     "set_composition", "set_trainable", "unmerge", "using",
 ]

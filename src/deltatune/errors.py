@@ -42,3 +42,7 @@ class FingerprintError(DeltaFileError):
 class LibraryError(DeltaError, ValueError):
     """A delta library (the SQLite index of delta folders) cannot do what was asked: an unknown
     or repeated name, a newer schema, nothing to route to."""
+
+
+class EditError(DeltaError, RuntimeError):
+    """A model edit (ROME / MEMIT) did not reach its target; nothing was attached or written."""
