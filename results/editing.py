@@ -1,7 +1,7 @@
 """Model editing on SmolLM2-135M-Instruct: ROME, MEMIT and a LoRA fine-tune on the edit prompt.
 
 Writes ``results/editing.md`` and ``results/editing.json``. The facts are
-``src/deltatune/edit/data/facts.json`` (capitals and official languages the base model
+``src/deltatune/editing/data/facts.json`` (capitals and official languages the base model
 completes correctly: checked here first, greedy top-1 of the true object's first token), each
 with a new, false object, two paraphrases and three neighbourhood prompts.
 
@@ -13,7 +13,7 @@ with a new, false object, two paraphrases and three neighbourhood prompts.
 
 Efficacy and generalisation: the new object's first token top-1 (rate) and its probability
 (mean); specificity: neighbourhood ``KL(base || edited)`` of the next-token distributions, and
-the rate of unchanged top-1 tokens (``deltatune.edit.score_facts``).
+the rate of unchanged top-1 tokens (``deltatune.editing.score_facts``).
 
     python results/editing.py --tokens 3000
 """
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
-from deltatune.edit import EditSettings, KeyStatistics, attach_updates, memit, packaged_facts, rome, score_facts
-from deltatune.edit.evaluate import EditScores, next_token_log_probs
-from deltatune.edit.sites import default_layers, resolve_layers, target_ids
+from deltatune.editing import EditSettings, KeyStatistics, attach_updates, memit, packaged_facts, rome, score_facts
+from deltatune.editing.evaluate import EditScores, next_token_log_probs
+from deltatune.editing.sites import default_layers, resolve_layers, target_ids
 from deltatune.errors import EditError
 from deltatune.io.atomic import write_text_atomic
 from deltatune.models.load import load_model
@@ -203,7 +203,7 @@ def _write(report: dict, rows: list[dict]) -> None:
     correct = sum(r["correct"] for r in report["verification"])
     lines = ["# Model editing on SmolLM2-135M-Instruct", "",
              "Written by `results/editing.py`; the method, the formulas and the limits are in docs/EDITING.md.", "",
-             f"{report['facts']} facts (`src/deltatune/edit/data/facts.json`); the base completes {correct} of them "
+             f"{report['facts']} facts (`src/deltatune/editing/data/facts.json`); the base completes {correct} of them "
              f"with the true object (greedy top-1 of its first token). Key statistics: {report['stats_tokens']} tokens "
              f"of {report['corpus']}. ROME edits block {report['rome_layer']}, MEMIT blocks "
              f"{report['memit_layers'][0]}-{report['memit_layers'][-1]} (of 30). "

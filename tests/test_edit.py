@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.edit import (EditSettings, Fact, KeyStatistics, edit_sites, load_facts, memit_factors, packaged_facts,
+from deltatune.editing import (EditSettings, Fact, KeyStatistics, edit_sites, load_facts, memit_factors, packaged_facts,
                             rome_factors, score_facts)
 from deltatune.core.slot import get_state
-from deltatune.edit import stats as stats_module
-from deltatune.edit.rome import subject_key
-from deltatune.edit.sites import default_layers
+from deltatune.editing import stats as stats_module
+from deltatune.editing.rome import subject_key
+from deltatune.editing.sites import default_layers
 from deltatune.io.fingerprint import module_fingerprint
 from deltatune.errors import ConfigError, EditError, TargetError
 

@@ -39,7 +39,7 @@ from .core.inject import (
     using,
 )
 from .core.merge import fold, merge, requantization_errors, unmerge
-from .edit import EditReport, EditSettings, Fact, KeyStatistics, edit
+from .editing import EditReport, EditSettings, Fact, KeyStatistics, edit
 from .core.mixing import get_routing, route
 from .core.recompute import disable_gradient_checkpointing, enable_gradient_checkpointing, recompute_context
 from .core.rows import Routing

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 import deltatune as dt
-from ..edit import EDITORS, KeyStatistics, load_facts, score_facts
-from ..edit.stats import DEFAULT_CORPUS
-from ..edit.value import EditSettings
+from ..editing import EDITORS, KeyStatistics, load_facts, score_facts
+from ..editing.stats import DEFAULT_CORPUS
+from ..editing.value import EditSettings
 from ..errors import ConfigError
 from ..models.load import check_model_name, load_model
 

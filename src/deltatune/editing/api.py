@@ -1,4 +1,4 @@
-"""``deltatune.edit``: write facts into a causal LM as a LoRA delta (ROME for one fact, MEMIT for a batch).
+"""``deltatune.editing``: write facts into a causal LM as a LoRA delta (ROME for one fact, MEMIT for a batch).
 
 The base is not changed: each edited down projection gets a LoRA whose ``B @ A`` is the
 computed ``ΔW`` (rank 1 per layer for ROME, the number of facts for MEMIT; ``alpha = r`` so
