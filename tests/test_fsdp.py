@@ -18,16 +18,12 @@ So this test asserts the DDP test's ``rtol=1e-4, atol=1e-6``.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import safetensors.torch
-import torch
 
-from deltatune.cli import main
 from deltatune.errors import ConfigError
 from deltatune.train.job import TrainJob, run_eval
-from test_distributed import ATOL, RTOL, _assert_same_run, _launch, _single, setup  # noqa: F401  (setup: the fixture)
+from test_distributed import _assert_same_run, _launch, _single, resume_both_ways, setup  # noqa: F401  (setup: the fixture)
 
 TORCHRUN = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -51,21 +47,7 @@ def test_fsdp_two_processes_equal_one_process(setup):  # noqa: F811
 def test_fsdp_resume_splits_the_checkpoint_into_shards_again(setup):  # noqa: F811
     # the step-6 checkpoint (gathered whole, written by rank 0) resumed for 2 more steps on
     # 2 FSDP ranks and in one process: parameters and Adam state re-sharded give the same delta
-    root, first = setup[0], setup[0] / "fsdp-19"
-    if not first.exists():
-        pytest.skip("needs test_fsdp_two_processes_equal_one_process's run")
-    for name in ("resume-one", "resume-fsdp"):
-        shutil.copytree(first, root / name)
-    assert main(["train", "--resume", str(root / "resume-one"), "--steps", "8", "--no-progress"]) == 0
-    resumed, stdout = _launch(setup, TORCHRUN, "resume-fsdp", 19, extra=("--resume", str(root / "resume-fsdp"), "--steps", "8"))
-    assert stdout.count("wrote ") == 1
-    a, b = (safetensors.torch.load_file(str(root / name / "delta.safetensors")) for name in ("resume-one", "resume-fsdp"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL, msg=lambda m: f"{key}: {m}")
-    print(f"resumed: largest difference {max((a[k] - b[k]).abs().max().item() for k in a):.2e}")
-    history = json.loads((resumed / "history.json").read_text())
-    assert [s for s, _ in history["train"]] == list(range(1, 9))
+    resume_both_ways(setup, "fsdp-19", "resume-fsdp", TORCHRUN)
 
 
 @pytest.mark.parametrize("changes, message", [

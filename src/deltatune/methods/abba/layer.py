@@ -5,10 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.build import first_input
-from ...core.weight_delta import WeightDelta
-from ..lora.layer import add_lora
-from ..loraxs import mixed_update, truncated_svd
+from ..loraxs import FactoredDelta, truncated_svd
 
 
 def khatri_rao_rows(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -17,7 +14,7 @@ def khatri_rao_rows(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return (left.unsqueeze(2) * right.unsqueeze(1)).flatten(1)
 
 
-class ABBALinear(WeightDelta):
+class ABBALinear(FactoredDelta):
     """``dW = s (B1 A1) ⊙ (B2 A2)`` (Singhal et al., 2025), ``B_k: (out, r_k)``, ``A_k: (r_k, in)``.
 
     Unmerged, the update runs factored through the Khatri-Rao identity
@@ -62,22 +59,6 @@ class ABBALinear(WeightDelta):
 
     def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         return self.scaling * (self.B1 @ self.A1) * (self.B2 @ self.A2)
-
-    def forward_post(self, module, args, kwargs, output):
-        x = first_input(args, kwargs)
-        up, down = self.factors()
-        if output.dtype != up.dtype:
-            update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(up.dtype), down), up)
-            return output + update.to(output.dtype)
-        return add_lora(output, x, down, up, 1.0)
-
-    @classmethod
-    def mixed_post(cls, units, module, args, kwargs, output, routing):
-        return mixed_update(units, module, first_input(args, kwargs), output, routing)
-
-    def low_rank_update(self):
-        up, down = self.factors()
-        return up.detach(), down.detach(), self.transposed
 
     def extra_repr(self) -> str:
         return f"r1={self.B1.shape[1]}, r2={self.B2.shape[1]}, scaling={self.scaling:g}, " + super().extra_repr()

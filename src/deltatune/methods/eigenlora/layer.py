@@ -7,10 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ...core.build import first_input
-from ...core.weight_delta import WeightDelta
-from ..lora.layer import add_lora
-from ..loraxs import mixed_update
+from ..loraxs import FactoredDelta
 
 
 def random_orthonormal(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
@@ -22,7 +19,7 @@ def random_orthonormal(rows: int, columns: int, generator: torch.Generator) -> t
     return (q * signs).float()
 
 
-class EigenLoRALinear(WeightDelta):
+class EigenLoRALinear(FactoredDelta):
     """``dW = s * (U L_B) (L_A D)``: LoRA's ``B = U L_B`` and ``A = L_A D`` over frozen components.
 
     ``U`` (``up_basis``, ``(out, k)``, orthonormal columns) and ``D`` (``down_basis``, ``(k, in)``,
@@ -65,26 +62,6 @@ class EigenLoRALinear(WeightDelta):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s U L_B, L_A D)``: LoRA's ``(out, r)`` and ``(r, in)`` factors, scaling in the first (with grad)."""
         return self.up_basis @ self.up_loadings * self.scaling, self.down_loadings @ self.down_basis
-
-    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        up, down = self.factors()
-        return up @ down
-
-    def forward_post(self, module, args, kwargs, output):
-        x = first_input(args, kwargs)
-        up, down = self.factors()
-        if output.dtype != up.dtype:
-            update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(up.dtype), down), up)
-            return output + update.to(output.dtype)
-        return add_lora(output, x, down, up, 1.0)
-
-    @classmethod
-    def mixed_post(cls, units, module, args, kwargs, output, routing):
-        return mixed_update(units, module, first_input(args, kwargs), output, routing)
-
-    def low_rank_update(self):
-        up, down = self.factors()
-        return up.detach(), down.detach(), self.transposed
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         return {"up_loadings": self.up_loadings.detach(), "down_loadings": self.down_loadings.detach(),

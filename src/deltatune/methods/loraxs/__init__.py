@@ -21,9 +21,9 @@ from ...core.build import per_linear
 from ...core.config import DeltaConfig, check
 from ...core.registry import MethodSpec, Mixing, register_method
 from ...core.unit import Placements
-from .layer import LoRAXSLinear, check_rank, mixed_update, truncated_svd
+from .layer import FactoredDelta, LoRAXSLinear, check_rank, mixed_update, truncated_svd
 
-__all__ = ["LoRAXSConfig", "LoRAXSLinear", "check_rank", "mixed_update", "truncated_svd"]
+__all__ = ["FactoredDelta", "LoRAXSConfig", "LoRAXSLinear", "check_rank", "mixed_update", "truncated_svd"]
 
 DEFAULT_ROLES = ["q|qkv", "v"]
 

@@ -38,7 +38,36 @@ def truncated_svd(module: nn.Module, transposed: bool, rank: int) -> tuple[torch
     return U[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous()
 
 
-class LoRAXSLinear(WeightDelta):
+class FactoredDelta(WeightDelta):
+    """A weight change ``U D`` given by :meth:`factors` (``U (out, k)`` with the scaling in it,
+    ``D (k, in)``): it runs unmerged as two skinny products, mixes per row through
+    :func:`mixed_update`, and is a low-rank update for task vectors and routing."""
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        up, down = self.factors()
+        return up @ down
+
+    def forward_post(self, module, args, kwargs, output):
+        x = first_input(args, kwargs)
+        up, down = self.factors()
+        if output.dtype != up.dtype:
+            update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(up.dtype), down), up)
+            return output + update.to(output.dtype)
+        return add_lora(output, x, down, up, 1.0)
+
+    @classmethod
+    def mixed_post(cls, units, module, args, kwargs, output, routing):
+        return mixed_update(units, module, first_input(args, kwargs), output, routing)
+
+    def low_rank_update(self):
+        up, down = self.factors()
+        return up.detach(), down.detach(), self.transposed
+
+
+class LoRAXSLinear(FactoredDelta):
     """``dW = s * B R A`` (Bałazy et al., 2024) with ``B = U_r`` and ``A = diag(S_r) V_r^T`` frozen
     from the truncated SVD of the base weight ``W = U S V^T``, and only ``R (r, r)`` trained.
 
@@ -85,14 +114,6 @@ class LoRAXSLinear(WeightDelta):
             update = torch.nn.functional.linear(torch.nn.functional.linear(x.to(self.R.dtype), self.A), self.up())
             return output + (update * self.scaling).to(output.dtype)
         return add_lora(output, x, self.A, self.up(), self.scaling)
-
-    @classmethod
-    def mixed_post(cls, units, module, args, kwargs, output, routing):
-        return mixed_update(units, module, first_input(args, kwargs), output, routing)
-
-    def low_rank_update(self):
-        up, down = self.factors()
-        return up.detach(), down.detach(), self.transposed
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         return {"R": self.R.detach(), "A": self.A, "B": self.B}
