@@ -266,10 +266,17 @@ def test_server_model_auto_takes_the_delta_with_the_nearest_centroid(library, fo
     auto = Work("auto", [texts[1]])
     [got] = engine.classify([auto])
     [named] = engine.classify([Work("spam", [texts[1]])])
-    assert auto.delta == "spam" and got == named
+    assert auto.delta == "spam" and got == [{**row, "delta": "spam"} for row in named]
     with running(create_app(engine, Settings(max_wait_ms=5))) as url:
         answer = httpx.post(f"{url}/v1/classify", json={"delta": "auto", "inputs": [texts[0]]}, timeout=30).json()
-    assert answer["delta"] == "sentiment"
+        mixed = httpx.post(f"{url}/v1/classify", json={"delta": "auto", "inputs": [texts[1], texts[0], texts[1]]},
+                           timeout=30).json()
+    assert answer["delta"] == "sentiment" and answer["results"][0]["delta"] == "sentiment"
+    # each text of one request is routed on its own, and answered as its delta answers it alone
+    assert mixed["delta"] == "auto" and [r["delta"] for r in mixed["results"]] == ["spam", "sentiment", "spam"]
+    [alone] = engine.classify([Work("sentiment", [texts[0]])])
+    assert mixed["results"][1]["label"] == alone[0]["label"]
+    assert mixed["results"][1]["probabilities"] == pytest.approx(alone[0]["probabilities"], abs=1e-5)  # padding
 
 
 def test_server_model_auto_without_a_library_is_a_clear_400(folders, tiny_bert):

@@ -144,7 +144,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     def delta_of(name: str | None) -> str | None:
         if name is None or name == BASE:
             return None
-        if name == AUTO:  # the library's router chooses (see Engine.auto_delta)
+        if name == AUTO:  # the library's router chooses (see Engine.auto_deltas)
             return AUTO
         engine.library.folder(name)  # 400 for a bad name, 404 for an unknown one
         return name

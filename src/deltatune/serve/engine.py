@@ -152,11 +152,13 @@ class Engine:
         (an unknown or unloadable delta fails only the works that name it).
         """
         results: list[Any] = [None] * len(works)
-        for i, work in enumerate(works):
-            if work.delta == AUTO:
-                try:
-                    work.delta = self.auto_delta(work.texts)
-                except Exception as error:  # noqa: BLE001 - reported to that work
+        auto = [i for i, work in enumerate(works) if work.delta == AUTO]
+        if auto:
+            try:
+                for i, name in zip(auto, self.auto_deltas([works[i].texts for i in auto])):
+                    works[i].delta = name
+            except Exception as error:  # noqa: BLE001 - reported to those works
+                for i in auto:
                     results[i] = as_api_error(error)
         pinned = []
         for name in dict.fromkeys(w.delta for i, w in enumerate(works) if w.delta is not None and results[i] is None):
@@ -178,9 +180,10 @@ class Engine:
                 self.cache.unpin(name)
         return results
 
-    def auto_delta(self, texts: list[str]) -> str:
-        """The delta for ``texts`` chosen by the centroid router: the library delta for this base
-        whose training examples' centroid is nearest (cosine) to the texts' mean embedding.
+    def auto_deltas(self, texts: list[list[str]]) -> list[str]:
+        """For each list of texts, the delta chosen by the centroid router: the library delta for
+        this base whose training examples' centroid is nearest (cosine) to the texts' mean
+        embedding. One forward pass embeds every text.
 
         Raises:
             ApiError: 400 when the server has no library (``--deltas``), or no delta of it for
@@ -198,8 +201,10 @@ class Engine:
         if not centroids:
             raise ApiError(400, "no_router", f"no delta of library {index.db} for this base has a centroid; store them "
                                              f"with deltatune library centroid NAME --model ... --data ...")
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return nearest(embed(self.model, batch).mean(0, keepdim=True), centroids)[0]
+        flat = [text for group in texts for text in group]
+        batch = self.tokenizer(flat, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        rows = embed(self.model, batch).split([len(group) for group in texts])
+        return nearest(torch.stack([row.mean(0) for row in rows]), centroids)
 
     def _groups(self, todo: list[int], works: Sequence[Work]) -> list[list[int]]:
         """Works that can share one forward: prefix deltas alone, prompt deltas by prompt length."""
@@ -269,9 +274,30 @@ class Engine:
                 ready.append(i)
             except ApiError as error:
                 results[i] = error
-        outputs = self.run([works[i] for i in ready], self._classify_group)
-        for i, output in zip(ready, outputs):
-            results[i] = output
+        # "auto" chooses a delta for each text: such a request runs as one work per text (the works
+        # still share mixed batches), and each answer row names the delta that answered it
+        parts, owners = [], []
+        for i in ready:
+            work = works[i]
+            pieces = [Work(AUTO, [text]) for text in work.texts] if work.delta == AUTO else [work]
+            parts += pieces
+            owners += [i] * len(pieces)
+        outputs = self.run(parts, self._classify_group)
+        for i in ready:
+            results[i] = []
+        for i, part, output in zip(owners, parts, outputs):
+            if not isinstance(results[i], list):
+                continue  # an earlier text of this request failed: its error is the answer
+            if not isinstance(output, list):
+                results[i] = output
+            elif part is works[i]:
+                results[i] = output
+            else:
+                results[i] += [{**row, "delta": part.delta} for row in output]
+        for i in ready:  # a request whose texts all went to one delta names it, as a named request would
+            chosen = {row["delta"] for row in results[i]} if isinstance(results[i], list) and works[i].delta == AUTO else ()
+            if len(chosen) == 1:
+                works[i].delta = chosen.pop()
         return results
 
     @torch.no_grad()

@@ -38,7 +38,7 @@ def openai_router(engine: Engine, batcher: Batcher, settings, responses: dict) -
     def delta_of(name: str) -> str | None:
         if name in (BASE, engine.model_name):
             return None
-        if name == AUTO:  # the library's router chooses (see Engine.auto_delta)
+        if name == AUTO:  # the library's router chooses (see Engine.auto_deltas)
             return AUTO
         engine.library.folder(name)  # 400 for a bad name, 404 for an unknown one
         return name
