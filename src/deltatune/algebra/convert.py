@@ -63,7 +63,7 @@ def delta_entries(model: nn.Module, name: str, *, include_saved: bool = False) -
             entries[tensor_key(path, "weight")] = factored
             continue
         # the base values even when some delta is merged into the module right now
-        base = {key: dense(slot._originals.get(key, param).detach()) for key, param in base_parameters(module)}
+        base = {key: dense(slot.originals.get(key, param).detach()) for key, param in base_parameters(module)}
         with torch.no_grad():
             changed = unit.merge_params(module, dict(base))
         for key, value in changed.items():

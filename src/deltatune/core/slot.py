@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -148,6 +150,13 @@ class DeltaSlot(nn.ModuleDict):
     @property
     def state(self) -> DeltaState:
         return self._delta_state
+
+    @property
+    def originals(self) -> Mapping[str, torch.Tensor]:
+        """The module's base tensors as they were before the deltas merged into it, by parameter
+        name (read-only; empty while nothing is merged). Readers of "the base" (fingerprints,
+        task vectors, bases of recycled subspaces) take a tensor from here when it is present."""
+        return MappingProxyType(self._originals)
 
     def install(self, module: nn.Module) -> None:
         """Serve ``module``: its ``forward`` becomes a :class:`SlotForward` over this slot. At the

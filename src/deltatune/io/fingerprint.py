@@ -66,7 +66,7 @@ def module_fingerprint(module: nn.Module, rounded: bool = False) -> str:
     hasher = hashlib.sha256()
     for path, sub in base_modules(module):
         slot = get_slot(sub)
-        kept = slot._originals if slot is not None else {}
+        kept = slot.originals if slot is not None else {}
         tensors = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
         for name, tensor in tensors:
             key = f"{path}.{name}" if path else name

@@ -87,7 +87,7 @@ def weight_digest(module: nn.Module) -> str:
     evenly spaced values rounded to bfloat16, those of the float weight a quantised one was made
     from, so the base's precision or quantisation does not change it; nor does a merged delta."""
     slot = get_slot(module)
-    weight = slot._originals.get("weight", module.weight) if slot is not None else module.weight
+    weight = slot.originals.get("weight", module.weight) if slot is not None else module.weight
     source = source_sample(module, "weight") if format_of(weight) is not None else None
     if source is not None:
         shape, values = tuple(source.shape), source.values
