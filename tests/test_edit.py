@@ -368,3 +368,34 @@ def test_cli_bad_template_writes_nothing(tiny_llama, tmp_path, capsys):
     code = main(["edit", "--model", str(tiny_llama), "--subject", "film", "--prompt", "the movie was",
                  "--target", "great", "--out", str(out)])
     assert code == 2 and "not in the prompt" in capsys.readouterr().err and not out.exists()
+
+
+LLAMA_STYLE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "olmo", "stablelm", "starcoder2",
+               "smollm3", "granite", "cohere"]
+
+
+@pytest.mark.parametrize("name", LLAMA_STYLE)
+def test_rome_on_the_architecture_sweeps_llama_style_decoders(name, llama, stats):
+    """The sweep's decoders (two blocks, weights at std 0.3, the test tokenizer's vocabulary):
+    the edit is found in each one's structure, and its LoRA adds the found value at the key. The
+    second block is edited: Cohere's first MLP reads the token embeddings alone (attention runs
+    beside it, not before), so over this 23-word corpus its keys span fewer directions than its
+    width and the edit is refused as singular, rightly."""
+    from tiny_models import ARCHITECTURES
+
+    _, tokenizer = llama
+    config = ARCHITECTURES[name].build().config
+    config.vocab_size, config.initializer_range = len(tokenizer), 0.3
+    torch.manual_seed(0)
+    model = type(ARCHITECTURES[name].build())(config)
+    site = edit_sites(model)[1]
+    key = subject_key(model, tokenizer, FACT, site).float()
+    module = model.get_submodule(site.path)
+    with torch.no_grad():
+        output_before = module(key[None]).double()[0]
+    # the mechanics, not the edit's quality: some random decoders barely move (converging is tested above)
+    settings = dataclasses.replace(FAST, min_probability=1e-6)
+    report = dt.edit(model, tokenizer, FACT, layers=[1], stats=stats, settings=settings)
+    with torch.no_grad():
+        output_after = module(key[None]).double()[0]
+    torch.testing.assert_close(output_after - output_before, report.values[0].delta, rtol=1e-4, atol=1e-5)
