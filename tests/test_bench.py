@@ -221,3 +221,18 @@ def test_precision_rows_and_targets():
     assert rows["precision_bf16"]["step_over_fp32"] == 4.0
     assert "| bf16 | - | - | - | - | - | - | 4.000 [4.00, 4.00] |" in "\n".join(
         report._precision_section("smollm2", list(rows.values())))
+
+
+def test_precision_fresh_from_reuses_saved_runs(tmp_path, monkeypatch):
+    """``--fresh-from``: the saved fresh-process rows are reused and only the interleaved ratios run."""
+    from deltatune.bench import run as bench_run
+
+    saved = {"deltatune:fp32": {"peak_rss_mib": 1000.0, "test_loss": 2.0, "steps": 10}}
+    (tmp_path / "fresh.json").write_text(json.dumps({"note": "earlier", "runs": saved}))
+    calls = []
+    monkeypatch.setattr(bench_run, "run_worker", lambda kind, args, timeout=None: calls.append(kind) or {"kind": kind})
+    raw = bench_run.precision_raw("smollm2", 3, 1, 10, None, tmp_path / "fresh.json")
+    assert calls == ["precision_ratios"] and raw["runs"] == saved
+    calls.clear()
+    bench_run.precision_raw("smollm2", 3, 1, 10, ["int8"])
+    assert calls == ["precision_run", "precision_run", "precision_ratios"]  # int8: deltatune and peft

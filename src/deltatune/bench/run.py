@@ -86,7 +86,8 @@ def time_row(model: str, method: str, metric: str, ms: dict, vs_peft: dict | Non
 
 
 def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
-            methods: list[str] | None = None, fresh_variants: list[str] | None = None) -> tuple[list[dict], dict]:
+            methods: list[str] | None = None, fresh_variants: list[str] | None = None,
+            fresh_from: Path | None = None) -> tuple[list[dict], dict]:
     """Run the workers; return (rows, raw worker outputs)."""
     methods = default_methods() if methods is None else methods
     rows: list[dict] = []
@@ -158,7 +159,7 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
         raw["decode"] = run_worker("decode", common, timeout=7200)
         rows += decode_rows(model, raw["decode"])
     if "precision" in parts and spec.task == "causal_lm" and spec.packaged:
-        raw["precision"] = precision_raw(model, repeats, warmup, steps, fresh_variants)
+        raw["precision"] = precision_raw(model, repeats, warmup, steps, fresh_variants, fresh_from)
         rows += precision_rows(model, raw["precision"])
     if "swap" in parts and spec.task == "classification":
         raw["swap"] = run_worker("swap", common)
@@ -175,11 +176,13 @@ PRECISION_RUNS = (("fp32", ("deltatune", "peft")), ("bf16", ("deltatune",)), ("a
                   ("int8-gc", ("deltatune",)), ("4bit-gc", ("deltatune",)))
 
 
-def precision_raw(model: str, repeats: int, warmup: int, steps: int, fresh: list[str] | None = None) -> dict:
+def precision_raw(model: str, repeats: int, warmup: int, steps: int, fresh: list[str] | None = None,
+                  fresh_from: Path | None = None) -> dict:
     """Fresh processes per variant and library (peak RSS, test loss; only the variants in
-    ``fresh`` when given), then the interleaved ratios of every variant."""
-    runs = {}
-    for variant, libs in PRECISION_RUNS:
+    ``fresh`` when given, none when ``fresh_from`` names the saved ``runs`` of an earlier
+    bench), then the interleaved ratios of every variant."""
+    runs = json.loads(fresh_from.read_text())["runs"] if fresh_from else {}
+    for variant, libs in () if fresh_from else PRECISION_RUNS:
         if fresh is not None and variant not in fresh:
             continue
         for lib in libs:
@@ -269,6 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh-variants", default=None,
                         help="precision part: comma list of the base variants that get a fresh training process (peak "
                              "RSS, test loss; default all); every variant's step and decoding are timed regardless")
+    parser.add_argument("--fresh-from", type=Path, default=None,
+                        help="precision part: reuse the fresh-process rows saved in this JSON file (its 'runs') "
+                             "instead of running them again; only the interleaved ratios are measured")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 
@@ -289,7 +295,8 @@ def run(opts: argparse.Namespace) -> int:
         # the equivalence guard compares values, not times: once, on the first model
         model_rows, raw[model] = collect(model, repeats, opts.warmup, parts if i == 0 else parts - {"equivalence"},
                                          opts.steps, methods,
-                                         opts.fresh_variants.split(",") if opts.fresh_variants else None)
+                                         opts.fresh_variants.split(",") if opts.fresh_variants else None,
+                                         opts.fresh_from)
         rows += model_rows
         spec = MODELS[model]
         settings[model] = {"task": spec.task, "batch": spec.batch, "seq": spec.seq}

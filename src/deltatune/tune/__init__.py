@@ -1,0 +1,3 @@
+"""Choosing a delta configuration: ``sweep`` (a search over methods, ranks, learning rates and
+targets with optuna, pruning weak trials) and ``plan`` (what fits a budget of parameters,
+memory and minutes, from a measured probe)."""
