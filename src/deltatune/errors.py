@@ -46,3 +46,9 @@ class LibraryError(DeltaError, ValueError):
 
 class EditError(DeltaError, RuntimeError):
     """A model edit (ROME / MEMIT) did not reach its target; nothing was attached or written."""
+
+
+class FederatedError(DeltaError, ValueError):
+    """A federated update cannot be used: a delta for another base, NaN or infinite values, a
+    payload that does not decode to the global delta's tensors. The server logs the reason and
+    the round goes on without that client."""

@@ -96,6 +96,14 @@ class DeltaUnit(nn.Module):
         difference from :meth:`merge_params`)."""
         return None
 
+    def load_low_rank(self, B: torch.Tensor, A: torch.Tensor) -> bool:
+        """Set the unit's parameters so that its update is ``B @ A`` (in :meth:`low_rank_update`'s
+        frame, scaling folded into ``B``; ``B`` has at most the unit's rank columns) and return
+        True; return False, changing nothing, when its parameters are not such factors (the
+        default: DoRA's magnitude, LoRA-XS's frozen bases). Federated aggregation uses it to
+        store the re-factored sum of the clients' updates."""
+        return False
+
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a delta file stores for this unit, by name."""
         return {name: p.detach() for name, p in self.named_parameters()}

@@ -21,11 +21,13 @@ __all__ = ["DataError", "Example", "Splits", "load_dataset", "read_file", "split
 
 @dataclass(frozen=True)
 class Example:
-    """One example: ``text`` with a ``label`` (classification) or a ``completion`` (causal LM)."""
+    """One example: ``text`` with a ``label`` (classification) or a ``completion`` (causal LM);
+    ``group``: where it came from, when the source says (chatterbot's category)."""
 
     text: str
     label: str | None = None
     completion: str | None = None
+    group: str | None = None
 
 
 @dataclass
@@ -93,7 +95,7 @@ def _chatterbot() -> list[Example]:
         for conversation in data.get("conversations", []):
             for question, answer in zip(conversation, conversation[1:]):
                 if isinstance(question, str) and isinstance(answer, str):
-                    out.append(Example(question.strip(), completion=answer.strip()))
+                    out.append(Example(question.strip(), completion=answer.strip(), group=path.stem))
     return out
 
 

@@ -12,6 +12,7 @@ from ...core.build import first_input, weight_as_out_in
 from ...core.rows import as_rows, gathered
 from ...core.slot import get_slot
 from ...core.unit import DeltaUnit
+from ...errors import MergeError
 from .config import LoRAConfig
 
 
@@ -54,6 +55,18 @@ def _mixed_lora(units, module, x, output, routing, in_place: bool = False) -> to
     if in_place and output.dtype == lora_A_t.dtype and not torch.is_grad_enabled():
         return as_rows(output, batch).baddbmm_(hidden, lora_B_t)
     return torch.baddbmm(as_rows(output, batch).to(lora_A_t.dtype), hidden, lora_B_t)
+
+
+def load_factors(unit: LoRALinear | LoRAEmbedding, B: torch.Tensor, A: torch.Tensor) -> bool:
+    """``lora_B = B / s`` and ``lora_A = A``, zero-padded to the unit's rank: then ``s B A`` is the given product."""
+    rank = unit.lora_A.shape[0]
+    if B.shape[1] != A.shape[0] or B.shape[1] > rank:
+        raise MergeError(f"factors of rank {B.shape[1]} / {A.shape[0]} do not fit a LoRA of rank {rank}")
+    pad = rank - B.shape[1]
+    with torch.no_grad():
+        unit.lora_B.copy_(torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1) / unit.scaling)
+        unit.lora_A.copy_(torch.cat([A, A.new_zeros(pad, A.shape[1])], dim=0))
+    return True
 
 
 def _fresh_output(module: nn.Module, unit: LoRALinear) -> bool:
@@ -121,6 +134,8 @@ class LoRALinear(DeltaUnit):
     def low_rank_update(self):
         return self.lora_B.detach() * self.scaling, self.lora_A.detach(), self.fan_in_fan_out
 
+    load_low_rank = load_factors
+
     def merge_params(self, module, params):
         delta = self.delta_weight().to(params["weight"].dtype)
         return {"weight": params["weight"] + (delta.T if self.fan_in_fan_out else delta)}
@@ -172,6 +187,9 @@ class DoRALinear(LoRALinear):
     def low_rank_update(self):
         return None  # the magnitude rescales W + s B A: not a low-rank change
 
+    def load_low_rank(self, B, A):
+        return False  # the magnitude is a parameter too
+
     def merge_params(self, module, params):
         weight = params["weight"].T if self.fan_in_fan_out else params["weight"]
         direction = weight.to(self.lora_A.dtype) + self.delta_weight()
@@ -201,6 +219,8 @@ class LoRAEmbedding(DeltaUnit):
 
     def low_rank_update(self):
         return self.lora_B.detach() * self.scaling, self.lora_A.detach(), True
+
+    load_low_rank = load_factors
 
     def merge_params(self, module, params):
         return {"weight": params["weight"] + self.delta_weight().to(params["weight"].dtype)}
