@@ -139,6 +139,32 @@ def test_a_model_without_checkpointing_is_told_what_to_do():
         dt.enable_gradient_checkpointing(HomemadeTransformer())
 
 
+def test_disable_turns_the_recompute_off():
+    """A block runs twice per step with checkpointing (forward, then its recompute), once after
+    ``disable_gradient_checkpointing``; the gradients are the same either way."""
+    torch.manual_seed(0)
+    model = MODELS["llama"].build().train()
+    dt.attach(model, dt.LoRAConfig(r=4), name="t")
+    _perturbed(model, ["t"])
+    calls = []
+    model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))  # inside the checkpointed block
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def step() -> tuple[int, dict]:
+        calls.clear()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return len(calls), _gradients(model, ["t"])
+
+    dt.enable_gradient_checkpointing(model)
+    on, with_recompute = step()
+    dt.disable_gradient_checkpointing(model)
+    off, without = step()
+    assert (on, off) == (2, 1)
+    _assert_same(with_recompute, without)
+    dt.disable_gradient_checkpointing(HomemadeTransformer())  # no checkpointing of its own: nothing to undo
+
+
 def _causal_data(rows: int = 12, seq: int = 8, seed: int = 0) -> Encoded:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 100, (rows, seq), generator=generator).tolist()

@@ -11,7 +11,6 @@ tensors (names, shapes, finite float32 values).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -144,9 +143,3 @@ def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes of the tensors' data (what a message carries, before framing)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
-
-def relative_error(approximation: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
-    """``||a - e|| / ||e||`` over all tensors together (0 when both are zero)."""
-    error = sum(float((approximation[k].double() - exact[k].double()).square().sum()) for k in exact)
-    total = sum(float(exact[k].double().square().sum()) for k in exact)
-    return math.sqrt(error / total) if total else math.sqrt(error)

@@ -26,7 +26,7 @@ from ..io.artifact import save
 from ..io.base_check import base_fingerprint
 from ..train.batches import Encoded, encode
 from ..train.job import TrainJob, delta_config, prepare
-from ..train.loop import Settings, train
+from ..train.loop import train
 from ..train.metrics import evaluate
 from .aggregate import aggregate, summary
 from .split import check_clients, partition
