@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,32 +164,27 @@ def test_an_interrupted_sweep_resumes_without_training_finished_trials_again(tmp
     assert (out / "trials" / "2.partial").is_dir() and not (out / "sweep.lock").exists()
     kept = {t: (out / "trials" / str(t) / "delta.safetensors").stat().st_mtime_ns for t in (0, 1)}
 
-    # and as a process killed by SIGKILL leaves it: a trial still "running", its folder half-written
     import optuna
 
-    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
-    killed = study.ask()
-    config.space.suggest(killed)
-    (out / "trials" / "3.partial").mkdir()
-    params = {2: study.trials[2].params, 3: study.trials[3].params}
+    params = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}").trials[2].params
 
     trained.clear()
     result = run_sweep(config, log=lambda line: None)
-    # only the two interrupted configurations ran again, as new trials
-    assert trained == ["4.partial", "5.partial"]
+    # the interrupted configuration ran again, as a new trial, then the sampler's next one
+    assert trained == ["3.partial", "4.partial"]
     rows = {r["trial"]: r for r in result["rows"]}
-    assert [rows[t]["state"] for t in range(6)] == ["complete", "complete", "fail", "fail", "complete", "complete"]
-    assert rows[2]["note"] == rows[3]["note"] == "interrupted"
-    for row in (rows[t] for t in (0, 1, 4, 5)):  # sampled configurations, counted by hand
+    assert [rows[t]["state"] for t in range(5)] == ["complete", "complete", "fail", "complete", "complete"]
+    assert rows[2]["note"] == "interrupted"
+    for row in (rows[t] for t in (0, 1, 3, 4)):  # sampled configurations, counted by hand
         if row["method"] == "lora":
             count = lora_q_v if row["targets"] == "default" else lora_all_linear
             assert row["trainable_parameters"] == count(row["options"]["r"])
         elif row["targets"] == "default":  # (IA)3 on k, v (32 each) and ffn_down's input (64), 2 layers
             assert row["trainable_parameters"] == 2 * (32 + 32 + 64) + HEAD
     study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'study.db'}")
-    assert [study.trials[4].params, study.trials[5].params] == [params[2], params[3]]
+    assert study.trials[3].params == params and study.trials[3].user_attrs["retry_of"] == 2
     assert {t: (out / "trials" / str(t) / "delta.safetensors").stat().st_mtime_ns for t in (0, 1)} == kept
-    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "1", "4", "5"]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "1", "3", "4"]
 
     trained.clear()
     run_sweep(config, log=lambda line: None)  # nothing left to do
@@ -192,6 +192,32 @@ def test_an_interrupted_sweep_resumes_without_training_finished_trials_again(tmp
     changed = parse_sweep_config({**yaml.safe_load((tmp_path / "s.yaml").read_text()), "steps": 30, "pruner": "none"})
     with pytest.raises(ConfigError, match=r"started with other settings \(job differ\).*another --out"):
         run_sweep(changed, log=lambda line: None)
+
+
+def test_a_sweep_killed_mid_trial_resumes(tmp_path, tiny_bert, words_csv, monkeypatch):
+    config_path = sweep_yaml(tmp_path / "s.yaml", tiny_bert, words_csv, steps=100, eval_every=50, n_trials=2,
+                             pruner="none")
+    out = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "sweep", "--config", str(config_path)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not (out / "trials" / "1.partial").exists():
+        time.sleep(0.02)
+    assert process.poll() is None, f"the sweep ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "trials" / "0" / "delta.safetensors").exists() and not (out / "trials" / "1").exists()
+    kept = (out / "trials" / "0" / "delta.safetensors").stat().st_mtime_ns
+
+    trained = []
+    monkeypatch.setattr(sweep_module, "run_train", lambda job, on_eval=None: trained.append(job.out) or run_train(job))
+    result = run_sweep(parse_sweep_config(yaml.safe_load(config_path.read_text())), log=lambda line: None)
+    assert [Path(t).name for t in trained] == ["2.partial"]
+    assert [(r["trial"], r["state"], r.get("note")) for r in sorted(result["rows"], key=lambda r: r["trial"])] == [
+        (0, "complete", None), (1, "fail", "interrupted"), (2, "complete", None)]
+    assert (out / "trials" / "0" / "delta.safetensors").stat().st_mtime_ns == kept
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "2"]
 
 
 BASE = {"model": "minilm", "data": "movie-reviews", "steps": 20, "eval_every": 5}

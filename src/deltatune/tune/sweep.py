@@ -10,7 +10,6 @@ and its configuration run again in a new trial.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from ..core.config import ALL_LINEAR
 from ..core.roles import default_targets
 from ..core.targeting import select_modules
 from ..errors import ConfigError, DeltaError
+from ..io.atomic import write_text_atomic
 from ..train.job import prepare, run_train
 from .sweep_config import SweepConfig
 from .sweep_report import ranked, write_report
@@ -82,7 +82,7 @@ class SweepLock:
             if pid and pid != os.getpid() and _alive(pid):
                 raise ConfigError(f"another sweep (process {pid}) is running in {self.path.parent}; wait for it to "
                                   f"finish, or stop it, before running this sweep there")
-        self.path.write_text(str(os.getpid()))
+        write_text_atomic(self.path, str(os.getpid()))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -181,6 +181,8 @@ class Trainer:
         job = self.config.trial_job(method=choice.method, options=choice.options, lr=choice.lr, out=str(staging),
                                     targets=None if choice.targets is None else self.targets[choice.targets])
         stopped: list[int] = []
+        self.log(f"trial {trial.number}: {choice.method} {choice.options or ''} lr={choice.lr:.3g} "
+                 f"targets={choice.targets or '-'}: training")
 
         def on_eval(step: int, metrics: dict[str, float]) -> bool:
             trial.report(metrics[self.objective.metric], step)
@@ -205,8 +207,7 @@ class Trainer:
             "train_seconds": metrics["train_seconds"], "steps": metrics["steps"],
             "test": metrics["test"], "folder": str(Path(TRIALS) / str(trial.number))})
         state = f"pruned at step {stopped[0]}" if stopped else "complete"
-        self.log(f"trial {trial.number}: {choice.method} {choice.options or ''} lr={choice.lr:.3g} "
-                 f"targets={choice.targets or '-'}: validation {self.objective.metric} {value:.4f}, "
+        self.log(f"trial {trial.number}: validation {self.objective.metric} {value:.4f}, "
                  f"{metrics['trainable_parameters']:,} trainable parameters, {metrics['train_seconds']:.1f} s ({state})")
         if stopped:
             raise optuna.TrialPruned(f"validation {self.objective.metric} at step {stopped[0]} is in the weaker part "
