@@ -186,7 +186,7 @@ class Trainer:
 
         def on_eval(step: int, metrics: dict[str, float]) -> bool:
             trial.report(metrics[self.objective.metric], step)
-            if trial.should_prune():
+            if step != job.steps and trial.should_prune():  # a trial trained to the end is complete
                 stopped.append(step)
                 return True
             return False
@@ -248,8 +248,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[s
         del splits, loaded
         study = open_study(config, out, objective)
         recover(study, out, log)
-        summary = {"model": config.job.get("model"), "data": config.job.get("data"),
-                   "steps": config.job.get("steps"), "eval_every": config.eval_every, "metric": objective.metric,
+        summary = {"model": probe.model, "data": probe.data, "steps": probe.steps, "epochs": probe.epochs, "eval_every": config.eval_every, "metric": objective.metric,
                    "direction": objective.direction,
                    "pruner": (f"successive halving (min_resource {config.pruner.min_resource or config.eval_every}, "
                               f"reduction factor {config.pruner.reduction_factor})") if config.pruner.enabled else "none"}

@@ -72,8 +72,9 @@ def leaderboard_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) ->
     states = {s: sum(r["state"] == s for r in rows) for s in STATE_ORDER}
     lines = [f"# Sweep: {summary['model']} on {summary['data']}", "",
              f"{len(rows)} trials ({states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
-             + (f", {states['running']} running" if states["running"] else "") + f"); {summary['steps']} steps each, "
-             f"evaluated every {summary['eval_every']}; ranked by validation {metric} "
+             + (f", {states['running']} running" if states["running"] else "") + "); "
+             + (f"{summary['steps']} steps each, " if summary.get("steps") else f"{summary.get('epochs', 1):g} epochs each, ")
+             + f"evaluated every {summary['eval_every']}; ranked by validation {metric} "
              f"({'higher' if maximize else 'lower'} is better); pruner: {summary['pruner']}.", "",
              f"| trial | state | method | options | lr | targets | validation {metric} | trainable parameters "
              f"| train s | steps |",
