@@ -220,6 +220,28 @@ def test_a_sweep_killed_mid_trial_resumes(tmp_path, tiny_bert, words_csv, monkey
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "2"]
 
 
+def test_a_failing_trial_is_recorded_and_replaced(tmp_path, tiny_bert, words_csv, monkeypatch):
+    from deltatune.train.loop import TrainingDiverged
+
+    def fake_run_train(job, on_eval=None):  # no training: trial 1 diverges, the others score by their rank
+        Path(job.out).mkdir(parents=True)
+        if Path(job.out).name == "1.partial":
+            raise TrainingDiverged("loss became nan at step 3")
+        return {"validation": {"accuracy": job.options.get("r", 0) / 10}, "trainable_parameters": 100, "steps": 40,
+                "train_seconds": 1.0, "test": {}}
+
+    monkeypatch.setattr(sweep_module, "run_train", fake_run_train)
+    config = parse_sweep_config(yaml.safe_load(sweep_yaml(tmp_path / "s.yaml", tiny_bert, words_csv, n_trials=2,
+                                                          space={"methods": {"lora": {"r": [4, 8]}}}).read_text()))
+    lines = []
+    rows = run_sweep(config, log=lines.append)["rows"]
+    assert [(r["trial"], r["state"]) for r in rows][-1] == (1, "fail")
+    assert rows[-1]["note"] == "error: loss became nan at step 3" and "trial 1 failed: loss became nan" in "\n".join(lines)
+    assert sorted(r["trial"] for r in rows if r["state"] == "complete") == [0, 2]
+    assert rows[0]["value"] == max(r["value"] for r in rows[:2]) == rows[0]["options"]["r"] / 10
+    assert sorted(p.name for p in (Path(config.out) / "trials").iterdir()) == ["0", "2"]
+
+
 BASE = {"model": "minilm", "data": "movie-reviews", "steps": 20, "eval_every": 5}
 
 

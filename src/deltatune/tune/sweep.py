@@ -199,6 +199,7 @@ class Trainer:
         except DeltaError as error:
             trial.set_user_attr("note", f"error: {error}")
             self.log(f"trial {trial.number} failed: {error}")
+            shutil.rmtree(staging, ignore_errors=True)  # the error is recorded; no half-written folder stays
             raise
         staging.rename(folder)
         value = metrics["validation"][self.objective.metric]
@@ -258,13 +259,16 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[s
                     if t.state != optuna.trial.TrialState.WAITING]
             return write_report(rows, summary, out, chart=chart)
 
-        remaining = config.n_trials - finished(study)
-        if remaining > 0:
-            log(f"sweep in {out}: {finished(study)} of {config.n_trials} trials done, {remaining} to run")
+        log(f"sweep in {out}: {finished(study)} of {config.n_trials} trials done")
+        failed = 0  # failed trials do not count; as many failures as trials asked for end the run
+        while (remaining := config.n_trials - finished(study)) > 0 and failed < config.n_trials:
+            before = len(study.trials)
             study.optimize(Trainer(config, out, objective, targets, log), n_trials=remaining, catch=(DeltaError,),
                            callbacks=[report])
-        else:
-            log(f"sweep in {out}: all {config.n_trials} trials done")
+            failed += sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials[before:])
+        if remaining > 0:
+            log(f"stopped after {failed} failed trials (their errors are in the leaderboard); fix the cause and run "
+                f"the sweep again to continue")
         markdown = report(study, chart=True)
     rows = [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     return {"rows": ranked(rows, objective.direction == "maximize"), "summary": summary, "markdown": markdown}
