@@ -115,7 +115,8 @@ def plot_pareto(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path)
         by_trial = {r["trial"]: r for r in rows}
         points = [by_trial[t] for t in front[cost]]
         if points:
-            axis.plot([r[cost] for r in points], [r["value"] for r in points], "-", color="tab:red", alpha=0.6)
+            axis.plot([r[cost] for r in points], [r["value"] for r in points], "-", color="tab:red", alpha=0.6,
+                      drawstyle="steps-post")  # the best value reachable at each cost
             axis.scatter([r[cost] for r in points], [r["value"] for r in points], s=120, facecolors="none",
                          edgecolors="tab:red", label="Pareto front")
         if cost == "trainable_parameters":
@@ -124,7 +125,7 @@ def plot_pareto(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path)
         axis.set_ylabel(f"validation {summary['metric']}")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(f"sweep: {summary['model']} on {summary['data']}")
+    figure.suptitle(f"sweep: {Path(str(summary['model'])).name} on {Path(str(summary['data'])).name}")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=110)
