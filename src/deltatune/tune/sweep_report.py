@@ -100,6 +100,7 @@ def plot_pareto(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     maximize = summary["direction"] == "maximize"
     front = fronts(rows, maximize)
@@ -119,8 +120,10 @@ def plot_pareto(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path)
                       drawstyle="steps-post")  # the best value reachable at each cost
             axis.scatter([r[cost] for r in points], [r["value"] for r in points], s=120, facecolors="none",
                          edgecolors="tab:red", label="Pareto front")
-        if cost == "trainable_parameters":
+        costs = [r[cost] for r in rows if r.get(cost)]
+        if cost == "trainable_parameters" and costs and max(costs) >= 10 * min(costs):  # sizes over decades
             axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
         axis.set_xlabel(label)
         axis.set_ylabel(f"validation {summary['metric']}")
         axis.grid(alpha=0.3)
