@@ -246,7 +246,7 @@ BASE = {"model": "minilm", "data": "movie-reviews", "steps": 20, "eval_every": 5
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"space": {"methods": ["lora", "loar"]}}, r"unknown delta method 'loar'; available: .*lora.*ia3"),
+    ({"space": {"methods": ["lora", "loar"]}}, r"space.methods: unknown delta method 'loar'; available: .*lora.*ia3"),
     ({"space": {"methods": {"lora": {"rank_size": [4]}}}},
      r"space.methods.lora: 'rank_size' is not an option of lora; lora takes alpha, dropout, init, r, rank_pattern"),
     ({"space": {"methods": {"ia3": {"r": [4]}}}}, r"'r' is not an option of ia3; ia3 takes"),

@@ -137,7 +137,10 @@ def _choices(value: Any, where: str) -> tuple:
 
 def _parse_method(name: str, entry: Any, lr: LearningRate, targets: tuple[str, ...]) -> MethodSpace:
     where = f"space.methods.{name}"
-    spec = get_method(name)  # an unknown name lists the registered methods
+    try:
+        spec = get_method(name)
+    except ConfigError as error:  # an unknown name: the message lists the registered methods
+        raise ConfigError(f"space.methods: {error}") from None
     if not spec.trainable_from_flags:
         trainable = ", ".join(s.name for s in method_specs() if s.trainable_from_flags)
         raise ConfigError(f"{where}: method {name!r} is built with the Python API, not trained from options "
