@@ -9,6 +9,7 @@ import dataclasses
 import json
 import resource
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,15 +175,20 @@ def prepare(job: TrainJob) -> tuple[Splits, Any]:
     return splits, loaded
 
 
-def run_train(job: TrainJob, *, resume: bool = False) -> dict[str, Any]:
+def run_train(job: TrainJob, *, resume: bool = False,
+              on_eval: Callable[[int, dict[str, float]], bool | None] | None = None) -> dict[str, Any]:
     """Train, evaluate on the test split, and write the run folder; returns the metrics.
+
+    ``on_eval(step, validation metrics)``: called at each evaluation (``job.eval_every``); a true
+    value stops training there, and the run is finished and written as it stands (``steps``
+    records the steps done).
 
     Under ``torchrun`` / ``accelerate launch`` every rank trains on its share of each global
     batch; rank 0 alone evaluates and writes files, and every rank returns rank 0's metrics.
     """
     joined = distributed.init_from_environment()
     try:
-        metrics = _run_train(job, resume)
+        metrics = _run_train(job, resume, on_eval)
     except BaseException:
         if joined:
             distributed.finish(synchronise=False)
@@ -192,7 +198,7 @@ def run_train(job: TrainJob, *, resume: bool = False) -> dict[str, Any]:
     return metrics
 
 
-def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
+def _run_train(job: TrainJob, resume: bool, on_eval=None) -> dict[str, Any]:
     out = Path(job.out)
     splits, loaded = prepare(job)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -214,7 +220,7 @@ def _run_train(job: TrainJob, resume: bool) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", yaml.safe_dump(asdict(job), sort_keys=False))
     result = train(model, encoded["train"], job.settings(), validation=encoded["validation"], num_labels=num_labels,
-                   checkpoint_dir=out / "checkpoint", resume=resume)
+                   checkpoint_dir=out / "checkpoint", resume=resume, on_eval=on_eval)
     memory = {"peak_memory_mb_per_rank": [round(m, 1) for m in distributed.every_rank(peak_memory_mb())],
               "parameter_mb_per_rank": [round(m, 3) for m in distributed.every_rank(local_parameter_mb(model))]}
     sharded = is_sharded(model)  # then every rank takes part in each forward and in gathering the weights

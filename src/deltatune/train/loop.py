@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,8 +83,13 @@ def train(
     num_labels: int = 2,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    on_eval: Callable[[int, dict[str, float]], bool | None] | None = None,
 ) -> dict[str, Any]:
     """Train the model's trainable parameters; returns history and timing.
+
+    ``on_eval(step, metrics)`` is called after each evaluation on ``validation`` (every
+    ``settings.eval_every`` steps); when it returns a true value training stops after that step
+    (early stopping, a sweep's pruning), and ``steps`` in the result is the steps done.
 
     Under a launcher with ``settings.sharding == "fsdp"`` the model is left sharded (see
     :mod:`.fsdp`): every rank must then take part in its forwards and in
@@ -154,6 +160,11 @@ def train(
         if validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0 and (rank == 0 or collective):
             history.validation.append((step + 1, evaluate(model, validation, num_labels=num_labels)))
             bar.set_postfix(loss=f"{history.train[-1][1]:.4f}", **{f"val_{k}": f"{v:.3f}" for k, v in history.validation[-1][1].items()})
+        if on_eval is not None and validation is not None and settings.eval_every and (step + 1) % settings.eval_every == 0:
+            # rank 0 evaluated (and decides); under a launcher every rank stops with it
+            if distributed.from_main(bool(rank == 0 and on_eval(step + 1, history.validation[-1][1]))):
+                total = step + 1
+                break
         if checkpoint_dir is not None and settings.save_every and (step + 1) % settings.save_every == 0 and (rank == 0 or collective):
             save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {
                 "seconds": elapsed + time.perf_counter() - began,

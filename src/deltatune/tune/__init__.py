@@ -1,3 +1,12 @@
 """Choosing a delta configuration: ``sweep`` (a search over methods, ranks, learning rates and
 targets with optuna, pruning weak trials) and ``plan`` (what fits a budget of parameters,
 memory and minutes, from a measured probe)."""
+
+# sweep (optuna is imported only when a sweep runs)
+from .sweep import Objective, resolve_targets, run_sweep
+from .sweep_config import PrunerSettings, SweepConfig, load_sweep_config, parse_sweep_config
+from .sweep_report import pareto_front
+from .sweep_space import Choice, SearchSpace, parse_space
+
+__all__ = ["Choice", "Objective", "PrunerSettings", "SearchSpace", "SweepConfig", "load_sweep_config", "pareto_front",
+           "parse_space", "parse_sweep_config", "resolve_targets", "run_sweep"]
