@@ -12,7 +12,7 @@ import os
 
 from ..core.registry import PLUGIN_ENV, load_plugins
 from ..errors import DeltaError, NotApplicableError
-from . import algebra, bench, compare, demo, edit, generate, info, interop, library, merge, serve, train
+from . import algebra, bench, compare, demo, edit, generate, info, interop, library, merge, plan, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "$DELTATUNE_PLUGINS, and installed packages' deltatune.methods entry points load by "
                              "themselves")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, demo, compare, info, generate, edit, bench, algebra, merge, interop, serve, library):
+    for module in (train, demo, compare, info, generate, edit, bench, algebra, merge, interop, serve, library, plan):
         module.add_parsers(commands)
     return parser
 
