@@ -36,18 +36,22 @@ def main() -> None:
                         help="candidate labels also trained for real (to see the error off the top)")
     parser.add_argument("--evidence", default=str(HERE / "compare.json"))
     parser.add_argument("--probe-steps", type=int, default=4)
+    parser.add_argument("--reuse", action="store_true",
+                        help="re-judge the plan from plan_check.json's probe and real runs (no probing or training)")
     args = parser.parse_args()
+    saved = json.loads((HERE / "plan_check.json").read_text()) if args.reuse else None
 
     job = TrainJob(model="minilm", data="movie-reviews", steps=args.steps, batch_size=32, max_length=48, progress=False)
     budget = Budget(args.max_params, args.max_memory, args.max_minutes)
     began = time.perf_counter()
-    plan = make_plan(job, budget, probe_steps=args.probe_steps, evidence=args.evidence)
-    plan_seconds = time.perf_counter() - began
+    plan = make_plan(job, budget, probe_steps=args.probe_steps, evidence=args.evidence,
+                     probe=saved["probe"] if saved else None)
+    plan_seconds = saved["plan_seconds"] if saved else time.perf_counter() - began
     print(plan.table(), flush=True)
     chosen = plan.fitting[:args.top] + [r for r in plan.rows if r.candidate.label in args.also and not r.refused]
-    checked = []
+    checked = saved["checked"] if saved else []
     with tempfile.TemporaryDirectory(prefix="plan-check-") as folder:
-        for i, row in enumerate(chosen):
+        for i, row in enumerate(chosen if not saved else []):
             print(f"training {row.candidate.label} for real ({args.steps} steps)", flush=True)
             metrics = run_for_real(job, row, Path(folder) / str(i))
             checked.append(side_by_side(row, metrics))

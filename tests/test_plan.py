@@ -100,7 +100,7 @@ def _rows():
 
 
 def test_judge_ranks_the_fits_and_says_what_each_other_breaks_by_how_much():
-    budget = Budget(max_params=1_000, max_memory_mb=1_000, max_minutes=5)
+    budget = Budget(max_params=1_000, max_memory_mb=1_000, max_minutes=5, memory_margin=0)
     rows = judge(_rows(), budget)
     assert [(r.candidate.method, r.rank) for r in rows] == [("b", 1), ("a", 2), ("c", None), ("d", None), ("e", None)]
     by_name = {r.candidate.method: r for r in rows}
@@ -110,8 +110,17 @@ def test_judge_ranks_the_fits_and_says_what_each_other_breaks_by_how_much():
     assert by_name["b"].why(budget) == "fits: uses 30% of --max-params, 95% of --max-memory, 40% of --max-minutes"
 
 
+def test_the_memory_verdict_keeps_the_margin():
+    budget = Budget(max_memory_mb=1_000, memory_margin=0.1)  # 900 x 1.1 = 990 fits; 950 x 1.1 = 1,045 does not
+    rows = {r.candidate.method: r for r in judge(_rows(), budget)}
+    assert rows["a"].fits and rows["a"].why(budget) == "fits: uses 90% of --max-memory (10% margin kept)"
+    assert rows["b"].why(budget) == "breaks --max-memory by 45 MiB (1,045 with the 10% margin > 1,000)"
+    with pytest.raises(ConfigError, match="--memory-margin must be a fraction of at least 0"):
+        Budget(memory_margin=-0.1)
+
+
 def test_evidence_ranks_before_parameters():
-    budget = Budget(max_memory_mb=1_000)
+    budget = Budget(max_memory_mb=1_000, memory_margin=0)
     evidence = {"a": {"metric": "accuracy", "score": 0.9, "trainable": 100, "source": "compare.json (250 steps)"}}
     rows = judge(_rows(), budget, evidence)
     assert [r.candidate.method for r in rows if r.fits] == ["a", "d", "b"]
@@ -121,7 +130,7 @@ def test_evidence_ranks_before_parameters():
 def test_nothing_fits_names_the_tightest_budget_and_the_nearest_candidate():
     from deltatune.tune.plan import Plan
 
-    budget = Budget(max_params=150, max_memory_mb=800)
+    budget = Budget(max_params=150, max_memory_mb=800, memory_margin=0)
     plan = Plan(TrainJob(), budget, judge(_rows(), budget), {}, {})
     with pytest.raises(NothingFits) as caught:
         plan.require_fit()

@@ -36,7 +36,7 @@ def _factors(text: str) -> tuple[float, ...]:
 def _plan(args: argparse.Namespace) -> int:
     from ..tune.plan import Budget, make_plan
 
-    budget = Budget(args.max_params, args.max_memory, args.max_minutes)
+    budget = Budget(args.max_params, args.max_memory, args.max_minutes, args.memory_margin)
     changes = {name: getattr(args, name) for name in RUN_FIELDS if getattr(args, name) is not None}
     job = TrainJob(**changes, progress=False)
     plan = make_plan(job, budget, methods=args.methods, probe_steps=args.probe_steps, factors=args.sizes,
@@ -68,6 +68,9 @@ def add_parsers(commands) -> None:
                       help="most peak resident memory of the training process, in MiB")
     plan.add_argument("--max-minutes", type=_positive(float), default=None, metavar="MIN",
                       help="most minutes of training for the run's steps (or epochs)")
+    plan.add_argument("--memory-margin", type=float, default=0.2, metavar="FRACTION",
+                      help="check the predicted peak memory times 1 + this against --max-memory (default 0.2: a run's "
+                           "peak grows over its steps beyond what the probe's few steps reach)")
     plan.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                       help="methods to weigh (default: every method trained from flags)")
     plan.add_argument("--sizes", type=_factors, default=(0.5, 1.0, 2.0), metavar="FACTORS",

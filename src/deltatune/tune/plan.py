@@ -46,11 +46,15 @@ class Budget:
         max_params: trainable parameters.
         max_memory_mb: peak resident memory of the training process, in MiB.
         max_minutes: minutes of training (the optimizer steps, not loading or evaluation).
+        memory_margin: the memory verdict checks the predicted peak times ``1 + memory_margin``:
+            a run's peak grows over its steps beyond what a few probe steps reach (on MiniLM,
+            50-step runs peaked 13-16% above the prediction; docs/PLAN.md).
     """
 
     max_params: int | None = None
     max_memory_mb: float | None = None
     max_minutes: float | None = None
+    memory_margin: float = 0.2
 
     def __post_init__(self) -> None:
         for name, flag in (("max_params", "--max-params"), ("max_memory_mb", "--max-memory"),
@@ -60,6 +64,9 @@ class Budget:
                                       or not math.isfinite(value) or value <= 0):
                 raise ConfigError(f"{flag} must be a positive number, got {value!r}; give the most you can spend "
                                   f"(or leave it out for no limit)")
+        margin = self.memory_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 10:
+            raise ConfigError(f"--memory-margin must be a fraction of at least 0 (0.2 is 20%), got {margin!r}")
 
     def limits(self) -> list[tuple[str, str, float]]:
         """(prediction key, flag, limit) for each budget given."""
@@ -100,14 +107,20 @@ class Row:
         if self.breaks:
             key_of = {flag: key for key, flag, _ in budget.limits()}
             return "; ".join(f"breaks {flag} by {_show(key_of[flag], used - limit)} {UNITS[key_of[flag]]} "
-                             f"({_show(key_of[flag], used)} > {_show(key_of[flag], limit)})"
-                             for flag, (used, limit) in self.breaks.items())
+                             f"({_show(key_of[flag], used)}{self._margin(budget, key_of[flag])} > "
+                             f"{_show(key_of[flag], limit)})" for flag, (used, limit) in self.breaks.items())
         used = [f"{100 * getattr(self, key) / limit:.0f}% of {flag}" for key, flag, limit in budget.limits()]
+        if budget.memory_margin and budget.max_memory_mb is not None:
+            used[[k for k, _, _ in budget.limits()].index("peak_mb")] += f" ({100 * budget.memory_margin:.0f}% margin kept)"
         text = "fits" + (f": uses {', '.join(used)}" if used else " (no budget given)")
         if self.evidence:
             text += (f"; measured {self.evidence['metric']} {self.evidence['score']:.4f} with "
                      f"{self.evidence['trainable']:,} parameters in {self.evidence['source']}")
         return text
+
+    @staticmethod
+    def _margin(budget: Budget, key: str) -> str:
+        return f" with the {100 * budget.memory_margin:.0f}% margin" if key == "peak_mb" and budget.memory_margin else ""
 
     def to_dict(self, budget: Budget) -> dict[str, Any]:
         return {"method": self.candidate.method, "options": self.candidate.options, "label": self.candidate.label,
@@ -230,7 +243,7 @@ def judge(rows: list[Row], budget: Budget, evidence: dict[str, dict[str, Any]] |
         if row.refused:
             continue
         for key, flag, limit in budget.limits():
-            used = getattr(row, key)
+            used = getattr(row, key) * (1 + budget.memory_margin if key == "peak_mb" else 1)
             if used > limit:
                 row.breaks[flag] = (used, limit)
         row.evidence = (evidence or {}).get(row.candidate.method)
