@@ -12,7 +12,7 @@ import os
 
 from ..core.registry import PLUGIN_ENV, load_plugins
 from ..errors import DeltaError, NotApplicableError
-from . import algebra, bench, compare, demo, edit, federate, generate, info, interop, library, merge, serve, sweep, train
+from . import algebra, bench, compare, demo, edit, federate, generate, info, interop, library, merge, plan, serve, sweep, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "$DELTATUNE_PLUGINS, and installed packages' deltatune.methods entry points load by "
                              "themselves")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (train, demo, compare, sweep, info, generate, edit, bench, algebra, merge, interop, serve, library,
-                   federate):
+    for module in (train, demo, compare, sweep, plan, info, generate, edit, bench, algebra, merge, interop, serve,
+                   library, federate):
         module.add_parsers(commands)
     return parser
 

@@ -12,6 +12,7 @@ names) or by ``deltatune --plugin MODULE``; :func:`load_plugins` imports them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import warnings
@@ -103,6 +104,9 @@ class MethodSpec:
             cannot train it; ``""`` when it can.
         reference: set on the comparison's reference points (``"floor"``: the least a method
             must beat, the head alone; ``"ceiling"``: full fine-tuning); ``""`` for the rest.
+        size_option: the integer option of its config that sets how big the delta is (LoRA's
+            ``r``, an adapter's ``bottleneck``); ``deltatune plan`` tries a few values around its
+            default. ``None`` for a method whose size no single option sets.
     """
 
     name: str
@@ -126,6 +130,7 @@ class MethodSpec:
     merge_refusal: str = ""
     fsdp_refusal: str = ""
     reference: Literal["", "floor", "ceiling"] = ""
+    size_option: str | None = None
 
     @property
     def trainable_from_flags(self) -> bool:
@@ -148,6 +153,9 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     """Add a method to the registry; its config class's ``method`` must equal its name."""
     if spec.config_class.method != spec.name:
         raise ValueError(f"{spec.config_class.__name__}.method is {spec.config_class.method!r}, expected {spec.name!r}")
+    if spec.size_option is not None and spec.size_option not in {f.name for f in dataclasses.fields(spec.config_class)}:
+        raise ValueError(f"method {spec.name!r}: size_option {spec.size_option!r} is not a field of "
+                         f"{spec.config_class.__name__}")
     if spec.name in _METHODS and _METHODS[spec.name] is not spec:
         raise ValueError(f"method {spec.name!r} is already registered")
     _METHODS[spec.name] = spec

@@ -68,7 +68,7 @@ def build(model: nn.Module, config: ABBAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "abba", ABBAConfig, build, mergeable=True, identity_at_init=True,
+    "abba", ABBAConfig, build, size_option="r1", mergeable=True, identity_at_init=True,
     summary="Hadamard product of two trained low-rank products, the first from the weight's SVD (ABBA)",
     default_lr=5e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no ABBA adapter; its closest relative, LoHa, also multiplies two low-rank products "

@@ -43,7 +43,7 @@ def build(model: nn.Module, config: AdaLoRAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "adalora", AdaLoRAConfig, build, mergeable=True, identity_at_init=True,
+    "adalora", AdaLoRAConfig, build, size_option="init_r", mergeable=True, identity_at_init=True,
     summary="SVD-shaped low-rank update whose rank budget is reallocated by importance during training",
     default_lr=1e-2, mixing=Mixing("batched"), step_hook=allocate, loss_term=penalty, saved_config=kept_ranks,
     peft=AdaLoraCodec(),

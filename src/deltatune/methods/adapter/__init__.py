@@ -167,7 +167,7 @@ def build(model: nn.Module, config: AdapterConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "adapter", AdapterConfig, build, mergeable=False, identity_at_init=True,
+    "adapter", AdapterConfig, build, size_option="bottleneck", mergeable=False, identity_at_init=True,
     merge_refusal="a bottleneck adapter applies a non-linearity to the layer's output",
     summary="bottleneck adapters (Houlsby, Pfeiffer or parallel)", default_lr=1e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no bottleneck-adapter method (Houlsby/Pfeiffer adapters are adapter-hub's format)"))

@@ -84,7 +84,7 @@ def build(model: nn.Module, config: AlignerConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "aligner", AlignerConfig, build, mergeable=False, identity_at_init=True,
+    "aligner", AlignerConfig, build, size_option="num_tokens", mergeable=False, identity_at_init=True,
     merge_refusal="its shared prompt tokens enter every layer's attention through a gated separate softmax",
     summary="a few global prompt tokens every attention layer attends to through zero-init gates (Aligner)",
     default_lr=1e-2,

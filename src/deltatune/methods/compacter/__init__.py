@@ -217,7 +217,7 @@ def build(model: nn.Module, config: CompacterConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "compacter", CompacterConfig, build, mergeable=False, identity_at_init=True,
+    "compacter", CompacterConfig, build, size_option="reduction_factor", mergeable=False, identity_at_init=True,
     merge_refusal="a bottleneck adapter applies a non-linearity to the layer's output",
     summary="bottleneck adapters whose projections are Kronecker sums with shared slow weights (Compacter, Compacter++)",
     default_lr=1e-2, mixing=Mixing("batched"),

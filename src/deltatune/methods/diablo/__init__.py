@@ -107,7 +107,7 @@ def build(model: nn.Module, config: DiaBloConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "diablo", DiaBloConfig, build, mergeable=True, identity_at_init=True,
+    "diablo", DiaBloConfig, build, size_option="num_blocks", mergeable=True, identity_at_init=True,
     summary="trainable change of the N diagonal blocks of each weight (DiaBlo)",
     default_lr=3e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no diagonal-block adapter"))

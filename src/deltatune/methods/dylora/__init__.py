@@ -45,7 +45,7 @@ def draw_rank(model: nn.Module, name: str, step: int, total: int) -> None:
 
 
 register_method(MethodSpec(
-    "dylora", DyLoRAConfig, build, mergeable=True, identity_at_init=True,
+    "dylora", DyLoRAConfig, build, size_option="r", mergeable=True, identity_at_init=True,
     summary="LoRA trained over a range of ranks (a rank drawn per step); any rank <= r chosen at load",
     default_lr=2e-3, mixing=Mixing("batched"), step_hook=draw_rank,
     peft_refusal="peft has no DyLoRA adapter type (its LoRA trains one fixed rank)",

@@ -50,7 +50,7 @@ def build(model: nn.Module, config: EDoRAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "edora", EDoRAConfig, build, mergeable=True, identity_at_init=True,
+    "edora", EDoRAConfig, build, size_option="r", mergeable=True, identity_at_init=True,
     summary="DoRA magnitude and direction with LoRA-XS's frozen SVD factors and a trained r x r matrix (EDoRA)",
     default_lr=1e-2, mixing=Mixing("batched"),
     peft_refusal="peft has no EDoRA adapter: its DoRA (use_dora) trains full LoRA factors, not an r x r matrix "

@@ -102,7 +102,7 @@ def _saved_config(config: EigenLoRAConfig, sites) -> EigenLoRAConfig:
 
 
 register_method(MethodSpec(
-    "eigenlora", EigenLoRAConfig, build, mergeable=True, identity_at_init=True,
+    "eigenlora", EigenLoRAConfig, build, size_option="k", mergeable=True, identity_at_init=True,
     summary="LoRA loadings trained over frozen principal components of other LoRAs (EigenLoRAx)",
     default_lr=3e-2, mixing=Mixing("batched"), saved_config=_saved_config,
     peft_refusal="peft has no EigenLoRAx adapter: its frozen components and loadings have no peft layout"))

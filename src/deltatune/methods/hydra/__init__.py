@@ -148,7 +148,7 @@ def build(model: nn.Module, config: HydraConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "hydra", HydraConfig, build, mergeable=True, identity_at_init=True,
+    "hydra", HydraConfig, build, size_option="r_sequential", mergeable=True, identity_at_init=True,
     summary="a parallel low-rank branch on the input plus a sequential one on the output of each "
             "feed-forward output projection (Hydra)",
     default_lr=2e-3, mixing=Mixing("batched"),

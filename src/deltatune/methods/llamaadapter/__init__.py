@@ -141,7 +141,7 @@ def build(model: nn.Module, config: LlamaAdapterConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "llamaadapter", LlamaAdapterConfig, build, mergeable=False, identity_at_init=True,
+    "llamaadapter", LlamaAdapterConfig, build, size_option="adapter_len", mergeable=False, identity_at_init=True,
     merge_refusal=NOT_A_WEIGHT_CHANGE,
     summary="learned adaption prompts in the top attention layers through zero-init gates (LLaMA-Adapter)",
     default_lr=1e-2,

@@ -32,6 +32,6 @@ def build(model: nn.Module, config: LoHaConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "loha", LoHaConfig, build, mergeable=True, identity_at_init=True,
+    "loha", LoHaConfig, build, size_option="r", mergeable=True, identity_at_init=True,
     summary="Hadamard product of two low-rank products (W1a W1b) * (W2a W2b) added to linear weights",
     default_lr=1e-2, mixing=Mixing("batched"), peft=LoHaCodec()))

@@ -34,6 +34,6 @@ def build(model: nn.Module, config: LoKrConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "lokr", LoKrConfig, build, mergeable=True, identity_at_init=True,
+    "lokr", LoKrConfig, build, size_option="r", mergeable=True, identity_at_init=True,
     summary="Kronecker product of two small (optionally low-rank) factors added to linear weights",
     default_lr=1e-2, mixing=Mixing("batched"), peft=LoKrCodec()))

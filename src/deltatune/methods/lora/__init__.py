@@ -42,9 +42,9 @@ def build(model: nn.Module, config: LoRAConfig) -> Placements:
 
 
 _CODEC = LoraCodec()
-register_method(MethodSpec("lora", LoRAConfig, build, mergeable=True, identity_at_init=True,
+register_method(MethodSpec("lora", LoRAConfig, build, size_option="r", mergeable=True, identity_at_init=True,
                            summary="low-rank update B A added to linear and embedding weights",
                            default_lr=2e-3, mixing=Mixing("batched"), peft=_CODEC))
-register_method(MethodSpec("dora", DoRAConfig, build, mergeable=True, identity_at_init=True,
+register_method(MethodSpec("dora", DoRAConfig, build, size_option="r", mergeable=True, identity_at_init=True,
                            summary="LoRA direction with a learned per-output magnitude",
                            default_lr=2e-3, mixing=Mixing("batched"), peft=_CODEC))

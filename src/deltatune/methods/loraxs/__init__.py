@@ -62,7 +62,7 @@ def build(model: nn.Module, config: LoRAXSConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "loraxs", LoRAXSConfig, build, mergeable=True, identity_at_init=True,
+    "loraxs", LoRAXSConfig, build, size_option="r", mergeable=True, identity_at_init=True,
     summary="r x r matrix trained between frozen factors from the SVD of each weight (LoRA-XS)",
     default_lr=1e-2, mixing=Mixing("batched"),
     peft_refusal="peft has no LoRA-XS adapter: its frozen SVD factors and r x r matrix have no peft layout"))

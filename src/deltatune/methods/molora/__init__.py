@@ -100,7 +100,7 @@ def expert_load(model: nn.Module, name: str) -> dict:
 
 
 register_method(MethodSpec(
-    "molora", MoLoRAConfig, build, mergeable=False, identity_at_init=True,
+    "molora", MoLoRAConfig, build, size_option="r", mergeable=False, identity_at_init=True,
     merge_refusal="its router picks experts per token from the input, so no single weight change equals it",
     summary="mixture of LoRA experts per layer, chosen per token by a top-k router (not mergeable: "
             "input-dependent)",

@@ -113,7 +113,7 @@ def build(model: nn.Module, config: MSPLoRAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "msplora", MSPLoRAConfig, build, mergeable=True, identity_at_init=True,
+    "msplora", MSPLoRAConfig, build, size_option="r_global", mergeable=True, identity_at_init=True,
     summary="global + group-of-layers + layer-specific LoRA per module, ranks shrinking (MSPLoRA)",
     default_lr=2e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no adapter whose low-rank factors are shared across layers (MSPLoRA)"))

@@ -134,7 +134,7 @@ def build(model: nn.Module, config: NeuroAdaConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "neuroada", NeuroAdaConfig, build, mergeable=True, identity_at_init=True,
+    "neuroada", NeuroAdaConfig, build, size_option="k", mergeable=True, identity_at_init=True,
     summary="trainable bypass on each neuron's k largest-magnitude input weights (NeuroAda)",
     default_lr=3e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no per-neuron sparse bypass adapter"))

@@ -120,7 +120,7 @@ def build(model: nn.Module, config: PaCAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "paca", PaCAConfig, build, mergeable=True, identity_at_init=True,
+    "paca", PaCAConfig, build, size_option="k", mergeable=True, identity_at_init=True,
     summary="trainable change of k randomly chosen input columns of each weight (PaCA)",
     default_lr=3e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no partial-connection adapter"))

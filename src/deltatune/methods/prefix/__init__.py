@@ -246,7 +246,7 @@ def build(model: nn.Module, config: PrefixConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "prefix", PrefixConfig, build, mergeable=False, identity_at_init=False,
+    "prefix", PrefixConfig, build, size_option="num_virtual_tokens", mergeable=False, identity_at_init=False,
     merge_refusal="its key/value prefixes join the attention softmax of every layer",
     summary="trainable key/value prefixes in every attention layer", default_lr=1e-2,
     mixing=Mixing("alone", reason="its prefixes enter inside attention, which runs one set of keys for the whole batch"),

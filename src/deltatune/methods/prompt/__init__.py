@@ -45,7 +45,7 @@ def build(model: nn.Module, config: PromptConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "prompt", PromptConfig, build, mergeable=False, identity_at_init=False,
+    "prompt", PromptConfig, build, size_option="num_virtual_tokens", mergeable=False, identity_at_init=False,
     merge_refusal="its virtual tokens lengthen the input sequence",
     summary="trainable soft prompt prepended to the input embeddings", default_lr=3e-2,
     mixing=Mixing("batched", group_by=("num_virtual_tokens",), with_base=False,

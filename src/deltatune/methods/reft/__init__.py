@@ -118,7 +118,7 @@ def build(model: nn.Module, config: ReftConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "reft", ReftConfig, build, mergeable=False, identity_at_init=True,
+    "reft", ReftConfig, build, size_option="r", mergeable=False, identity_at_init=True,
     merge_refusal="it edits the hidden states of chosen token positions only, through a low-rank subspace",
     summary="representation finetuning (LoReFT / DiReFT): low-rank edits of block outputs at the first and last "
             "tokens",

@@ -157,7 +157,7 @@ def build(model: nn.Module, config: SparseAdapterConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "sparseadapter", SparseAdapterConfig, build, mergeable=False, identity_at_init=True,
+    "sparseadapter", SparseAdapterConfig, build, size_option="bottleneck", mergeable=False, identity_at_init=True,
     merge_refusal="a bottleneck adapter applies a non-linearity to the layer's output",
     summary="bottleneck adapters pruned at initialisation to a fixed sparsity (Large-Sparse: a wider bottleneck)",
     default_lr=1e-3, mixing=Mixing("batched"),

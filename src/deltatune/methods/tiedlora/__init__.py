@@ -112,7 +112,7 @@ def build(model: nn.Module, config: TiedLoRAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "tiedlora", TiedLoRAConfig, build, mergeable=True, identity_at_init=True,
+    "tiedlora", TiedLoRAConfig, build, size_option="r", mergeable=True, identity_at_init=True,
     summary="one low-rank pair B A per kind of module shared by all layers, scaled per layer (Tied-LoRA)",
     default_lr=5e-3, mixing=Mixing("batched"),
     peft_refusal="peft has no adapter whose low-rank factors are shared across layers (Tied-LoRA)"))

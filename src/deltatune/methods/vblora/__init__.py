@@ -47,6 +47,6 @@ def build(model: nn.Module, config: VBLoRAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "vblora", VBLoRAConfig, build, mergeable=True, identity_at_init=False,
+    "vblora", VBLoRAConfig, build, size_option="num_vectors", mergeable=True, identity_at_init=False,
     summary="LoRA factors whose pieces are top-k mixes of one shared trainable vector bank",
     default_lr=1e-2, mixing=Mixing("batched"), peft=VBLoRACodec()))

@@ -40,6 +40,6 @@ def build(model: nn.Module, config: VeRAConfig) -> Placements:
 
 
 register_method(MethodSpec(
-    "vera", VeRAConfig, build, mergeable=True, identity_at_init=True,
+    "vera", VeRAConfig, build, size_option="r", mergeable=True, identity_at_init=True,
     summary="trained scaling vectors b, d around frozen random matrices shared by all layers: diag(b) B diag(d) A",
     default_lr=1e-2, mixing=Mixing("batched"), peft=VeraCodec()))
