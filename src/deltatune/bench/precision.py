@@ -104,18 +104,24 @@ def precision_ratios(args: dict) -> dict:
     def model_of(run: str):
         return models["fp32" if run == "autocast" else run]
 
-    steps = {run: _under(make_train_step(model_of(run).train(), batch)[0], run == "autocast") for run in runs}
-    train_times = interleaved(steps, repeats, warmup, args.get("budget_s", 1800.0))
+    parts = args.get("parts", ("train", "decode"))
+    train_ms, train_over_fp32, decode_ms, tokens_per_s = {}, {}, {}, {}
+    if "train" in parts:
+        steps = {run: _under(make_train_step(model_of(run).train(), batch)[0], run == "autocast") for run in runs}
+        train_times = interleaved(steps, repeats, warmup, args.get("budget_s", 1800.0))
+        train_ms = train_times.as_dict()
+        train_over_fp32 = {run: train_times.ratio(run, "fp32") for run in runs if run != "fp32"}
     new_tokens = args.get("new_tokens", 16)
     prompt = batch["input_ids"][:1, :16]
     options = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "max_new_tokens": new_tokens,
                "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
-    decodes = {run: _under(lambda m=model_of(run): m.eval().generate(**options), run == "autocast") for run in runs}
-    with torch.no_grad():
-        decode_times = interleaved(decodes, repeats, warmup, args.get("budget_s", 1800.0))
-    return {"kind": "precision_ratios", "train_ms": train_times.as_dict(), "decode_ms": decode_times.as_dict(),
-            "train_over_fp32": {run: train_times.ratio(run, "fp32") for run in runs if run != "fp32"},
-            "decode_tokens_per_s": {run: new_tokens / (t["median"] / 1000) for run, t in decode_times.as_dict().items()},
+    if "decode" in parts:
+        decodes = {run: _under(lambda m=model_of(run): m.eval().generate(**options), run == "autocast") for run in runs}
+        with torch.no_grad():
+            decode_ms = interleaved(decodes, repeats, warmup, args.get("budget_s", 1800.0)).as_dict()
+        tokens_per_s = {run: new_tokens / (t["median"] / 1000) for run, t in decode_ms.items()}
+    return {"kind": "precision_ratios", "parts": list(parts), "train_ms": train_ms, "decode_ms": decode_ms,
+            "train_over_fp32": train_over_fp32, "decode_tokens_per_s": tokens_per_s,
             "new_tokens": new_tokens, "peak_rss_mib": peak_rss_mib()}
 
 

@@ -87,7 +87,7 @@ def time_row(model: str, method: str, metric: str, ms: dict, vs_peft: dict | Non
 
 def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
             methods: list[str] | None = None, fresh_variants: list[str] | None = None,
-            fresh_from: Path | None = None) -> tuple[list[dict], dict]:
+            fresh_from: Path | None = None, precision_parts: list[str] | None = None) -> tuple[list[dict], dict]:
     """Run the workers; return (rows, raw worker outputs)."""
     methods = default_methods() if methods is None else methods
     rows: list[dict] = []
@@ -159,7 +159,7 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
         raw["decode"] = run_worker("decode", common, timeout=7200)
         rows += decode_rows(model, raw["decode"])
     if "precision" in parts and spec.task == "causal_lm" and spec.packaged:
-        raw["precision"] = precision_raw(model, repeats, warmup, steps, fresh_variants, fresh_from)
+        raw["precision"] = precision_raw(model, repeats, warmup, steps, fresh_variants, fresh_from, precision_parts)
         rows += precision_rows(model, raw["precision"])
     if "swap" in parts and spec.task == "classification":
         raw["swap"] = run_worker("swap", common)
@@ -177,7 +177,7 @@ PRECISION_RUNS = (("fp32", ("deltatune", "peft")), ("bf16", ("deltatune",)), ("a
 
 
 def precision_raw(model: str, repeats: int, warmup: int, steps: int, fresh: list[str] | None = None,
-                  fresh_from: Path | None = None) -> dict:
+                  fresh_from: Path | None = None, parts: list[str] | None = None) -> dict:
     """Fresh processes per variant and library (peak RSS, test loss; only the variants in
     ``fresh`` when given, none when ``fresh_from`` names the saved ``runs`` of an earlier
     bench), then the interleaved ratios of every variant."""
@@ -188,7 +188,8 @@ def precision_raw(model: str, repeats: int, warmup: int, steps: int, fresh: list
         for lib in libs:
             runs[f"{lib}:{variant}"] = run_worker("precision_run", {"model": model, "variant": variant, "lib": lib,
                                                                     "steps": steps}, timeout=7200)
-    ratios = run_worker("precision_ratios", {"model": model, "repeats": repeats, "warmup": warmup}, timeout=7200)
+    ratios = run_worker("precision_ratios", {"model": model, "repeats": repeats, "warmup": warmup,
+                                             "parts": parts or ["train", "decode"]}, timeout=7200)
     return {"runs": runs, "ratios": ratios}
 
 
@@ -275,6 +276,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh-from", type=Path, default=None,
                         help="precision part: reuse the fresh-process rows saved in this JSON file (its 'runs') "
                              "instead of running them again; only the interleaved ratios are measured")
+    parser.add_argument("--precision-parts", default="train,decode",
+                        help="precision part: which interleaved timings to take, train and/or decode (default both)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 
@@ -296,7 +299,7 @@ def run(opts: argparse.Namespace) -> int:
         model_rows, raw[model] = collect(model, repeats, opts.warmup, parts if i == 0 else parts - {"equivalence"},
                                          opts.steps, methods,
                                          opts.fresh_variants.split(",") if opts.fresh_variants else None,
-                                         opts.fresh_from)
+                                         opts.fresh_from, opts.precision_parts.split(","))
         rows += model_rows
         spec = MODELS[model]
         settings[model] = {"task": spec.task, "batch": spec.batch, "seq": spec.seq}
