@@ -95,7 +95,7 @@ def precision_ratios(args: dict) -> dict:
     """Train steps and greedy decoding of every variant (and peft's LoRA on the quantised
     bases), interleaved in this process; ratios against deltatune on float32."""
     name, repeats, warmup = args.get("model", "smollm2"), args.get("repeats", 15), args.get("warmup", 2)
-    variants = args.get("variants", list(VARIANTS))
+    variants = ["fp32", *(v for v in args.get("variants", list(VARIANTS)) if v != "fp32")]  # fp32: the reference
     models = {v: lora_model("deltatune", name, v) for v in variants if v != "autocast"}
     models.update({f"peft:{v}": lora_model("peft", name, v) for v in args.get("peft", PEFT_VARIANTS)})
     runs = [*variants, *(f"peft:{v}" for v in args.get("peft", PEFT_VARIANTS))]

@@ -87,7 +87,8 @@ def time_row(model: str, method: str, metric: str, ms: dict, vs_peft: dict | Non
 
 def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
             methods: list[str] | None = None, fresh_variants: list[str] | None = None,
-            fresh_from: Path | None = None, precision_parts: list[str] | None = None) -> tuple[list[dict], dict]:
+            fresh_from: Path | None = None, precision_parts: list[str] | None = None,
+            precision_variants: list[str] | None = None) -> tuple[list[dict], dict]:
     """Run the workers; return (rows, raw worker outputs)."""
     methods = default_methods() if methods is None else methods
     rows: list[dict] = []
@@ -159,7 +160,8 @@ def collect(model: str, repeats: int, warmup: int, parts: set[str], steps: int,
         raw["decode"] = run_worker("decode", common, timeout=7200)
         rows += decode_rows(model, raw["decode"])
     if "precision" in parts and spec.task == "causal_lm" and spec.packaged:
-        raw["precision"] = precision_raw(model, repeats, warmup, steps, fresh_variants, fresh_from, precision_parts)
+        raw["precision"] = precision_raw(model, repeats, warmup, steps, fresh_variants, fresh_from, precision_parts,
+                                         precision_variants)
         rows += precision_rows(model, raw["precision"])
     if "swap" in parts and spec.task == "classification":
         raw["swap"] = run_worker("swap", common)
@@ -177,7 +179,8 @@ PRECISION_RUNS = (("fp32", ("deltatune", "peft")), ("bf16", ("deltatune",)), ("a
 
 
 def precision_raw(model: str, repeats: int, warmup: int, steps: int, fresh: list[str] | None = None,
-                  fresh_from: Path | None = None, parts: list[str] | None = None) -> dict:
+                  fresh_from: Path | None = None, parts: list[str] | None = None,
+                  variants: list[str] | None = None) -> dict:
     """Fresh processes per variant and library (peak RSS, test loss; only the variants in
     ``fresh`` when given, none when ``fresh_from`` names the saved ``runs`` of an earlier
     bench), then the interleaved ratios of every variant."""
@@ -189,7 +192,8 @@ def precision_raw(model: str, repeats: int, warmup: int, steps: int, fresh: list
             runs[f"{lib}:{variant}"] = run_worker("precision_run", {"model": model, "variant": variant, "lib": lib,
                                                                     "steps": steps}, timeout=7200)
     ratios = run_worker("precision_ratios", {"model": model, "repeats": repeats, "warmup": warmup,
-                                             "parts": parts or ["train", "decode"]}, timeout=7200)
+                                             "parts": parts or ["train", "decode"],
+                                             **({"variants": variants} if variants else {})}, timeout=4 * 3600)
     return {"runs": runs, "ratios": ratios}
 
 
@@ -278,6 +282,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of running them again; only the interleaved ratios are measured")
     parser.add_argument("--precision-parts", default="train,decode",
                         help="precision part: which interleaved timings to take, train and/or decode (default both)")
+    parser.add_argument("--precision-variants", default=None,
+                        help="precision part: comma list of the base variants whose step and decoding are timed "
+                             "(default all; fp32 is always needed as the reference)")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.{json,md,png}")
 
 
@@ -299,7 +306,8 @@ def run(opts: argparse.Namespace) -> int:
         model_rows, raw[model] = collect(model, repeats, opts.warmup, parts if i == 0 else parts - {"equivalence"},
                                          opts.steps, methods,
                                          opts.fresh_variants.split(",") if opts.fresh_variants else None,
-                                         opts.fresh_from, opts.precision_parts.split(","))
+                                         opts.fresh_from, opts.precision_parts.split(","),
+                                         opts.precision_variants.split(",") if opts.precision_variants else None)
         rows += model_rows
         spec = MODELS[model]
         settings[model] = {"task": spec.task, "batch": spec.batch, "seq": spec.seq}
