@@ -42,7 +42,7 @@ def _to_arrays(values: dict[str, torch.Tensor]):
 
 
 def _from_arrays(record) -> dict[str, torch.Tensor]:
-    return {key: value for key, value in record.to_torch_state_dict().items()}
+    return dict(record.to_torch_state_dict())
 
 
 def _client_of(context) -> int:

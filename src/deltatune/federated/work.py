@@ -163,8 +163,7 @@ class Workspace:
             log.warning("round %d: no update accepted; the global delta stays as it was", server_round)
             load_values(self.model, self.name, global_values)
             return global_values, record
-        load_values(self.model, self.name, global_values)
-        report = aggregate(self.model, self.name, updates, counts)
+        report = aggregate(self.model, self.name, updates, counts)  # writes every parameter of the delta
         record["aggregation"] = summary(report)
         return delta_values(self.model, self.name), record
 
