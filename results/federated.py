@@ -74,7 +74,7 @@ def main() -> None:
                          + f" | {agg.get('mean_error', 0):.4f} | {agg.get('naive_mean_error', 0):.4f} |")
     print(table(results))
     print("\n".join(per_round))
-    (HERE / "federated.table.md").write_text(table(results) + "\n\n" + "\n".join(per_round) + "\n")
+    write_text_atomic(HERE / "federated.table.md", table(results) + "\n\n" + "\n".join(per_round) + "\n")
 
 
 if __name__ == "__main__":
